@@ -1,0 +1,174 @@
+"""address -- envelope addresses: parsing SMTP paths, domains, list look-ups.
+
+SUMMARY
+    `parse_path()` turns the argument of MAIL FROM/RCPT TO into an envelope
+    address the way qmail-smtpd's addrparse() does; the look-up helpers
+    implement rcpthosts, badmailfrom and locals matching.
+
+STANDARDS
+    RFC 5321 section 4.1.2 (Reverse-path, Forward-path, source routes),
+    section 4.5.3.1 (size limits); qmail-smtpd(8), qmail-control(5),
+    eQmail's badmailfrom wildcard (behaviour reference sections 2.2-2.5).
+
+SECURITY
+    Input is hostile.  Addresses are bounded (`MAX_ADDRESS`), and characters
+    that would corrupt the queue's NUL-separated envelope or a log line
+    (NUL, CR, LF and other control characters) are refused.
+"""
+from __future__ import annotations
+
+from typing import FrozenSet, Optional, Tuple
+
+#: qmail-smtpd answers 555 to an address of 900 characters or more.
+MAX_ADDRESS = 900
+
+
+class AddressError(ValueError):
+    """The path cannot be parsed into an address."""
+
+
+def parse_path(arg: str) -> Tuple[str, str]:
+    """Parse a MAIL/RCPT argument such as ``FROM:<a@b> SIZE=10``.
+
+    Follows qmail-smtpd's addrparse(): the text between the first ``<`` and
+    the next ``>``; without ``<``, the text after the first ``:`` (leading
+    blanks skipped) up to a blank.  A source route (``@a,@b:``) is dropped;
+    double quotes are removed and backslash escapes resolved.
+
+    Returns (address, rest) where rest is the text after the path (ESMTP
+    parameters).  Raises AddressError for a missing path, an address of
+    `MAX_ADDRESS` characters or more, or control characters.
+    """
+    lt = arg.find("<")
+    if lt != -1:
+        gt = arg.find(">", lt + 1)
+        if gt == -1:
+            raise AddressError("no closing >")
+        raw = arg[lt + 1:gt]
+        rest = arg[gt + 1:]
+    else:
+        colon = arg.find(":")
+        if colon == -1:
+            raise AddressError("no path")
+        text = arg[colon + 1:].lstrip(" \t")
+        sp = len(text)
+        for i, ch in enumerate(text):
+            if ch in " \t":
+                sp = i
+                break
+        raw = text[:sp]
+        rest = text[sp:]
+    # source route: @a,@b:user@host
+    if raw.startswith("@"):
+        colon = raw.find(":")
+        raw = raw[colon + 1:] if colon != -1 else ""
+    out = []
+    i = 0
+    n = len(raw)
+    while i < n:
+        ch = raw[i]
+        if ch == "\\" and i + 1 < n:
+            out.append(raw[i + 1])
+            i += 2
+            continue
+        if ch != '"':
+            out.append(ch)
+        i += 1
+    address = "".join(out)
+    if len(address) >= MAX_ADDRESS:
+        raise AddressError("address too long")
+    if any(ch < " " or ch == "\x7f" for ch in address):
+        raise AddressError("control characters in address")
+    return address, rest.strip()
+
+
+def parse_params(rest: str) -> dict:
+    """ESMTP parameters ``KEY=VALUE KEY2`` -> {KEY: VALUE or None}, keys upper case."""
+    params = {}
+    for word in rest.split():
+        key, sep, value = word.partition("=")
+        params[key.upper()] = value if sep else None
+    return params
+
+
+def split(address: str) -> Tuple[str, str]:
+    """Split at the last ``@``: ``(local, domain)``; domain is "" without ``@``."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address, ""
+    return local, domain
+
+
+def domain_of(address: str) -> str:
+    """The lower-cased part after the last ``@`` ("" when there is none)."""
+    return split(address)[1].lower()
+
+
+def in_rcpthosts(address: str, rcpthosts: FrozenSet[str],
+                 more: FrozenSet[str] = frozenset()) -> bool:
+    """qmail-smtpd's addrallowed(): is the recipient's domain accepted?
+
+    An exact entry, or a ``.suffix`` entry matching on a dot boundary
+    (``.example.net`` matches ``sub.example.net``, not ``example.net``).
+    An address without ``@`` always passes (qmail adds envnoathost later).
+    """
+    if "@" not in address:
+        return True
+    domain = domain_of(address)
+    for table in (rcpthosts, more):
+        if not table:
+            continue
+        if domain in table:
+            return True
+        i = domain.find(".")
+        while i != -1:
+            if domain[i:] in table:
+                return True
+            i = domain.find(".", i + 1)
+    return False
+
+
+def in_badmailfrom(address: str, badmailfrom: FrozenSet[str]) -> bool:
+    """qmail-smtpd's bmfcheck() with eQmail's wildcard, case ignored.
+
+    Matches the whole address, ``@domain``, or ``.`` followed by any
+    dot-suffix of the domain (``.spammer.org`` blocks
+    ``joe@mail.spammer.org`` but not ``joe@spammer.org``).  The null sender
+    is never matched.
+    """
+    if not badmailfrom or not address:
+        return False
+    addr = address.lower()
+    if addr in badmailfrom:
+        return True
+    at = addr.rfind("@")
+    if at == -1:
+        return False
+    domain = addr[at + 1:]
+    if "@" + domain in badmailfrom:
+        return True
+    i = domain.find(".")
+    while i != -1:
+        if domain[i:] in badmailfrom:
+            return True
+        i = domain.find(".", i + 1)
+    return False
+
+
+def ip_literal(domain: str) -> Optional[str]:
+    """The IP text of an address literal ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``,
+    or None when `domain` is not a valid literal (RFC 5321 section 4.1.3)."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    import ipaddress
+
+    if inner.lower().startswith("ipv6:"):
+        try:
+            return str(ipaddress.IPv6Address(inner[5:]))
+        except ValueError:
+            return None
+    try:
+        return str(ipaddress.IPv4Address(inner))
+    except ValueError:
+        return None

@@ -1,0 +1,199 @@
+"""cli -- `eqmail TOOL ...`, the multi-call entry point for eqmail's tools.
+
+TOOLS
+    smtpd        one SMTP session on stdin/stdout (for xinetd or tcpserver)
+    config-fast  write the basic control files for a host name
+    maildirmake  create a Maildir
+    qstat        count the messages in the queue
+    qread        list the messages in the queue with their recipients
+
+Every tool finds the home the same way as eqmaild: ``--home DIR``, else
+``$EQMAIL_HOME``, else /var/qmail (root, or when /var/qmail/control
+exists), else ~/eqmail-home.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+from . import __version__
+from .paths import resolve_home
+
+TOOLS = {}
+
+
+def tool(name: str, summary: str):
+    def register(func):
+        TOOLS[name] = (func, summary)
+        return func
+    return register
+
+
+def _parser(name: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eqmail " + name, description=description)
+    p.add_argument("--home", metavar="DIR", help="the eqmail home (default: see `eqmail --help`)")
+    return p
+
+
+# -- smtpd ----------------------------------------------------------------------------
+
+@tool("smtpd", "one SMTP session on stdin/stdout (xinetd, tcpserver, inetd)")
+def cmd_smtpd(argv: List[str]) -> int:
+    p = _parser("smtpd", "Serve one SMTP session on stdin/stdout, as qmail-smtpd does "
+                "under tcpserver or xinetd. The client address comes from TCPREMOTEIP, "
+                "else xinetd's REMOTE_HOST; TCPLOCALIP, TCPLOCALHOST, TCPLOCALPORT, "
+                "TCPREMOTEHOST, TCPREMOTEINFO, RELAYCLIENT and DATABYTES are read as "
+                "qmail-smtpd reads them. Log lines go to stderr: under xinetd send "
+                "stderr away from the socket.")
+    args = p.parse_args(argv)
+    home = resolve_home(args.home)
+
+    import gevent.os
+
+    from . import log
+    from .control import ConfigError, load
+    from .queue.store import Store
+    from .smtp import reply
+    from .smtp.session import Session
+
+    log.set_prefix("eqmail-smtpd[%d]: " % os.getpid())
+
+    def send(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[gevent.os.nb_write(1, view):]
+
+    try:
+        config = load(home)
+        store = Store.open(home, create=False)
+    except (ConfigError, OSError) as e:
+        log.alert("unable to read controls or queue in %s: %s" % (home, e))
+        send(reply.CONTROLS.render())
+        return 1
+    env = dict(os.environ)
+    if not env.get("TCPREMOTEIP") and env.get("REMOTE_HOST"):
+        env["TCPREMOTEIP"] = env["REMOTE_HOST"]
+    if not env.get("TCPLOCALHOST"):
+        env["TCPLOCALHOST"] = config.me
+    gevent.os.make_nonblocking(0)
+    gevent.os.make_nonblocking(1)
+    Session(config, store, lambda n: gevent.os.nb_read(0, n), send, env).run()
+    return 0
+
+
+# -- config-fast ------------------------------------------------------------------------
+
+@tool("config-fast", "write the basic control files for FQDN (eQmail's config-fast)")
+def cmd_config_fast(argv: List[str]) -> int:
+    p = _parser("config-fast", "Write control/me and control/defaultdomain for FQDN, and "
+                "plusdomain, locals, rcpthosts and an empty smtpplugins when missing "
+                "(eQmail's config-fast).")
+    p.add_argument("fqdn", nargs="?", help="this host's FQDN (default: hostname -f)")
+    args = p.parse_args(argv)
+    from .control import config_fast, host_fqdn
+
+    home = resolve_home(args.home)
+    config_fast(home, args.fqdn or host_fqdn())
+    return 0
+
+
+# -- maildirmake ------------------------------------------------------------------------
+
+@tool("maildirmake", "create a Maildir (tmp/, new/, cur/)")
+def cmd_maildirmake(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="eqmail maildirmake",
+                                description="Create the Maildir DIR with tmp/, new/ and cur/, mode 0700.")
+    p.add_argument("dir")
+    args = p.parse_args(argv)
+    from .delivery.local import maildirmake
+
+    try:
+        maildirmake(args.dir)
+    except OSError as e:
+        sys.stderr.write("eqmail maildirmake: fatal: %s\n" % e)
+        return 111
+    return 0
+
+
+# -- qstat / qread ------------------------------------------------------------------------
+
+def _open_store(home: str):
+    from .queue.store import Store
+
+    return Store.open(home, create=False)
+
+
+@tool("qstat", "count the messages in the queue (qmail-qstat)")
+def cmd_qstat(argv: List[str]) -> int:
+    p = _parser("qstat", "Print the number of messages in the queue, as qmail-qstat does.")
+    args = p.parse_args(argv)
+    try:
+        store = _open_store(resolve_home(args.home))
+        count = len(store.ids())
+    except OSError as e:
+        sys.stderr.write("eqmail qstat: fatal: unable to read the queue: %s\n" % e)
+        return 111
+    print("messages in queue: %d" % count)
+    print("messages in queue but not yet preprocessed: 0")
+    return 0
+
+
+@tool("qread", "list queued messages and their recipients (qmail-qread)")
+def cmd_qread(argv: List[str]) -> int:
+    p = _parser("qread", "List each queued message: date, #id, size, <sender>, then one "
+                "line per recipient, local or remote, `done` when finished "
+                "(qmail-qread's format; dates in UTC).")
+    args = p.parse_args(argv)
+    home = resolve_home(args.home)
+    from .control import ConfigError, load
+    from .delivery.route import route
+
+    try:
+        store = _open_store(home)
+        config = load(home)
+    except (OSError, ConfigError) as e:
+        sys.stderr.write("eqmail qread: fatal: %s\n" % e)
+        return 111
+    for item in store.items():
+        date = time.strftime("%d %b %Y %H:%M:%S", time.gmtime(item.birth))
+        print("%s GMT  #%s  %d  <%s> " % (date, item.id, max(item.size, 0), item.sender))
+        for rcpt, done in zip(item.recipients, item.done):
+            channel = route(config, rcpt).channel
+            print("%s\t%s\t<%s>" % ("  done" if done else "", channel, rcpt))
+    return 0
+
+
+# -- entry ------------------------------------------------------------------------------
+
+def usage() -> str:
+    lines = ["usage: eqmail TOOL [ARGS...]   (eqmail TOOL --help for each tool)",
+             "", "eqmail %s: tools of the eqmail mail transfer agent" % __version__, "",
+             "tools:"]
+    for name, (_, summary) in TOOLS.items():
+        lines.append("  %-13s %s" % (name, summary))
+    lines += ["", "The daemon is `eqmaild` (eqmaild --help).",
+              "Home: --home DIR, else $EQMAIL_HOME, else /var/qmail (as root, or when "
+              "/var/qmail/control exists), else ~/eqmail-home."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(usage())
+        return 0
+    if argv[0] == "--version":
+        print("eqmail " + __version__)
+        return 0
+    entry = TOOLS.get(argv[0])
+    if entry is None:
+        sys.stderr.write("eqmail: unknown tool %r\n\n%s" % (argv[0], usage()))
+        return 64
+    return entry[0](argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""control -- the control/ files under the eqmail home, as one immutable snapshot.
+
+SUMMARY
+    `load(home)` reads every control file eqmail uses into a frozen `Config`.
+    Missing files take qmail's documented defaults; a malformed file raises
+    `ConfigError` naming the file and the line.  `ConfigHolder` keeps the
+    current snapshot and swaps it whole on SIGHUP, keeping the last good one
+    when the new one is bad.
+
+STANDARDS
+    qmail-control(5), qmail-smtpd(8), qmail-send(8), qmail-inject(8),
+    qmail-showctl(8) of netqmail 1.06 and eQmail 1.09 (see the behaviour
+    reference, section 1).  Reading rules as in qmail's control.c:
+    single-line files use their first line with trailing blanks removed;
+    list files drop empty lines and lines starting with ``#``; look-ups in
+    domain lists ignore case.
+
+CONTROL FILES (default when missing)
+    me                  FQDN of this host; required.
+    defaultdomain, defaulthost, plusdomain, idhost, envnoathost, bouncehost,
+    doublebouncehost, localiphost, helohost, smtpgreeting
+                        me
+    bouncefrom          MAILER-DAEMON
+    doublebounceto      postmaster
+    locals              me
+    rcpthosts           **locals, with a warning** (qmail accepts every
+                        recipient without it, an open relay; eqmail does not)
+    morercpthosts       none; eqmail reads the plain list file (qmail reads
+                        only morercpthosts.cdb, which eqmail ignores)
+    virtualdomains      none; ``addr-or-domain:prefix`` lines
+    percenthack         none
+    badmailfrom         none; ``addr``, ``@domain`` and ``.suffix`` lines
+    databytes           0 (no limit), bytes
+    timeoutsmtpd        1200 seconds; values <= 0 become 1
+    concurrencylocal    10, at most 120; 0 holds local deliveries
+    concurrencyremote   20, at most 120
+    queuelifetime       604800 seconds
+    defaultdelivery     ./Maildir/  (eQmail's usual qmail-start argument)
+
+SECURITY
+    Control files are trusted more than the network but are still checked:
+    values with white space or control characters where a domain belongs are
+    refused with a clear error rather than used.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, Optional, Tuple
+
+from . import log
+
+#: qmail's conf-spawn: the ceiling for concurrencylocal/concurrencyremote.
+CONF_SPAWN = 120
+
+#: qmail-send's queuelifetime default, seconds (qmail-send(8)).
+DEFAULT_QUEUELIFETIME = 604800
+
+#: qmail-smtpd's timeoutsmtpd default, seconds (qmail-smtpd(8)).
+DEFAULT_TIMEOUTSMTPD = 1200
+
+
+class ConfigError(Exception):
+    """A control file is malformed.  `str()` names the file and the line."""
+
+    def __init__(self, path: str, lineno: int, problem: str):
+        self.path = path
+        self.lineno = lineno
+        self.problem = problem
+        super().__init__("%s line %d: %s" % (path, lineno, problem))
+
+
+@dataclass(frozen=True)
+class Config:
+    """One consistent snapshot of the control files.  Domains are lower case."""
+
+    home: str
+    me: str
+    defaultdomain: str
+    defaulthost: str
+    plusdomain: str
+    idhost: str
+    envnoathost: str
+    bouncefrom: str
+    bouncehost: str
+    doublebounceto: str
+    doublebouncehost: str
+    localiphost: str
+    helohost: str
+    smtpgreeting: str
+    locals: FrozenSet[str]
+    rcpthosts: FrozenSet[str]
+    rcpthosts_missing: bool
+    morercpthosts: FrozenSet[str]
+    virtualdomains: Tuple[Tuple[str, str], ...]
+    percenthack: FrozenSet[str]
+    badmailfrom: FrozenSet[str]
+    databytes: int
+    timeoutsmtpd: int
+    concurrencylocal: int
+    concurrencyremote: int
+    queuelifetime: int
+    defaultdelivery: str
+    _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def path(self, *parts: str) -> str:
+        """Return a path under the home."""
+        return os.path.join(self.home, *parts)
+
+    def virtual_prefix(self, address: str) -> Optional[str]:
+        """Look `address` (``local@domain``) up in virtualdomains.
+
+        Returns the prefix of the first match -- full address, exact domain,
+        ``.suffix`` entries longest first, then the empty key -- or None
+        when nothing matches.  An empty string means "not virtual"
+        (qmail-send(8), behaviour reference section 5.4).
+        """
+        vmap = self._virtual_map
+        addr = address.lower()
+        if addr in vmap:
+            return vmap[addr]
+        domain = addr.rpartition("@")[2]
+        if domain in vmap:
+            return vmap[domain]
+        i = domain.find(".")
+        while i != -1:
+            key = domain[i:]
+            if key in vmap:
+                return vmap[key]
+            i = domain.find(".", i + 1)
+        return vmap.get("")
+
+
+# -- reading ----------------------------------------------------------------------
+
+def _read_lines(path: str) -> Optional[list]:
+    """Return the decoded lines of `path`, or None when it does not exist.
+
+    Raises ConfigError for undecodable text; OSError for other read errors.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 22)  # 4 MiB is far beyond any sane control file
+    except FileNotFoundError:
+        return None
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out = []
+    for n, raw in enumerate(lines, 1):
+        try:
+            out.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(path, n, "not valid UTF-8 text")
+    return out
+
+
+def _bad_chars(text: str) -> bool:
+    return any(ch < " " or ch == "\x7f" for ch in text)
+
+
+def read_line(path: str, default: Optional[str]) -> Optional[str]:
+    """qmail's control_rldef(): the first line, trailing blanks removed."""
+    lines = _read_lines(path)
+    if lines is None or not lines:
+        return default
+    value = lines[0].rstrip(" \t\r")
+    if _bad_chars(value):
+        raise ConfigError(path, 1, "control characters in value")
+    return value
+
+
+def read_name(path: str, default: Optional[str]) -> Optional[str]:
+    """A single host or address name: one line, no white space."""
+    value = read_line(path, default)
+    if value is None:
+        return None
+    if value == "" or any(ch.isspace() for ch in value):
+        raise ConfigError(path, 1, "expected one name without white space, got %r" % value)
+    return value
+
+
+def read_int(path: str, default: int) -> int:
+    """qmail's control_readint(): a decimal number on the first line."""
+    value = read_line(path, None)
+    if value is None:
+        return default
+    text = value.strip()
+    if text.startswith("-") and text[1:].isdigit():
+        return -int(text[1:])
+    if not text.isdigit():
+        raise ConfigError(path, 1, "expected a number, got %r" % value)
+    return int(text)
+
+
+def read_list(path: str):
+    """qmail's control_readfile(): [(lineno, entry)], or None when missing."""
+    lines = _read_lines(path)
+    if lines is None:
+        return None
+    out = []
+    for n, text in enumerate(lines, 1):
+        text = text.rstrip(" \t\r")
+        if not text or text.startswith("#"):
+            continue
+        if _bad_chars(text):
+            raise ConfigError(path, n, "control characters in line")
+        out.append((n, text))
+    return out
+
+
+def _domains(path: str, allow_dot_prefix: bool = True) -> Optional[FrozenSet[str]]:
+    entries = read_list(path)
+    if entries is None:
+        return None
+    out = set()
+    for n, text in entries:
+        if any(ch.isspace() for ch in text) or "@" in text or "/" in text:
+            raise ConfigError(path, n, "not a domain: %r" % text)
+        if text.startswith(".") and not allow_dot_prefix:
+            raise ConfigError(path, n, "not a domain: %r" % text)
+        out.add(text.lower())
+    return frozenset(out)
+
+
+def load(home: str) -> Config:
+    """Read all control files under `home` into a Config.
+
+    Raises ConfigError for a malformed file (naming file and line), and
+    for a missing control/me.  Logs a warning when rcpthosts is missing.
+    """
+    home = os.path.abspath(home)
+    c = lambda name: os.path.join(home, "control", name)  # noqa: E731
+
+    me = read_name(c("me"), None)
+    if me is None:
+        raise ConfigError(c("me"), 1, "missing: eqmail needs this host's name there")
+    me_l = me.lower()
+
+    locals_ = _domains(c("locals"), allow_dot_prefix=False)
+    if locals_ is None:
+        locals_ = frozenset([me_l])
+    rcpthosts = _domains(c("rcpthosts"))
+    rcpthosts_missing = rcpthosts is None
+    if rcpthosts is None:
+        rcpthosts = locals_
+    morercpthosts = _domains(c("morercpthosts")) or frozenset()
+    percenthack = _domains(c("percenthack"), allow_dot_prefix=False) or frozenset()
+
+    vd_entries = read_list(c("virtualdomains")) or []
+    virtual = []
+    vmap: Dict[str, str] = {}
+    for n, text in vd_entries:
+        key, sep, prefix = text.partition(":")
+        if not sep or any(ch.isspace() for ch in text):
+            raise ConfigError(c("virtualdomains"), n,
+                              "expected 'domain:prefix', got %r" % text)
+        key = key.lower()
+        virtual.append((key, prefix))
+        vmap.setdefault(key, prefix)  # first match wins
+
+    bad = read_list(c("badmailfrom")) or []
+    for n, text in bad:
+        if any(ch.isspace() for ch in text):
+            raise ConfigError(c("badmailfrom"), n, "white space in %r" % text)
+    badmailfrom = frozenset(text.lower() for _, text in bad)
+
+    timeoutsmtpd = read_int(c("timeoutsmtpd"), DEFAULT_TIMEOUTSMTPD)
+    if timeoutsmtpd <= 0:
+        timeoutsmtpd = 1
+    databytes = read_int(c("databytes"), 0)
+    if databytes < 0:
+        raise ConfigError(c("databytes"), 1, "negative size")
+    conc_local = read_int(c("concurrencylocal"), 10)
+    conc_remote = read_int(c("concurrencyremote"), 20)
+    for name, value in (("concurrencylocal", conc_local), ("concurrencyremote", conc_remote)):
+        if value < 0:
+            raise ConfigError(c(name), 1, "negative concurrency")
+    queuelifetime = read_int(c("queuelifetime"), DEFAULT_QUEUELIFETIME)
+    if queuelifetime < 0:
+        raise ConfigError(c("queuelifetime"), 1, "negative lifetime")
+
+    defaultdelivery = read_line(c("defaultdelivery"), None) or "./Maildir/"
+
+    config = Config(
+        home=home,
+        me=me,
+        defaultdomain=read_name(c("defaultdomain"), me),
+        defaulthost=read_name(c("defaulthost"), me),
+        plusdomain=read_name(c("plusdomain"), me),
+        idhost=read_name(c("idhost"), me),
+        envnoathost=read_name(c("envnoathost"), me),
+        bouncefrom=read_name(c("bouncefrom"), "MAILER-DAEMON"),
+        bouncehost=read_name(c("bouncehost"), me),
+        doublebounceto=read_name(c("doublebounceto"), "postmaster"),
+        doublebouncehost=read_name(c("doublebouncehost"), me),
+        localiphost=read_name(c("localiphost"), me),
+        helohost=read_name(c("helohost"), me),
+        smtpgreeting=read_line(c("smtpgreeting"), None) or me,
+        locals=locals_,
+        rcpthosts=rcpthosts,
+        rcpthosts_missing=rcpthosts_missing,
+        morercpthosts=morercpthosts,
+        virtualdomains=tuple(virtual),
+        percenthack=percenthack,
+        badmailfrom=badmailfrom,
+        databytes=databytes,
+        timeoutsmtpd=timeoutsmtpd,
+        concurrencylocal=min(conc_local, CONF_SPAWN),
+        concurrencyremote=min(conc_remote, CONF_SPAWN),
+        queuelifetime=queuelifetime,
+        defaultdelivery=defaultdelivery,
+        _virtual_map=vmap,
+    )
+    return config
+
+
+class ConfigHolder:
+    """The daemon's one piece of global mutable state: the current Config.
+
+    `current` is swapped whole by `reload()`; readers take one snapshot per
+    SMTP session or delivery and keep using it.
+    """
+
+    def __init__(self, home: str):
+        self.home = home
+        self.current = load(home)
+        self._warn(self.current)
+
+    @staticmethod
+    def _warn(config: Config) -> None:
+        if config.rcpthosts_missing:
+            log.warning("control/rcpthosts is missing: accepting recipients "
+                        "at control/locals only (qmail would relay for everyone)")
+
+    def reload(self) -> bool:
+        """Re-read the control files.  True when the new snapshot is in force;
+        False (with one log line naming file and line) when the old one stays."""
+        try:
+            new = load(self.home)
+        except ConfigError as e:
+            log.alert("bad control file, keeping the last good configuration: %s" % e)
+            return False
+        except OSError as e:
+            log.alert("unable to read control files, keeping the last good "
+                      "configuration: %s" % e)
+            return False
+        self.current = new
+        self._warn(new)
+        log.status("control files reloaded")
+        return True
+
+
+# -- config-fast ----------------------------------------------------------------------
+
+def host_fqdn() -> str:
+    """This host's FQDN as `hostname -f` would say, lower case."""
+    name = socket.getfqdn()
+    if not name or name.startswith("localhost"):
+        # getfqdn() found the loopback entry of /etc/hosts: the plain host
+        # name says more about this machine.
+        name = socket.gethostname() or "localhost"
+    return name.lower()
+
+
+def _write_if(path: str, text: str, always: bool) -> None:
+    if always or not os.path.exists(path):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+
+def config_fast(home: str, fqdn: str, extra_locals=()) -> None:
+    """Write the control files of eQmail's ``config-fast FQDN``.
+
+    Always (re)writes me and defaultdomain (FQDN without its first label
+    when it has two dots or more); writes plusdomain (last two labels),
+    locals and rcpthosts (FQDN plus `extra_locals`) and an empty
+    smtpplugins only when they are missing (behaviour reference section 8,
+    test vector T47).
+    """
+    control = os.path.join(home, "control")
+    os.makedirs(control, exist_ok=True)
+    fqdn = fqdn.strip().lower()
+    labels = fqdn.split(".")
+    defaultdomain = ".".join(labels[1:]) if fqdn.count(".") >= 2 else fqdn
+    plusdomain = ".".join(labels[-2:])
+    domains = "".join("%s\n" % d for d in [fqdn] + [d for d in extra_locals if d != fqdn])
+    _write_if(os.path.join(control, "me"), fqdn + "\n", True)
+    _write_if(os.path.join(control, "defaultdomain"), defaultdomain + "\n", True)
+    _write_if(os.path.join(control, "plusdomain"), plusdomain + "\n", False)
+    _write_if(os.path.join(control, "locals"), domains, False)
+    _write_if(os.path.join(control, "rcpthosts"), domains, False)
+    _write_if(os.path.join(control, "smtpplugins"),
+              "[connection]\n[helo]\n[mail]\n[rcpt]\n[data]\n#[auth]\n", False)

@@ -1,0 +1,311 @@
+"""daemon -- eqmaild: the SMTP listeners and the queue scheduler in one process.
+
+SYNOPSIS
+    eqmaild [--home DIR] [--foreground] [--pidfile FILE] [--smtp ADDR:PORT]...
+
+DESCRIPTION
+    Binds the SMTP listeners, then serves every connection with the same
+    session engine as ``eqmail smtpd``, commits accepted mail to the durable
+    queue and delivers it (the roles of tcpserver + qmail-smtpd, qmail-queue
+    and qmail-send).  A home without control/me gets the embedded default
+    configuration (see `paths.init_home`).
+
+    Listeners: ``--smtp`` repeatable; ``[::1]:2525`` for IPv6.  Default:
+    127.0.0.1:2525 when not root; 0.0.0.0:25 and [::]:25 as root.
+
+SIGNALS
+    SIGHUP   re-read the control files (the last good ones stay on error)
+    SIGALRM  retry every queued message now
+    SIGTERM, SIGINT
+             stop accepting; sessions get 421 at their next command outside
+             a mail transaction; deliveries in flight finish (bounded); exit 0
+
+EXIT CODES (sysexits.h)
+    0 clean stop; 64 bad usage; 66 home missing or unusable; 69 an address
+    cannot be bound (port in use); 78 bad control file; 75 pidfile names a
+    running eqmaild.
+
+SECURITY
+    Started as root, eqmaild still runs everything as root in this release
+    and says so in the log; privilege separation (binding as root, then the
+    unprivileged qmail users) is the next step of the installation work.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import socket
+import sys
+from typing import List, Tuple
+
+from . import __version__, log
+from .paths import init_home, resolve_home
+
+EX_OK = 0
+EX_USAGE = 64
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+#: Most SMTP sessions served at once; more clients wait in the listen backlog.
+MAX_CONNECTIONS = 200
+#: Seconds SIGTERM waits for sessions, then for deliveries in flight.
+SESSION_GRACE = 10
+DELIVERY_GRACE = 60
+
+DEFAULT_USER_LISTEN = ["127.0.0.1:2525"]
+DEFAULT_ROOT_LISTEN = ["0.0.0.0:25", "[::]:25"]
+
+
+def parse_listen(text: str) -> Tuple[int, str, int]:
+    """``ADDR:PORT`` or ``[IPV6]:PORT`` -> (family, address, port).
+    Raises ValueError."""
+    import ipaddress
+
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError("expected [IPV6]:PORT, got %r" % text)
+        ipaddress.IPv6Address(host)
+        family = socket.AF_INET6
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError("expected ADDR:PORT, got %r" % text)
+        ipaddress.IPv4Address(host)
+        family = socket.AF_INET
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("bad port in %r" % text)
+    return family, host, int(port)
+
+
+def bind(spec: str) -> socket.socket:
+    """A listening socket for ``ADDR:PORT``.  Raises ValueError, OSError."""
+    family, host, port = parse_listen(spec)
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((host, port))
+        s.listen(128)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eqmaild",
+        description="eqmail daemon: SMTP listeners, durable queue and deliveries "
+                    "in one process.",
+        epilog="Home: --home, else $EQMAIL_HOME, else /var/qmail as root (or when "
+               "/var/qmail/control exists), else ~/eqmail-home. A home without "
+               "control/me is created with the embedded default configuration. "
+               "Signals: HUP reloads control files, ALRM retries the queue now, "
+               "TERM stops cleanly.")
+    p.add_argument("--home", metavar="DIR", help="the eqmail home (control/, queue/, alias/)")
+    p.add_argument("--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr")
+    p.add_argument("--pidfile", metavar="FILE", help="write the daemon's pid here")
+    p.add_argument("--smtp", metavar="ADDR:PORT", action="append", default=None,
+                   help="SMTP listener, repeatable; IPv6 as [::1]:2525 "
+                        "(default 127.0.0.1:2525, or 0.0.0.0:25 and [::]:25 as root)")
+    p.add_argument("--version", action="version", version="eqmaild " + __version__)
+    return p
+
+
+def fatal(code: int, text: str) -> int:
+    sys.stderr.write("eqmaild: fatal: %s\n" % text)
+    return code
+
+
+def _pid_running(pidfile: str) -> int:
+    """The pid in `pidfile` if it names a live eqmaild, else 0."""
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip() or "0")
+    except (OSError, ValueError):
+        return 0
+    if pid <= 0 or pid == os.getpid():
+        return 0
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return 0
+    return pid if b"eqmail" in cmd else 0
+
+
+def write_pidfile(path: str) -> None:
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        f.write("%d\n" % os.getpid())
+    os.replace(tmp, path)
+
+
+def detach() -> None:
+    """Become a daemon: fork twice, new session, stdio on /dev/null."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+def main(argv: List[str] = None) -> int:
+    args = build_parser().parse_args(argv)
+    home = resolve_home(args.home)
+    is_root = os.geteuid() == 0
+    listen = args.smtp or (DEFAULT_ROOT_LISTEN if is_root else DEFAULT_USER_LISTEN)
+    for spec in listen:
+        try:
+            parse_listen(spec)
+        except ValueError as e:
+            return fatal(EX_USAGE, "--smtp: %s" % e)
+    if args.pidfile:
+        args.pidfile = os.path.abspath(args.pidfile)
+        running = _pid_running(args.pidfile)
+        if running:
+            return fatal(EX_TEMPFAIL, "%s names a running eqmaild (pid %d)"
+                         % (args.pidfile, running))
+
+    if not os.path.isdir(os.path.dirname(home.rstrip("/")) or "/"):
+        return fatal(EX_NOINPUT, "home %s: its parent directory does not exist" % home)
+    try:
+        created = init_home(home)
+    except OSError as e:
+        return fatal(EX_NOINPUT, "unable to set up home %s: %s" % (home, e))
+
+    from .control import ConfigError, ConfigHolder
+
+    try:
+        holder = ConfigHolder(home)
+    except ConfigError as e:
+        return fatal(EX_CONFIG, "bad control file: %s" % e)
+    except OSError as e:
+        return fatal(EX_CONFIG, "unable to read control files: %s" % e)
+
+    sockets = []
+    for spec in listen:
+        try:
+            sockets.append((spec, bind(spec)))
+        except OSError as e:
+            if spec.startswith("[::]") and args.smtp is None and e.errno in (
+                    errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                log.warning("no IPv6 on this host: not listening on %s" % spec)
+                continue
+            return fatal(EX_UNAVAILABLE, "unable to listen on %s: %s" % (spec, e.strerror))
+
+    if not args.foreground:
+        detach()
+        if os.path.exists("/dev/log"):
+            log.to_syslog("eqmaild")
+        else:
+            os.makedirs(os.path.join(home, "log"), exist_ok=True)
+            log.to_file(os.path.join(home, "log", "eqmaild.log"))
+    if args.pidfile:
+        write_pidfile(args.pidfile)
+    try:
+        return serve(holder, sockets, created)
+    finally:
+        if args.pidfile:
+            try:
+                with open(args.pidfile) as f:
+                    if f.read().strip() == str(os.getpid()):
+                        os.unlink(args.pidfile)
+            except OSError:
+                pass
+
+
+def serve(holder, sockets, created: bool) -> int:
+    """Run the listeners and the scheduler until SIGTERM/SIGINT."""
+    import gevent
+    import gevent.event
+    import gevent.pool
+    import gevent.server
+    import gevent.socket
+
+    from .queue.scheduler import Scheduler
+    from .queue.store import Store
+    from .smtp.session import Session
+
+    config = holder.current
+    hub = gevent.get_hub()
+    hub.threadpool.maxsize = max(20, config.concurrencylocal + 10)
+    if created:
+        log.status("created the embedded default configuration in %s" % holder.home)
+    if os.geteuid() == 0:
+        log.warning("running as root: privilege separation is not implemented yet")
+
+    store = Store.open(holder.home, create=True)
+    scheduler = Scheduler(holder, store)
+    stop_event = gevent.event.Event()
+    state = {"stopping": False}
+
+    def handle(sock, addr):
+        try:
+            local = sock.getsockname()
+        except OSError:
+            sock.close()
+            return
+        env = {
+            "TCPREMOTEIP": _plain_ip(addr[0]),
+            "TCPLOCALIP": _plain_ip(local[0]),
+            "TCPLOCALPORT": str(local[1]),
+            "TCPLOCALHOST": holder.current.me,
+        }
+        try:
+            Session(holder.current, store, sock.recv, sock.sendall, env,
+                    stopping=lambda: state["stopping"]).run()
+        finally:
+            sock.close()
+
+    pool = gevent.pool.Pool(MAX_CONNECTIONS)
+    servers = []
+    for spec, s in sockets:
+        gs = gevent.socket.socket(s.family, s.type, fileno=s.detach())
+        server = gevent.server.StreamServer(gs, handle, spawn=pool)
+        server.start()
+        servers.append(server)
+        log.status("listening for SMTP on %s" % spec)
+
+    scheduler.start()
+    gevent.signal_handler(signal.SIGHUP, holder.reload)
+    gevent.signal_handler(signal.SIGALRM, scheduler.retry_now)
+    gevent.signal_handler(signal.SIGTERM, stop_event.set)
+    gevent.signal_handler(signal.SIGINT, stop_event.set)
+    log.status("eqmaild %s started in %s, pid %d" % (__version__, holder.home, os.getpid()))
+
+    stop_event.wait()
+    log.status("stopping: no new connections")
+    state["stopping"] = True
+    for server in servers:
+        server.close()
+    pool.join(timeout=SESSION_GRACE)
+    pool.kill(timeout=1)
+    if not scheduler.stop(DELIVERY_GRACE):
+        log.warning("deliveries still running after %d s; exiting anyway" % DELIVERY_GRACE)
+    log.status("exiting")
+    return EX_OK
+
+
+def _plain_ip(ip: str) -> str:
+    """IPv4-mapped IPv6 addresses are shown as IPv4 (as tcp-env does)."""
+    if ip.startswith("::ffff:") and "." in ip:
+        return ip[7:]
+    return ip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""paths -- how every eqmail program finds its home directory.
+
+The rule, the same for `eqmaild` and every `eqmail TOOL`:
+  1. ``--home DIR`` on the command line;
+  2. else the environment variable ``EQMAIL_HOME``;
+  3. else ``/var/qmail`` when running as root, or when ``/var/qmail/control``
+     exists (a system install, which sendmail and friends must reach);
+  4. else ``~/eqmail-home`` (a personal, unprivileged install).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+SYSTEM_HOME = "/var/qmail"
+
+
+def default_home() -> str:
+    """The home chosen by rules 2-4 above."""
+    env = os.environ.get("EQMAIL_HOME")
+    if env:
+        return env
+    if os.geteuid() == 0 or os.path.isdir(os.path.join(SYSTEM_HOME, "control")):
+        return SYSTEM_HOME
+    return os.path.join(os.path.expanduser("~"), "eqmail-home")
+
+
+def resolve_home(arg: Optional[str]) -> str:
+    """The absolute home for a ``--home`` argument (None when not given)."""
+    return os.path.abspath(arg or default_home())
+
+
+def init_home(home: str, fqdn: Optional[str] = None) -> bool:
+    """Create the embedded default configuration in `home` if it has none.
+
+    Writes what ``eqmail config-fast FQDN`` writes (FQDN defaults to this
+    host's), adds ``localhost`` to locals and rcpthosts, and makes
+    ``alias/Maildir/`` (where all local mail goes for now), ``users/`` and
+    the queue.  Existing files are kept.  Returns True when control/me had
+    to be created.  Raises OSError.
+    """
+    from . import control
+    from .delivery.local import maildirmake
+    from .queue.store import Store
+
+    created = not os.path.exists(os.path.join(home, "control", "me"))
+    os.makedirs(home, mode=0o755, exist_ok=True)
+    if created:
+        control.config_fast(home, fqdn or control.host_fqdn(), extra_locals=["localhost"])
+    for sub in ("alias", "users"):
+        os.makedirs(os.path.join(home, sub), mode=0o755, exist_ok=True)
+    maildirmake(os.path.join(home, "alias", "Maildir"))
+    Store.open(home, create=True)
+    return created

@@ -1,0 +1,282 @@
+"""queue.scheduler -- deliveries, retries and lifetimes (qmail-send's role).
+
+SUMMARY
+    The `Scheduler` keeps every committed message in memory (its envelope,
+    not its data), starts one delivery per recipient, at most
+    concurrencylocal local and concurrencyremote remote deliveries at a
+    time, records each finished recipient durably, retries deferrals on
+    qmail's schedule and removes finished messages.
+
+STANDARDS
+    qmail-send(8), qmail-log(5), behaviour reference sections 5.2-5.4.
+
+SCHEDULE
+    A delivery that starts at `now` for a message born at `birth` sets the
+    recipient's next try to ``birth + (isqrt(now - birth) + c)**2`` with
+    c = 10 for local and 20 for remote deliveries: local retries come at
+    about 0, 100, 400, 900, 1600 s, remote ones at 0, 400, 1600, 3600 s ...
+    When an attempt starts after ``birth + queuelifetime``, a temporary
+    failure becomes permanent ("I'm not going to try again; this message
+    has been in the queue too long.").
+
+SIGNALS (wired by the daemon)
+    `retry_now()` (SIGALRM) makes every pending recipient due at once;
+    `stop()` (SIGTERM) starts nothing new and waits for the deliveries in
+    flight, up to a bound.
+
+NOT YET
+    Permanent failures are logged and the recipient is finished; bounce
+    messages to the envelope sender come with the local-delivery work, and
+    remote delivery with its own module (remote recipients are deferred).
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import os
+import time
+from typing import Dict, List, Optional
+
+import gevent
+import gevent.event
+
+from .. import log
+from ..control import ConfigHolder
+from ..delivery import DEFERRAL, FAILURE, SUCCESS, Result, deferred, failed
+from ..delivery import local as local_delivery
+from ..delivery.route import LOCAL, REMOTE, route
+from .store import Item, Store
+
+#: The `c` of qmail-send's retry schedule, per channel.
+RETRY_C = {LOCAL: 10, REMOTE: 20}
+
+#: The todo/ directory is re-scanned at least this often (seconds), besides
+#: the trigger; qmail-send uses 1500.
+SCAN_INTERVAL = 60
+
+TOO_LONG = " I'm not going to try again; this message has been in the queue too long."
+
+
+def next_retry(birth: float, now: float, channel: str) -> float:
+    """qmail-send's retry time for a delivery that starts at `now`."""
+    age = max(0, int(now - birth))
+    return birth + (math.isqrt(age) + RETRY_C[channel]) ** 2
+
+
+class _Entry:
+    __slots__ = ("item", "next", "inflight", "channel")
+
+    def __init__(self, item: Item, channels: List[str]):
+        self.item = item
+        self.next = [0.0] * len(item.recipients)
+        self.inflight = [False] * len(item.recipients)
+        self.channel = channels
+
+
+class Scheduler:
+    """The delivery scheduler for one queue.  Runs in gevent greenlets."""
+
+    def __init__(self, holder: ConfigHolder, store: Store):
+        self.holder = holder
+        self.store = store
+        self.entries: Dict[str, _Entry] = {}
+        self._heap: list = []
+        self._tie = itertools.count()
+        self._ready: List[tuple] = []
+        self._wake = gevent.event.Event()
+        self._idle = gevent.event.Event()
+        self._idle.set()
+        self.inflight = {LOCAL: 0, REMOTE: 0}
+        self._numbers = itertools.count(1)
+        self.stopping = False
+        self._greenlets: list = []
+
+    # -- life cycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover the queue, load every committed message, start the loops."""
+        self.store.recover(at_start=True)
+        for item in self.store.items():
+            self._add(item)
+        self.store.on_commit = self.add
+        self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._watch_trigger)]
+
+    def add(self, item: Item) -> None:
+        """Take a message just committed in this process; deliver it now."""
+        self._add(item)
+        self._wake.set()
+
+    def _add(self, item: Item) -> None:
+        if item.id in self.entries:
+            return
+        config = self.holder.current
+        channels = [route(config, r).channel for r in item.recipients]
+        entry = _Entry(item, channels)
+        self.entries[item.id] = entry
+        self._push(item.id, 0.0)
+
+    def _push(self, msgid: str, when: float) -> None:
+        heapq.heappush(self._heap, (when, next(self._tie), msgid))
+
+    def retry_now(self) -> None:
+        """SIGALRM: every pending recipient is due now."""
+        log.status("retrying every queued message now")
+        self._heap = []
+        for msgid, entry in self.entries.items():
+            entry.next = [0.0] * len(entry.next)
+            self._push(msgid, 0.0)
+        self._wake.set()
+
+    def stop(self, grace: float) -> bool:
+        """Start no new delivery and wait up to `grace` seconds for those in
+        flight.  True when none is left running."""
+        self.stopping = True
+        self._wake.set()
+        for g in self._greenlets:
+            g.kill(block=False)
+        return self._idle.wait(grace)
+
+    def scan(self) -> int:
+        """Pick up messages committed by other processes.  Returns the count."""
+        added = 0
+        try:
+            ids = self.store.ids()
+        except OSError as e:
+            log.alert("unable to scan the queue: %s" % e)
+            return 0
+        for msgid in ids:
+            if msgid in self.entries:
+                continue
+            try:
+                item = self.store.load(msgid)
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as e:
+                log.alert("unable to read queue envelope %s: %s" % (msgid, e))
+                continue
+            log.new_msg(msgid)
+            log.info_msg(msgid, item.size, item.sender, item.pid, item.uid)
+            self._add(item)
+            added += 1
+        if added:
+            self._wake.set()
+        return added
+
+    # -- loops --------------------------------------------------------------------
+
+    def _watch_trigger(self) -> None:
+        """Wake on a byte in lock/trigger, and scan every SCAN_INTERVAL s."""
+        from gevent.socket import wait_read
+
+        fd = None
+        try:
+            fd = os.open(self.store.trigger, os.O_RDWR | os.O_NONBLOCK)
+        except OSError as e:
+            log.warning("no trigger FIFO (%s); scanning every %d s" % (e, SCAN_INTERVAL))
+        while not self.stopping:
+            if fd is None:
+                gevent.sleep(SCAN_INTERVAL)
+            else:
+                try:
+                    wait_read(fd, timeout=SCAN_INTERVAL)
+                    os.read(fd, 4096)
+                except (gevent.socket.timeout, BlockingIOError, OSError):
+                    pass
+            self.scan()
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            now = time.time()
+            heap = self._heap
+            while heap and heap[0][0] <= now:
+                _, _, msgid = heapq.heappop(heap)
+                entry = self.entries.get(msgid)
+                if entry is None:
+                    continue
+                for i in entry.item.pending():
+                    if not entry.inflight[i] and entry.next[i] <= now:
+                        entry.inflight[i] = True
+                        self._ready.append((entry, i))
+            self._start_ready()
+            timeout = SCAN_INTERVAL
+            if heap:
+                timeout = max(0.0, min(timeout, heap[0][0] - time.time()))
+            self._wake.clear()
+            self._wake.wait(timeout)
+
+    def _start_ready(self) -> None:
+        config = self.holder.current
+        limit = {LOCAL: config.concurrencylocal, REMOTE: config.concurrencyremote}
+        keep = []
+        for entry, i in self._ready:
+            channel = entry.channel[i]
+            if self.inflight[channel] < limit[channel] and not self.stopping:
+                self.inflight[channel] += 1
+                self._idle.clear()
+                gevent.spawn(self._deliver, entry, i)
+            else:
+                keep.append((entry, i))
+        self._ready = keep
+
+    # -- one delivery -----------------------------------------------------------------
+
+    def _deliver(self, entry: _Entry, i: int) -> None:
+        item = entry.item
+        channel = entry.channel[i]
+        config = self.holder.current
+        num = next(self._numbers)
+        now = time.time()
+        recipient = item.recipients[i]
+        log.starting_delivery(num, item.id, channel, recipient)
+        entry.next[i] = next_retry(item.birth, now, channel)
+        expired = now > item.birth + config.queuelifetime
+        try:
+            result = self._attempt(config, item, recipient, channel)
+        except Exception as e:  # a bug in delivery code defers, never loses
+            log.alert("delivery %d: internal error: %s: %s" % (num, type(e).__name__, e))
+            result = deferred("internal error in delivery (#4.3.0)")
+        if result.kind == DEFERRAL and expired:
+            result = failed(result.text + TOO_LONG, "5.4.7")
+        log.delivery(num, result.kind, result.text)
+        try:
+            if result.kind in (SUCCESS, FAILURE):
+                # FAILURE: the bounce to the envelope sender is not written yet.
+                self.store.mark_done(item, i)
+        except OSError as e:
+            log.alert("unable to mark msg %s recipient done: %s" % (item.id, e))
+            item.done[i] = True  # in memory; a restart delivers it again
+        finally:
+            entry.inflight[i] = False
+            self.inflight[channel] -= 1
+            self._after(entry)
+
+    def _attempt(self, config, item: Item, recipient: str, channel: str) -> Result:
+        if channel == LOCAL:
+            rt = route(config, recipient)
+            return gevent.get_hub().threadpool.apply(
+                local_delivery.deliver,
+                (config, self.store.message_path(item.id), item.sender, rt))
+        return deferred("Remote delivery is not available in this version of "
+                        "eqmail; the message stays queued. (#4.4.1)", "4.4.1")
+
+    def _after(self, entry: _Entry) -> None:
+        item = entry.item
+        if not any(entry.inflight):
+            pending = item.pending()
+            if not pending:
+                self._finish(entry)
+            else:
+                self._push(item.id, min(entry.next[i] for i in pending))
+        if not any(self.inflight.values()):
+            self._idle.set()
+        self._wake.set()
+
+    def _finish(self, entry: _Entry) -> None:
+        item = entry.item
+        try:
+            self.store.remove(item)
+        except OSError as e:
+            log.alert("unable to remove msg %s: %s" % (item.id, e))
+        self.entries.pop(item.id, None)
+        log.end_msg(item.id)

@@ -1,0 +1,1 @@
+"""The SMTP service: the session engine, its replies and its policy."""

@@ -1,0 +1,90 @@
+"""smtp.policy -- who may send what to whom (qmail-smtpd's checks).
+
+SUMMARY
+    One function per stage, each returning a Reply to refuse or None to go
+    on.  The session calls them; AUTH, per-client rules and qmail-spp plug
+    in here, never into the protocol parsing.
+
+STANDARDS
+    qmail-smtpd(8): rcpthosts, morercpthosts, badmailfrom, databytes,
+    RELAYCLIENT, localiphost (behaviour reference sections 2.2-2.5);
+    RFC 1870 (SIZE).
+
+POLICY
+    * badmailfrom flags the transaction at MAIL; qmail refuses at every RCPT.
+    * RELAYCLIENT set (even empty): any recipient, with the RELAYCLIENT value
+      appended to the address.
+    * Otherwise the recipient's domain must be in rcpthosts or morercpthosts;
+      when rcpthosts is missing eqmail uses locals (qmail would relay).
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Optional, Tuple
+
+from .. import address
+from ..control import Config
+from . import reply
+from .reply import Reply
+
+
+def check_size(databytes: int, params: dict) -> Optional[Reply]:
+    """MAIL's SIZE=n parameter against the limit (RFC 1870 section 6)."""
+    size = params.get("SIZE")
+    if databytes and size:
+        try:
+            if int(size) > databytes:
+                return reply.TOO_BIG
+        except ValueError:
+            return reply.SYNTAX
+    return None
+
+
+def mail_is_bad(config: Config, sender: str) -> bool:
+    """The badmailfrom flag for this envelope sender."""
+    return address.in_badmailfrom(sender, config.badmailfrom)
+
+
+def is_local_ip(literal_ip: str, local_ip: Optional[str]) -> bool:
+    """Is this literal's IP one of ours?  The connection's local address and
+    loopback count (qmail uses its interface list, ipme)."""
+    try:
+        ip = ipaddress.ip_address(literal_ip)
+    except ValueError:
+        return False
+    if ip.is_loopback:
+        return True
+    if local_ip:
+        try:
+            return ip == ipaddress.ip_address(local_ip)
+        except ValueError:
+            return False
+    return False
+
+
+def rewrite_literal(config: Config, rcpt: str, local_ip: Optional[str]) -> str:
+    """qmail-smtpd's localiphost: ``box@[ip]`` with one of our IPs becomes
+    ``box@<localiphost>`` before the rcpthosts check."""
+    local, domain = address.split(rcpt)
+    if domain.startswith("["):
+        ip = address.ip_literal(domain)
+        if ip is not None and is_local_ip(ip, local_ip):
+            return "%s@%s" % (local, config.localiphost)
+    return rcpt
+
+
+def check_rcpt(config: Config, rcpt: str, bad_mail: bool,
+               relayclient: Optional[str], local_ip: Optional[str] = None
+               ) -> Tuple[Optional[Reply], str]:
+    """Decide one RCPT (behaviour reference section 2.3).
+
+    Returns (refusal or None, the address as it goes into the envelope).
+    """
+    if bad_mail:
+        return reply.BADMAILFROM, rcpt
+    rcpt = rewrite_literal(config, rcpt, local_ip)
+    if relayclient is not None:
+        return None, rcpt + relayclient
+    if not address.in_rcpthosts(rcpt, config.rcpthosts, config.morercpthosts):
+        return reply.NOGATEWAY, rcpt
+    return None, rcpt

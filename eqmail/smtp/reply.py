@@ -1,0 +1,118 @@
+"""smtp.reply -- SMTP replies, named once.
+
+SUMMARY
+    `Reply(code, status, text, close)` is one SMTP reply.  Fixed replies are
+    constants here, with qmail-smtpd's wording, so the session and the tests
+    compare against the same object.
+
+STANDARDS
+    RFC 5321 section 4.2 (reply codes), RFC 3463 (enhanced status codes),
+    RFC 2034 (ENHANCEDSTATUSCODES), qmail-smtpd(8) for the texts.
+
+RENDERING
+    qmail writes the enhanced status at the end, ``(#5.7.1)``.  eqmail keeps
+    qmail's text and, because it advertises ENHANCEDSTATUSCODES, also puts
+    the status in front of the text for clients that said EHLO (RFC 2034
+    section 3), e.g. ``553 5.7.1 sorry, ... (#5.7.1)``.  Clients that said
+    HELO get qmail's exact lines.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply; `lines` > 1 renders as a multi-line reply."""
+
+    code: int
+    status: Optional[str]
+    lines: Tuple[str, ...]
+    close: bool = False
+
+    @classmethod
+    def of(cls, code: int, status: Optional[str], text: str, close: bool = False) -> "Reply":
+        return cls(code, status, (text,), close)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def closing(self) -> "Reply":
+        """The same reply, then hang up."""
+        return replace(self, close=True)
+
+    def render(self, enhanced: bool = False) -> bytes:
+        """The reply as bytes on the wire, CRLF-terminated lines."""
+        out = []
+        last = len(self.lines) - 1
+        for i, text in enumerate(self.lines):
+            sep = " " if i == last else "-"
+            if enhanced and self.status and self.code >= 200 and self.code != 220:
+                text = "%s %s" % (self.status, text)
+            out.append("%d%s%s\r\n" % (self.code, sep, text))
+        return "".join(out).encode("utf-8", "replace")
+
+
+def R(code: int, status: Optional[str], text: str, close: bool = False) -> Reply:
+    return Reply.of(code, status, text, close)
+
+
+# 2xx
+OK_MAIL = R(250, "2.1.0", "ok")
+OK_RCPT = R(250, "2.1.5", "ok")
+NOOP = R(250, "2.0.0", "ok")
+RSET = R(250, "2.0.0", "flushed")
+VRFY = R(252, "2.1.5", "send some mail, i'll try my best")
+HELP = R(214, "2.0.0", "eqmail: see RFC 5321; commands HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT")
+# 3xx
+GO_AHEAD = R(354, None, "go ahead")
+# 4xx
+TIMEOUT = R(451, "4.4.2", "timeout (#4.4.2)", close=True)
+BARE_LF = R(451, "4.6.0", "See http://pobox.com/~djb/docs/smtplf.html.", close=True)
+QQT_FAILURE = R(451, "4.3.0", "qqt failure (#4.3.0)")
+TOO_MANY_RCPT = R(452, "4.5.3", "too many recipients (#4.5.3)")
+SHUTDOWN = R(421, "4.3.2", "service shutting down, try again later (#4.3.2)", close=True)
+TOO_MANY_ERRORS = R(421, "4.7.0", "too many errors, closing (#4.7.0)", close=True)
+INTERNAL = R(451, "4.3.0", "internal error, try again later (#4.3.0)", close=True)
+CONTROLS = R(421, "4.3.0", "unable to read controls (#4.3.0)", close=True)
+# 5xx
+UNRECOGNISED = R(500, "5.5.2", "unrecognised (#5.5.2)")
+LINE_TOO_LONG = R(500, "5.5.2", "line too long (#5.5.2)")
+MAIL_FIRST = R(503, "5.5.1", "MAIL first (#5.5.1)")
+RCPT_FIRST = R(503, "5.5.1", "RCPT first (#5.5.1)")
+SYNTAX = R(555, "5.5.4", "syntax error (#5.5.4)")
+BADMAILFROM = R(553, "5.7.1", "sorry, your envelope sender is in my badmailfrom list (#5.7.1)")
+NOGATEWAY = R(553, "5.7.1", "sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)")
+TOO_BIG = R(552, "5.3.4", "sorry, that message size exceeds my databytes limit (#5.3.4)")
+LOOPING = R(554, "5.4.6", "too many hops, this message is looping (#5.4.6)")
+
+
+def greeting(text: str) -> Reply:
+    """``220 <smtpgreeting> ESMTP``."""
+    return R(220, None, "%s ESMTP" % text)
+
+
+def helo(text: str) -> Reply:
+    """HELO's ``250 <smtpgreeting>``."""
+    return R(250, None, text)
+
+
+def ehlo(text: str, extensions) -> Reply:
+    """EHLO's multi-line reply: the greeting line, then one extension a line."""
+    return Reply(250, None, (text,) + tuple(extensions))
+
+
+def quit(text: str) -> Reply:
+    return R(221, "2.0.0", text, close=True)
+
+
+def accepted(when: int, msgid: str) -> Reply:
+    """qmail-smtpd's ``250 ok <unix time> qp <id>``; eqmail gives the queue ID."""
+    return R(250, "2.0.0", "ok %d qp %s" % (when, msgid))
+
+
+def queue_failure(text: str) -> Reply:
+    """A temporary queue failure with qmail-queue's text (``qq ... (#4.3.0)``)."""
+    return R(451, "4.3.0", text)
