@@ -252,6 +252,10 @@ def serve(holder, sockets, created: bool) -> int:
     scheduler = Scheduler(holder, store)
     stop_event = gevent.event.Event()
     state = {"stopping": False}
+    gevent.signal_handler(signal.SIGHUP, holder.reload)
+    gevent.signal_handler(signal.SIGALRM, scheduler.retry_now)
+    gevent.signal_handler(signal.SIGTERM, stop_event.set)
+    gevent.signal_handler(signal.SIGINT, stop_event.set)
 
     def handle(sock, addr):
         try:
@@ -281,10 +285,6 @@ def serve(holder, sockets, created: bool) -> int:
         log.status("listening for SMTP on %s" % spec)
 
     scheduler.start()
-    gevent.signal_handler(signal.SIGHUP, holder.reload)
-    gevent.signal_handler(signal.SIGALRM, scheduler.retry_now)
-    gevent.signal_handler(signal.SIGTERM, stop_event.set)
-    gevent.signal_handler(signal.SIGINT, stop_event.set)
     log.status("eqmaild %s started in %s, pid %d" % (__version__, holder.home, os.getpid()))
 
     stop_event.wait()
