@@ -252,7 +252,11 @@ def serve(holder, sockets, created: bool) -> int:
     scheduler = Scheduler(holder, store)
     stop_event = gevent.event.Event()
     state = {"stopping": False}
-    gevent.signal_handler(signal.SIGHUP, holder.reload)
+    def reload():
+        holder.reload()
+        scheduler.wake()
+
+    gevent.signal_handler(signal.SIGHUP, reload)
     gevent.signal_handler(signal.SIGALRM, scheduler.retry_now)
     gevent.signal_handler(signal.SIGTERM, stop_event.set)
     gevent.signal_handler(signal.SIGINT, stop_event.set)

@@ -119,6 +119,10 @@ class Scheduler:
     def _push(self, msgid: str, when: float) -> None:
         heapq.heappush(self._heap, (when, next(self._tie), msgid))
 
+    def wake(self) -> None:
+        """Look at the queue again now (after a reload changed concurrency)."""
+        self._wake.set()
+
     def retry_now(self) -> None:
         """SIGALRM: every pending recipient is due now."""
         log.status("retrying every queued message now")
@@ -183,27 +187,38 @@ class Scheduler:
                     os.read(fd, 4096)
                 except (gevent.socket.timeout, BlockingIOError, OSError):
                     pass
-            self.scan()
+            try:
+                self.scan()
+            except Exception as e:
+                log.alert("scheduler: scan failed: %s: %s" % (type(e).__name__, e))
 
     def _loop(self) -> None:
         while not self.stopping:
-            now = time.time()
-            heap = self._heap
-            while heap and heap[0][0] <= now:
-                _, _, msgid = heapq.heappop(heap)
-                entry = self.entries.get(msgid)
-                if entry is None:
-                    continue
-                for i in entry.item.pending():
-                    if not entry.inflight[i] and entry.next[i] <= now:
-                        entry.inflight[i] = True
-                        self._ready.append((entry, i))
-            self._start_ready()
-            timeout = SCAN_INTERVAL
-            if heap:
-                timeout = max(0.0, min(timeout, heap[0][0] - time.time()))
-            self._wake.clear()
-            self._wake.wait(timeout)
+            try:
+                self._step()
+            except Exception as e:  # keep scheduling whatever one step did
+                log.alert("scheduler: internal error: %s: %s" % (type(e).__name__, e))
+                gevent.sleep(1)
+
+    def _step(self) -> None:
+        """Start what is due, then sleep until the next due time or a wake-up."""
+        now = time.time()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, msgid = heapq.heappop(heap)
+            entry = self.entries.get(msgid)
+            if entry is None:
+                continue
+            for i in entry.item.pending():
+                if not entry.inflight[i] and entry.next[i] <= now:
+                    entry.inflight[i] = True
+                    self._ready.append((entry, i))
+        self._start_ready()
+        timeout = SCAN_INTERVAL
+        if heap:
+            timeout = max(0.0, min(timeout, heap[0][0] - time.time()))
+        self._wake.clear()
+        self._wake.wait(timeout)
 
     def _start_ready(self) -> None:
         config = self.holder.current
