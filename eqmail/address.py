@@ -104,6 +104,16 @@ def domain_of(address: str) -> str:
     return split(address)[1].lower()
 
 
+def dot_suffixes(domain: str):
+    """Yield the ``.suffix`` keys of `domain`: ``a.b.c`` gives ``.b.c``, ``.c``
+    (longest first), as qmail matches rcpthosts, badmailfrom and
+    virtualdomains entries."""
+    i = domain.find(".")
+    while i != -1:
+        yield domain[i:]
+        i = domain.find(".", i + 1)
+
+
 def in_rcpthosts(address: str, rcpthosts: FrozenSet[str],
                  more: FrozenSet[str] = frozenset()) -> bool:
     """qmail-smtpd's addrallowed(): is the recipient's domain accepted?
@@ -118,13 +128,8 @@ def in_rcpthosts(address: str, rcpthosts: FrozenSet[str],
     for table in (rcpthosts, more):
         if not table:
             continue
-        if domain in table:
+        if domain in table or any(k in table for k in dot_suffixes(domain)):
             return True
-        i = domain.find(".")
-        while i != -1:
-            if domain[i:] in table:
-                return True
-            i = domain.find(".", i + 1)
     return False
 
 
@@ -147,12 +152,7 @@ def in_badmailfrom(address: str, badmailfrom: FrozenSet[str]) -> bool:
     domain = addr[at + 1:]
     if "@" + domain in badmailfrom:
         return True
-    i = domain.find(".")
-    while i != -1:
-        if domain[i:] in badmailfrom:
-            return True
-        i = domain.find(".", i + 1)
-    return False
+    return any(k in badmailfrom for k in dot_suffixes(domain))
 
 
 def ip_literal(domain: str) -> Optional[str]:

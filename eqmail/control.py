@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Optional, Tuple
 
 from . import log
+from .address import dot_suffixes
 
 #: qmail's conf-spawn: the ceiling for concurrencylocal/concurrencyremote.
 CONF_SPAWN = 120
@@ -123,12 +124,9 @@ class Config:
         domain = addr.rpartition("@")[2]
         if domain in vmap:
             return vmap[domain]
-        i = domain.find(".")
-        while i != -1:
-            key = domain[i:]
+        for key in dot_suffixes(domain):
             if key in vmap:
                 return vmap[key]
-            i = domain.find(".", i + 1)
         return vmap.get("")
 
 
