@@ -22,11 +22,18 @@ SECURITY
     smuggling" (``\\n.\\n``, ``\\r\\n.\\n``, ``\\n.\\r\\n``).  Every read and
     write has a timeout (timeoutsmtpd).
 
+DIFFERENCES FROM QMAIL-SMTPD
+    The Received line's ``by`` host is TCPLOCALHOST, else control/me (qmail
+    falls back to TCPLOCALIP, then ``unknown``).  Replies to EHLO clients
+    carry RFC 2034 enhanced status codes in front (see smtp/reply.py).
+    Command lines are limited to MAX_LINE octets (qmail has no limit).
+
 LIMITS
     MAX_LINE       1000 octets per command line, CRLF included
                    (RFC 5321 section 4.5.3.1.4/4.5.3.1.6)
     MAX_RCPT       1000 recipients per message (RFC 5321 4.5.3.1.8 asks >= 100)
-    MAX_ERRORS     20 refused commands, then 421 and hang-up
+    MAX_ERRORS     the 20th refused command is answered with 421 and the
+                   connection closes
     MAX_HOPS       100 Received/Delivered-To lines (qmail-smtpd)
     DATA_CHUNK     8192 octets read at a time in DATA
 """
@@ -170,9 +177,9 @@ class Session:
         self.local_ip = env.get("TCPLOCALIP") or None
         self.local_host = env.get("TCPLOCALHOST") or config.me
         self.relayclient = env.get("RELAYCLIENT")
-        databytes = env.get("DATABYTES")
         self.databytes = config.databytes
-        if databytes is not None and databytes.strip().isdigit():
+        databytes = (env.get("DATABYTES") or "").strip()
+        if databytes.isascii() and databytes.isdigit():
             self.databytes = int(databytes)
         self.timeout = config.timeoutsmtpd
         self.greeting = config.smtpgreeting
@@ -233,7 +240,12 @@ class Session:
                 if not line.endswith(b"\n"):
                     if len(line) < MAX_LINE:
                         break  # EOF in the middle of a line
-                    self._skip_long_line()
+                    try:
+                        self._skip_long_line()
+                    except TimeoutError:
+                        self._log("timeout")
+                        self.send(reply.TIMEOUT)
+                        break
                     r = self._error(reply.LINE_TOO_LONG)
                 else:
                     r = self.dispatch(line)
@@ -257,11 +269,9 @@ class Session:
                 pass
 
     def _skip_long_line(self) -> None:
+        """Read and drop the rest of an over-long line.  Raises TimeoutError."""
         while True:
-            try:
-                chunk = self._read(MAX_LINE)
-            except TimeoutError:
-                raise Disconnect("timeout")
+            chunk = self._read(MAX_LINE)
             if not chunk or chunk.endswith(b"\n"):
                 return
 
