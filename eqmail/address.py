@@ -30,56 +30,60 @@ class AddressError(ValueError):
 def parse_path(arg: str) -> Tuple[str, str]:
     """Parse a MAIL/RCPT argument such as ``FROM:<a@b> SIZE=10``.
 
-    Follows qmail-smtpd's addrparse(): the text between the first ``<`` and
-    the next ``>``; without ``<``, the text after the first ``:`` (leading
-    blanks skipped) up to a blank.  A source route (``@a,@b:``) is dropped;
-    double quotes are removed and backslash escapes resolved.
+    Follows qmail-smtpd's addrparse(): the path starts after the first
+    ``<`` and ends at the next ``>`` outside double quotes (or at the end);
+    without ``<``, it starts after the first ``:`` (leading blanks skipped)
+    and ends at a blank.  A source route (``@a,@b:``) is dropped; double
+    quotes are removed and backslash escapes resolved, so ``"x y"@d`` gives
+    ``x y@d`` and ``"a>b"@d`` gives ``a>b@d``.
 
     Returns (address, rest) where rest is the text after the path (ESMTP
-    parameters).  Raises AddressError for a missing path, an address of
-    `MAX_ADDRESS` characters or more, or control characters.
+    parameters).  Raises AddressError when there is neither ``<`` nor
+    ``:``, when the ``>`` is missing (qmail accepts that), for an address of `MAX_ADDRESS` characters or more, and for
+    control characters.
     """
     lt = arg.find("<")
     if lt != -1:
-        gt = arg.find(">", lt + 1)
-        if gt == -1:
-            raise AddressError("no closing >")
-        raw = arg[lt + 1:gt]
-        rest = arg[gt + 1:]
+        pos = lt + 1
+        terminator = ">"
     else:
         colon = arg.find(":")
         if colon == -1:
             raise AddressError("no path")
-        text = arg[colon + 1:].lstrip(" \t")
-        sp = len(text)
-        for i, ch in enumerate(text):
-            if ch in " \t":
-                sp = i
-                break
-        raw = text[:sp]
-        rest = text[sp:]
-    # source route: @a,@b:user@host
-    if raw.startswith("@"):
-        colon = raw.find(":")
-        raw = raw[colon + 1:] if colon != -1 else ""
+        pos = colon + 1
+        while pos < len(arg) and arg[pos] in " \t":
+            pos += 1
+        terminator = " "
+    if arg.startswith("@", pos):  # source route: @a,@b:user@host
+        colon = arg.find(":", pos)
+        pos = len(arg) if colon == -1 else colon + 1
     out = []
-    i = 0
-    n = len(raw)
-    while i < n:
-        ch = raw[i]
-        if ch == "\\" and i + 1 < n:
-            out.append(raw[i + 1])
-            i += 2
-            continue
-        if ch != '"':
+    quoted = False
+    closed = terminator == " "
+    n = len(arg)
+    while pos < n:
+        ch = arg[pos]
+        pos += 1
+        if ch == "\\" and pos < n:
+            out.append(arg[pos])
+            pos += 1
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == terminator and not quoted:
+            closed = True
+            break
+        elif terminator == " " and ch == "\t" and not quoted:
+            break
+        else:
             out.append(ch)
-        i += 1
+    if not closed:  # qmail lets this pass ("why bother?"); eqmail does not
+        raise AddressError("no closing >")
     address = "".join(out)
     if len(address) >= MAX_ADDRESS:
         raise AddressError("address too long")
     if any(ch < " " or ch == "\x7f" for ch in address):
         raise AddressError("control characters in address")
-    return address, rest.strip()
+    return address, arg[pos:].strip()
 
 
 def parse_params(rest: str) -> dict:
@@ -163,6 +167,8 @@ def ip_literal(domain: str) -> Optional[str]:
     inner = domain[1:-1]
     import ipaddress
 
+    if "%" in inner:  # no zone index in an address literal
+        return None
     if inner.lower().startswith("ipv6:"):
         try:
             return str(ipaddress.IPv6Address(inner[5:]))

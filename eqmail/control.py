@@ -185,9 +185,8 @@ def read_int(path: str, default: int) -> int:
     if value is None:
         return default
     text = value.strip()
-    if text.startswith("-") and text[1:].isdigit():
-        return -int(text[1:])
-    if not text.isdigit():
+    digits = text[1:] if text.startswith("-") else text
+    if not (digits.isascii() and digits.isdigit()):
         raise ConfigError(path, 1, "expected a number, got %r" % value)
     return int(text)
 

@@ -357,6 +357,8 @@ class Session:
             rcpt, _ = address.parse_path(arg)
         except address.AddressError:
             return reply.SYNTAX
+        if not rcpt:  # qmail takes RCPT TO:<>; RFC 5321 has no empty forward-path
+            return reply.SYNTAX
         self.last_rcpt = rcpt
         if len(self.rcpts) >= MAX_RCPT:
             return reply.TOO_MANY_RCPT

@@ -935,3 +935,9 @@ def test_databytes_env_unicode_digit_ignored(env):
     write_control(env.home, databytes="100\n")
     out = env.talk(b"EHLO x\r\n", env={"DATABYTES": "\u00b2"})
     assert b"250-SIZE 100" in out
+
+
+def test_empty_forward_path_refused(env):
+    # qmail accepts RCPT TO:<>; RFC 5321 has no empty forward-path
+    out = env.talk(b"HELO x\r\nMAIL FROM:<>\r\nRCPT TO:<>\r\nRCPT TO:<a@example.org>\r\n")
+    assert out[2:] == [b"250 ok", R(reply.SYNTAX), b"250 ok"]
