@@ -166,6 +166,49 @@ def cmd_qread(argv: List[str]) -> int:
     return 0
 
 
+# -- queue / newu -------------------------------------------------------------------------
+
+@tool("queue", "qmail-queue: queue the message on fd 0 with the envelope on fd 1")
+def cmd_queue(argv: List[str]) -> int:
+    p = _parser("queue", "qmail-queue compatible: read the message on fd 0 and the envelope "
+                "(F<sender>\\0T<rcpt>\\0...\\0) on fd 1, queue them, print nothing, and "
+                "exit 0, or with qmail-queue's codes (11-40 permanent, others temporary). "
+                "Works for any local user through eqmaild's pickup socket.")
+    args = p.parse_args(argv)
+    from .queue import pickup
+
+    try:
+        with os.fdopen(1, "rb", closefd=False) as envfile:
+            env = envfile.read(pickup.MAX_ENVELOPE + 1)
+    except OSError:
+        return 54
+    try:
+        if len(env) > pickup.MAX_ENVELOPE:
+            raise pickup.SubmitError(91)
+        sender, recipients = pickup.parse_envelope(env)
+        pickup.submit(resolve_home(args.home), sender, recipients, b"", sys.stdin.buffer)
+    except pickup.SubmitError as e:
+        return e.code
+    return 0
+
+
+@tool("newu", "compile users/assign into users/cdb (qmail-newu)")
+def cmd_newu(argv: List[str]) -> int:
+    p = _parser("newu", "Compile HOME/users/assign into HOME/users/cdb atomically, as "
+                "qmail-newu does; eqmaild uses the cdb when it exists.")
+    args = p.parse_args(argv)
+    from .control import ConfigError
+    from .delivery.users import newu
+
+    try:
+        count = newu(resolve_home(args.home))
+    except (ConfigError, OSError) as e:
+        sys.stderr.write("eqmail newu: fatal: %s\n" % e)
+        return 111
+    print("users/cdb: %d assignments" % count)
+    return 0
+
+
 # -- entry ------------------------------------------------------------------------------
 
 def usage() -> str:

@@ -35,7 +35,10 @@ CONTROL FILES (default when missing)
     concurrencylocal    10, at most 120; 0 holds local deliveries
     concurrencyremote   20, at most 120
     queuelifetime       604800 seconds
-    defaultdelivery     ./Maildir/  (eQmail's usual qmail-start argument)
+    defaultdelivery     ./Maildir/  (eQmail's usual qmail-start argument); all
+                        lines count, read like a .qmail file
+    conf-break          +  the extension delimiter (eQmail's conf-break; one
+                        character; netqmail used -)
 
 SECURITY
     Control files are trusted more than the network but are still checked:
@@ -103,6 +106,7 @@ class Config:
     concurrencyremote: int
     queuelifetime: int
     defaultdelivery: str
+    break_char: str
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def path(self, *parts: str) -> str:
@@ -278,7 +282,17 @@ def load(home: str) -> Config:
     if queuelifetime < 0:
         raise ConfigError(c("queuelifetime"), 1, "negative lifetime")
 
-    defaultdelivery = read_line(c("defaultdelivery"), None) or "./Maildir/"
+    dd_lines = _read_lines(c("defaultdelivery"))
+    for n, text in enumerate(dd_lines or [], 1):
+        if _bad_chars(text.rstrip("\r")):
+            raise ConfigError(c("defaultdelivery"), n, "control characters in line")
+    defaultdelivery = "\n".join(l.rstrip(" \t\r") for l in dd_lines or []).strip("\n")
+    if not defaultdelivery:
+        defaultdelivery = "./Maildir/"
+    break_char = read_line(c("conf-break"), "+")
+    if len(break_char) != 1 or break_char.isalnum() or break_char in "@.:/":
+        raise ConfigError(c("conf-break"), 1, "expected one delimiter character such "
+                          "as + or -, got %r" % break_char)
 
     config = Config(
         home=home,
@@ -308,6 +322,7 @@ def load(home: str) -> Config:
         concurrencyremote=min(conc_remote, CONF_SPAWN),
         queuelifetime=queuelifetime,
         defaultdelivery=defaultdelivery,
+        break_char=break_char,
         _virtual_map=vmap,
     )
     return config

@@ -52,6 +52,8 @@ EX_CONFIG = 78
 
 #: Most SMTP sessions served at once; more clients wait in the listen backlog.
 MAX_CONNECTIONS = 200
+#: Most local injections (eqmail sendmail/inject/queue) served at once.
+MAX_PICKUP = 50
 #: Seconds SIGTERM waits for sessions, then for deliveries in flight.
 SESSION_GRACE = 10
 DELIVERY_GRACE = 60
@@ -288,13 +290,26 @@ def serve(holder, sockets, created: bool) -> int:
         servers.append(server)
         log.status("listening for SMTP on %s" % spec)
 
+    from .queue import pickup
+
+    pickup_server = None
+    try:
+        psock = pickup.listen(holder.home)
+        gps = gevent.socket.socket(psock.family, psock.type, fileno=psock.detach())
+        pickup_server = gevent.server.StreamServer(
+            gps, lambda sock, addr: pickup.serve_client(sock, store),
+            spawn=gevent.pool.Pool(MAX_PICKUP))
+        pickup_server.start()
+    except OSError as e:
+        log.warning("no local injection socket %s: %s" % (pickup.socket_path(holder.home), e))
+
     scheduler.start()
     log.status("eqmaild %s started in %s, pid %d" % (__version__, holder.home, os.getpid()))
 
     stop_event.wait()
     log.status("stopping: no new connections")
     state["stopping"] = True
-    for server in servers:
+    for server in servers + ([pickup_server] if pickup_server else []):
         server.close()
     pool.join(timeout=SESSION_GRACE)
     pool.kill(timeout=1)

@@ -35,9 +35,11 @@ def init_home(home: str, fqdn: Optional[str] = None) -> bool:
 
     Writes what ``eqmail config-fast FQDN`` writes (FQDN defaults to this
     host's), adds ``localhost`` to locals and rcpthosts, and makes
-    ``alias/Maildir/`` (where all local mail goes for now), ``users/`` and
-    the queue.  Existing files are kept.  Returns True when control/me had
-    to be created.  Raises OSError.
+    ``users/`` and the queue.  A missing ``alias/`` is created with
+    ``alias/Maildir/`` and a catch-all ``alias/.qmail-default`` holding
+    ``./Maildir/``: every local address without a user of its own lands in
+    ``alias/Maildir/``.  Existing files are kept.  Returns True when
+    control/me had to be created.  Raises OSError.
     """
     from . import control
     from .delivery.local import maildirmake
@@ -47,8 +49,12 @@ def init_home(home: str, fqdn: Optional[str] = None) -> bool:
     os.makedirs(home, mode=0o755, exist_ok=True)
     if created:
         control.config_fast(home, fqdn or control.host_fqdn(), extra_locals=["localhost"])
-    for sub in ("alias", "users"):
-        os.makedirs(os.path.join(home, sub), mode=0o755, exist_ok=True)
-    maildirmake(os.path.join(home, "alias", "Maildir"))
+    os.makedirs(os.path.join(home, "users"), mode=0o755, exist_ok=True)
+    alias = os.path.join(home, "alias")
+    if not os.path.isdir(alias):
+        os.makedirs(alias, mode=0o755)
+        maildirmake(os.path.join(alias, "Maildir"))
+        with open(os.path.join(alias, ".qmail-default"), "w") as f:
+            f.write("./Maildir/\n")
     Store.open(home, create=True)
     return created

@@ -1,44 +1,113 @@
-"""delivery.local -- local delivery (qmail-local's role), first light: Maildir.
+"""delivery.local -- one local delivery as qmail-local does it.
 
 SUMMARY
-    `deliver(config, msgpath, sender, route)` delivers one queued message to
-    one local recipient.  In this release every local recipient is handled
-    by the alias user, whose home is ``HOME/alias``, with the instructions
-    of control/defaultdelivery (default ``./Maildir/``): mail to any address
-    at a local domain lands in ``HOME/alias/Maildir/new/``.  The dot-qmail
-    machinery (users/assign, .qmail files, mbox, programs, forwards) builds
-    on this.
+    `deliver(config, msgfile, sender, local, domain, target)` follows the
+    dot-qmail file that controls ``local@domain`` for `target` (see
+    delivery.users) and returns a `LocalResult`: the Result and the forward
+    addresses, which the caller queues (this function never touches the
+    queue, so it can run as the recipient's uid in a child process).
+
+    File search (ext lower-cased, ``.`` turned into ``:``): dash "" uses
+    ``.qmail``; otherwise ``.qmail<dash><ext>``, then for every ``-`` in ext
+    from the right ``.qmail<dash><prefix>-default``, then
+    ``.qmail<dash>default``; a -default match sets DEFAULT.  No file: the
+    bare user (dash "") gets control/defaultdelivery; anyone else is
+    refused, ``Sorry, no mailbox here by that name. (#5.1.1)``.  An empty
+    (0 byte) .qmail also means defaultdelivery.
+
+    Lines (trailing blanks removed): ``#`` comment; ``|command`` run by
+    /bin/sh -c in the home, message on stdin; ``/path`` or ``./path``:
+    a Maildir when it ends in ``/``, else an mbox; ``&address`` or any other
+    line: a forward.  Files and programs run in order; forwards are
+    collected and go out together at the end.  A program's exit code: 0 ok;
+    99 ok and skip the following lines; 64, 65, 70, 76, 77, 78, 100, 112
+    permanent failure; anything else, or a signal, temporary failure.
 
 STANDARDS
-    maildir(5) of qmail: tmp/ then new/, unique names, fsync before the
-    link; qmail-local(8): the Return-Path and Delivered-To lines, and the
-    loop check on Delivered-To (behaviour reference section 6.4).
+    qmail-local(8), dot-qmail(5), mbox(5), maildir(5); behaviour reference
+    sections 6.2-6.4.
 
 SECURITY
-    Paths come from control/defaultdelivery only, never from an address; a
-    defaultdelivery that leaves the alias home (``..``, absolute paths
-    elsewhere) is refused as a temporary failure.  Files are created with
-    O_EXCL, mode 0600.
+    Runs as the recipient's uid (see delivery.lspawn).  Nothing taken from
+    the address may leave the home: an extension with ``/`` is refused and
+    dots in it become ``:`` (so ``..`` cannot climb).  qmail's safety checks
+    give temporary failures: a world-writable home or .qmail, a sticky home
+    (the user is editing), a blank first line, file or program lines in a
+    .qmail with its x bit set (forward-only).  Paths written in a .qmail are
+    the user's own choice, used with the user's permissions.
 
-GEVENT
-    `deliver()` blocks on disk I/O: the scheduler runs it in the threadpool.
+LIMITS
+    A program may run PROGRAM_TIMEOUT seconds; its output is kept up to
+    PROGRAM_OUTPUT bytes for the report.  An mbox lock is waited for
+    MBOX_LOCK_WAIT seconds.
+
+BLOCKING
+    Everything here blocks: the scheduler runs it in gevent's threadpool or
+    in a forked child, never on the hub.  Programs are started with the
+    stdlib subprocess module from that thread or child (gevent.subprocess
+    would install libev's SIGCHLD reaper, which steals the exit status of
+    processes that threads wait for).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import itertools
 import os
+import signal
 import socket
+import stat
+import subprocess
 import time
+from dataclasses import dataclass, field
+from typing import BinaryIO, List, Optional, Tuple
 
-from . import Result, delivered, deferred, failed
-from .route import Route
+from . import Result, deferred, delivered, failed, FAILURE, DEFERRAL, SUCCESS
 from ..control import Config
+from .users import Target
 
 _seq = itertools.count(1)
 _COPY = 65536
 #: Bytes of header read for the Delivered-To loop check.
 _HEADER_SCAN = 1 << 20
+PROGRAM_TIMEOUT = 3600
+PROGRAM_OUTPUT = 1000
+MBOX_LOCK_WAIT = 30
+#: Program exit codes that qmail-local reads as permanent failures.
+PERMANENT_EXITS = frozenset([64, 65, 70, 76, 77, 78, 100, 112])
+PROGRAM_PATH = "/usr/local/bin:/usr/bin:/bin"
 
+
+@dataclass
+class LocalResult:
+    """The outcome of one local delivery and the forwards it asks for."""
+
+    result: Result
+    forwards: List[str] = field(default_factory=list)
+    newsender: str = ""
+
+    def to_dict(self) -> dict:
+        r = self.result
+        return {"kind": r.kind, "status": r.status, "text": r.text,
+                "forwards": list(self.forwards), "newsender": self.newsender}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LocalResult":
+        """Rebuild from a child's report.  Raises ValueError for anything odd."""
+        kind, status, text = d.get("kind"), d.get("status"), d.get("text")
+        forwards, newsender = d.get("forwards"), d.get("newsender")
+        if kind not in (SUCCESS, DEFERRAL, FAILURE) or not isinstance(status, str) \
+                or not isinstance(text, str) or not isinstance(newsender, str) \
+                or not isinstance(forwards, list) \
+                or not all(isinstance(f, str) for f in forwards):
+            raise ValueError("malformed delivery report")
+        for a in forwards + [newsender]:
+            if any(ch < " " for ch in a):
+                raise ValueError("control characters in a forward address")
+        return cls(Result(kind, status, text), forwards, newsender)
+
+
+# -- Maildir ---------------------------------------------------------------------------
 
 def maildirmake(path: str, mode: int = 0o700) -> None:
     """Create a Maildir (tmp, new, cur) at `path`, like qmail's maildirmake.
@@ -60,43 +129,34 @@ def unique_name() -> str:
     return "%d.M%dP%dQ%d.%s" % (sec, usec, os.getpid(), next(_seq), _hostname())
 
 
-def has_line_in_header(path: str, line: bytes) -> bool:
-    """Does the header of the message at `path` hold exactly `line` (with LF)?"""
-    with open(path, "rb") as f:
-        scanned = 0
-        for raw in f:
-            scanned += len(raw)
-            if raw == b"\n" or scanned > _HEADER_SCAN:
-                return False
-            if raw == line:
-                return True
-    return False
+def _copy(msgfile: BinaryIO, fd: int, transform=None) -> None:
+    msgfile.seek(0)
+    while True:
+        chunk = msgfile.read(_COPY)
+        if not chunk:
+            break
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view):]
 
 
-def deliver_maildir(maildir: str, msgpath: str, prefix: bytes) -> Result:
-    """Write `prefix` then the message at `msgpath` into `maildir`.
-
-    Every failure is temporary (qmail-local).  Blocking: call it from the
-    threadpool.
-    """
+def deliver_maildir(maildir: str, msgfile: BinaryIO, prefix: bytes) -> Result:
+    """Write `prefix` then the message into the Maildir `maildir`: tmp/,
+    fsync, link into new/, fsync new/.  Every failure is temporary."""
     name = unique_name()
     tmp = os.path.join(maildir, "tmp", name)
     new = os.path.join(maildir, "new", name)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
+        if e.errno == errno.ENOENT:
+            return deferred("Maildir %s does not exist or is not a Maildir. (#4.2.1)"
+                            % maildir, "4.2.1")
         return deferred("Unable to open %s: %s. (#4.2.1)" % (tmp, e.strerror), "4.2.1")
     try:
         try:
             os.write(fd, prefix)
-            with open(msgpath, "rb") as src:
-                while True:
-                    chunk = src.read(_COPY)
-                    if not chunk:
-                        break
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
+            _copy(msgfile, fd)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -111,45 +171,277 @@ def deliver_maildir(maildir: str, msgpath: str, prefix: bytes) -> Result:
             os.unlink(tmp)
         except OSError:
             pass
-        if e.errno == 28:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return deferred("Disk full writing to Maildir. (#4.3.0)", "4.3.0")
         return deferred("Unable to write to Maildir: %s. (#4.3.0)" % e.strerror, "4.3.0")
     try:
         os.unlink(tmp)
     except OSError:
         pass
-    return delivered("did 0+0+1/maildir %s" % name)
+    return delivered("maildir %s" % name)
 
 
-def alias_home(config: Config) -> str:
-    return config.path("alias")
+# -- mbox ------------------------------------------------------------------------------
+
+def _from_line(sender: str, when: Optional[float] = None) -> bytes:
+    who = sender or "MAILER-DAEMON"
+    who = "".join("-" if ch in " \t\n" else ch for ch in who)
+    return ("From %s %s\n" % (who, time.asctime(time.localtime(when)))).encode(
+        "utf-8", "surrogateescape")
 
 
-def deliver(config: Config, msgpath: str, sender: str, rt: Route) -> Result:
-    """Deliver the message at `msgpath` to the local recipient `rt`.
-
-    Blocking; returns a Result and never raises for delivery problems.
-    """
-    recipient = "%s@%s" % (rt.local, rt.domain)
-    dtline = b"Delivered-To: " + recipient.encode("utf-8", "surrogateescape") + b"\n"
-    rpline = b"Return-Path: <" + sender.encode("utf-8", "surrogateescape") + b">\n"
+def deliver_mbox(path: str, msgfile: BinaryIO, sender: str, prefix: bytes) -> Result:
+    """Append to the mbox `path` under an fcntl lock: From_ line, `prefix`,
+    the message with ``>`` before every line matching ``^>*From ``, a final
+    newline when missing and one empty line; fsync.  On a write error the
+    file is cut back to its old size.  Every failure is temporary."""
     try:
-        if has_line_in_header(msgpath, dtline):
-            return failed("This message is looping: it already has my "
-                          "Delivered-To line. (#5.4.6)", "5.4.6")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     except OSError as e:
-        return deferred("Unable to read message: %s. (#4.3.0)" % e.strerror)
-    home = alias_home(config)
-    target = config.defaultdelivery.strip()
-    if not target.endswith("/"):
-        return deferred("Only Maildir delivery (a line ending in /) is supported "
-                        "in control/defaultdelivery for now. (#4.3.5)", "4.3.5")
-    maildir = os.path.normpath(os.path.join(home, target))
-    if not (maildir + "/").startswith(os.path.normpath(home) + "/"):
-        return deferred("defaultdelivery leaves the alias home. (#4.3.5)", "4.3.5")
-    if not os.path.isdir(os.path.join(maildir, "new")):
+        return deferred("Unable to open %s: %s. (#4.2.1)" % (path, e.strerror), "4.2.1")
+    try:
+        deadline = time.time() + MBOX_LOCK_WAIT
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    return deferred("Unable to lock %s: %s. (#4.2.1)" % (path, e.strerror),
+                                    "4.2.1")
+                if time.time() > deadline:
+                    return deferred("File has been locked for 30 seconds straight. (#4.3.0)")
+                time.sleep(0.5)
+        size = os.lseek(fd, 0, os.SEEK_END)
         try:
-            maildirmake(maildir)
+            out = [_from_line(sender), prefix]
+            msgfile.seek(0)
+            last = b"\n"
+            for line in msgfile:
+                if line.lstrip(b">").startswith(b"From "):
+                    line = b">" + line
+                out.append(line)
+                last = line
+                if len(out) > 512:
+                    _write_all(fd, b"".join(out))
+                    out = []
+            if not last.endswith(b"\n"):
+                out.append(b"\n")
+            out.append(b"\n")
+            _write_all(fd, b"".join(out))
+            os.fsync(fd)
         except OSError as e:
-            return deferred("Unable to create Maildir: %s. (#4.2.1)" % e.strerror, "4.2.1")
-    return deliver_maildir(maildir, msgpath, rpline + dtline)
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            return deferred("Unable to write %s: %s. (#4.3.0)" % (path, e.strerror))
+    finally:
+        os.close(fd)
+    return delivered("mbox %s" % path)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# -- programs ----------------------------------------------------------------------------
+
+def run_program(command: str, home: str, msgfile: BinaryIO, env: dict) -> Tuple[Result, int]:
+    """Run ``/bin/sh -c command`` in `home` with the message on stdin.
+    Returns the Result and the exit code (-1 when it did not exit)."""
+    msgfile.seek(0)
+    try:
+        proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=home, env=env,
+                                stdin=msgfile, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as e:
+        return deferred("Unable to run /bin/sh: %s. (#4.3.0)" % e.strerror), -1
+    try:
+        out, _ = proc.communicate(timeout=PROGRAM_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.communicate()
+        return deferred("Timeout: program ran %d seconds. (#4.3.0)" % PROGRAM_TIMEOUT), -1
+    text = out[:PROGRAM_OUTPUT].decode("utf-8", "replace").strip()
+    code = proc.returncode
+    if code < 0:
+        return deferred("%sUnable to run: killed by signal %d. (#4.3.0)"
+                        % (text + "\n" if text else "", -code)), -1
+    if code in (0, 99):
+        return delivered(text), code
+    if code in PERMANENT_EXITS:
+        return failed(text or "program failed with exit code %d. (#5.0.0)" % code), code
+    return deferred(text or "program failed with exit code %d. (#4.3.0)" % code), code
+
+
+def program_env(target: Target, local: str, domain: str, sender: str, newsender: str,
+                ext: str, default: Optional[str], dtline: bytes, rpline: bytes) -> dict:
+    """qmail-local's environment for programs (behaviour reference 6.3)."""
+    env = {"PATH": PROGRAM_PATH, "USER": target.user, "HOME": target.home,
+           "LOCAL": local, "HOST": domain, "RECIPIENT": "%s@%s" % (local, domain),
+           "SENDER": sender, "NEWSENDER": newsender, "EXT": ext,
+           "DTLINE": dtline.decode("utf-8", "surrogateescape"),
+           "RPLINE": rpline.decode("utf-8", "surrogateescape"),
+           "UFLINE": _from_line(sender).decode("utf-8", "surrogateescape")}
+    words = ext.split("-")
+    for n in (2, 3, 4):
+        env["EXT%d" % n] = "-".join(words[n - 1:])
+    labels = domain.split(".")
+    for n in (2, 3, 4):
+        env["HOST%d" % n] = ".".join(labels[:max(0, len(labels) - (n - 1))])
+    if default is not None:
+        env["DEFAULT"] = default
+    return env
+
+
+# -- the dot-qmail file ---------------------------------------------------------------------
+
+def header_has_line(msgfile: BinaryIO, line: bytes) -> bool:
+    """Does the message header hold exactly `line` (with its LF)?"""
+    msgfile.seek(0)
+    scanned = 0
+    for raw in msgfile:
+        scanned += len(raw)
+        if raw == b"\n" or scanned > _HEADER_SCAN:
+            return False
+        if raw == line:
+            return True
+    return False
+
+
+class _Found:
+    def __init__(self, path: Optional[str], default: Optional[str], text: Optional[bytes],
+                 mode: int = 0):
+        self.path, self.default, self.text, self.mode = path, default, text, mode
+
+
+def find_dot_qmail(target: Target) -> _Found:
+    """qmail-local's qmesearch().  Raises OSError for errors other than ENOENT."""
+    def try_open(name):
+        path = os.path.join(target.home, name)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                return path, f.read(1 << 20), st.st_mode
+        except FileNotFoundError:
+            return None
+
+    if not target.dash:
+        got = try_open(".qmail")
+        return _Found(got[0], None, got[1], got[2]) if got else _Found(None, None, None)
+    ext = target.ext.lower().replace(".", ":")
+    got = try_open(".qmail" + target.dash + ext)
+    if got:
+        return _Found(got[0], None, got[1], got[2])
+    for i in range(len(ext), -1, -1):
+        if i == 0 or ext[i - 1] == "-":
+            got = try_open(".qmail" + target.dash + ext[:i] + "default")
+            if got:
+                return _Found(got[0], target.ext[i:], got[1], got[2])
+    return _Found(None, None, None)
+
+
+def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: str,
+            target: Target) -> LocalResult:
+    """Deliver the message in `msgfile` to ``local@domain`` controlled by
+    `target`.  Blocking; never raises for delivery problems."""
+    recipient = "%s@%s" % (local, domain)
+    dtline = ("Delivered-To: %s\n" % recipient.replace("\n", "_")).encode(
+        "utf-8", "surrogateescape")
+    rpline = ("Return-Path: <%s>\n" % sender.replace("\n", "_")).encode(
+        "utf-8", "surrogateescape")
+    if "/" in target.ext:
+        return LocalResult(failed("Sorry, address must not contain /. (#5.1.1)", "5.1.1"))
+    try:
+        if header_has_line(msgfile, dtline):
+            return LocalResult(failed("This message is looping: it already has my "
+                                      "Delivered-To line. (#5.4.6)", "5.4.6"))
+    except OSError as e:
+        return LocalResult(deferred("Unable to read message: %s. (#4.3.0)" % e.strerror))
+    try:
+        st = os.stat(target.home)
+    except OSError as e:
+        return LocalResult(deferred("Unable to switch to %s: %s. (#4.3.0)"
+                                    % (target.home, e.strerror)))
+    if st.st_mode & 0o002:
+        return LocalResult(deferred("Uh-oh: home directory is writable. (#4.7.0)", "4.7.0"))
+    if st.st_mode & stat.S_ISVTX:
+        return LocalResult(deferred("Home directory is sticky: user is editing his "
+                                    ".qmail file. (#4.2.1)", "4.2.1"))
+    try:
+        found = find_dot_qmail(target)
+    except OSError as e:
+        return LocalResult(deferred("Unable to open .qmail file: %s. (#4.2.1)"
+                                    % e.strerror, "4.2.1"))
+    forward_only = False
+    if found.path is None:
+        if target.dash:
+            return LocalResult(failed("Sorry, no mailbox here by that name. (#5.1.1)",
+                                      "5.1.1"))
+        text = config.defaultdelivery.encode("utf-8")
+    else:
+        if found.mode & 0o002:
+            return LocalResult(deferred("Uh-oh: .qmail file is writable. (#4.7.0)", "4.7.0"))
+        text = found.text or config.defaultdelivery.encode("utf-8")
+        forward_only = bool(found.text) and bool(found.mode & stat.S_IXUSR)
+    lines = [l.decode("utf-8", "surrogateescape").rstrip(" \t\r") for l in text.split(b"\n")]
+    if lines and lines[-1] == "" and text.endswith(b"\n"):
+        lines.pop()
+    if lines and not lines[0]:
+        return LocalResult(deferred("Uh-oh: first line of .qmail file is blank. (#4.2.1)",
+                                    "4.2.1"))
+    if forward_only:
+        for l in lines:
+            if l[:1] in ("|", "/", "."):
+                kind = "prog" if l[:1] == "|" else "file"
+                return LocalResult(deferred("Uh-oh: .qmail has %s delivery but has x bit "
+                                            "set. (#4.7.0)" % kind, "4.7.0"))
+
+    newsender = sender
+    ext = target.ext
+    env = None
+    forwards: List[str] = []
+    counts = [0, 0, 0]  # forwards, files, programs
+    notes = []
+    for line in lines:
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("|"):
+            if env is None:
+                env = program_env(target, local, domain, sender, newsender, ext,
+                                  found.default, dtline, rpline)
+            r, code = run_program(line[1:], target.home, msgfile, env)
+            counts[2] += 1
+            if r.kind != SUCCESS:
+                return LocalResult(r)
+            if r.text:
+                notes.append(r.text)
+            if code == 99:
+                break  # qmail-local: success, and ignore the following lines
+            continue
+        if line.startswith("/") or line.startswith("."):
+            path = line if line.startswith("/") else os.path.join(target.home, line)
+            if line.endswith("/"):
+                r = deliver_maildir(path, msgfile, rpline + dtline)
+            else:
+                r = deliver_mbox(path, msgfile, sender, rpline + dtline)
+            counts[1] += 1
+            if r.kind != SUCCESS:
+                return LocalResult(r)
+            continue
+        address = line[1:] if line.startswith("&") else line
+        if address.startswith("+"):
+            continue  # qmail-local's forward-only marker line; no effect here
+        if address:
+            forwards.append(address)
+            counts[0] += 1
+    report = "did %d+%d+%d/" % tuple(counts)
+    if notes:
+        report += "/".join(notes)
+    return LocalResult(delivered(report), forwards, newsender)

@@ -24,10 +24,15 @@ SIGNALS (wired by the daemon)
     `stop()` (SIGTERM) starts nothing new and waits for the deliveries in
     flight, up to a bound.
 
+BOUNCES
+    A permanent failure is recorded durably (store.add_failure) before its
+    recipient is marked done.  When no recipient is left, one bounce (an
+    RFC 3464 report, queue.bounce) goes to the envelope sender; a failed
+    bounce (sender "") becomes a double bounce to doublebounceto; a failed
+    double bounce is discarded ("triple bounce").
+
 NOT YET
-    Permanent failures are logged and the recipient is finished; bounce
-    messages to the envelope sender come with the local-delivery work, and
-    remote delivery with its own module (remote recipients are deferred).
+    Remote delivery: remote recipients are deferred until queuelifetime.
 """
 from __future__ import annotations
 
@@ -44,9 +49,10 @@ import gevent.event
 from .. import log
 from ..control import ConfigHolder
 from ..delivery import DEFERRAL, FAILURE, SUCCESS, Result, deferred, failed
-from ..delivery import local as local_delivery
+from ..delivery import lspawn, users
 from ..delivery.route import LOCAL, REMOTE, route
-from .store import Item, Store
+from . import bounce
+from .store import Item, QueueError, Store
 
 #: The `c` of qmail-send's retry schedule, per channel.
 RETRY_C = {LOCAL: 10, REMOTE: 20}
@@ -65,13 +71,14 @@ def next_retry(birth: float, now: float, channel: str) -> float:
 
 
 class _Entry:
-    __slots__ = ("item", "next", "inflight", "channel")
+    __slots__ = ("item", "next", "inflight", "channel", "finishing")
 
     def __init__(self, item: Item, channels: List[str]):
         self.item = item
         self.next = [0.0] * len(item.recipients)
         self.inflight = [False] * len(item.recipients)
         self.channel = channels
+        self.finishing = False
 
 
 class Scheduler:
@@ -209,6 +216,9 @@ class Scheduler:
             entry = self.entries.get(msgid)
             if entry is None:
                 continue
+            if not entry.item.pending() and not any(entry.inflight):
+                gevent.spawn(self._finish, entry)  # done before a restart
+                continue
             for i in entry.item.pending():
                 if not entry.inflight[i] and entry.next[i] <= now:
                     entry.inflight[i] = True
@@ -255,12 +265,15 @@ class Scheduler:
             result = failed(result.text + TOO_LONG, "5.4.7")
         log.delivery(num, result.kind, result.text)
         try:
+            if result.kind == FAILURE:
+                self.store.add_failure(item.id, {
+                    "recipient": recipient, "status": result.status, "text": result.text})
             if result.kind in (SUCCESS, FAILURE):
-                # FAILURE: the bounce to the envelope sender is not written yet.
                 self.store.mark_done(item, i)
         except OSError as e:
-            log.alert("unable to mark msg %s recipient done: %s" % (item.id, e))
-            item.done[i] = True  # in memory; a restart delivers it again
+            log.alert("unable to record the result for msg %s: %s" % (item.id, e))
+            if result.kind == SUCCESS:
+                item.done[i] = True  # in memory; a restart delivers it again
         finally:
             entry.inflight[i] = False
             self.inflight[channel] -= 1
@@ -268,12 +281,30 @@ class Scheduler:
 
     def _attempt(self, config, item: Item, recipient: str, channel: str) -> Result:
         if channel == LOCAL:
-            rt = route(config, recipient)
-            return gevent.get_hub().threadpool.apply(
-                local_delivery.deliver,
-                (config, self.store.message_path(item.id), item.sender, rt))
+            return self._local(config, item, recipient)
         return deferred("Remote delivery is not available in this version of "
                         "eqmail; the message stays queued. (#4.4.1)", "4.4.1")
+
+    def _local(self, config, item: Item, recipient: str) -> Result:
+        """qmail-lspawn + qmail-local for one recipient; queues its forwards."""
+        rt = route(config, recipient)
+        pool = gevent.get_hub().threadpool
+        try:
+            target = pool.apply(users.resolve, (config, rt.local))
+        except users.UsersError as e:
+            return deferred("%s (#4.3.0)" % e)
+        msgpath = self.store.message_path(item.id)
+        lr = lspawn.spawn(config, msgpath, item.sender, rt.local, rt.domain, target)
+        if lr.result.kind != SUCCESS or not lr.forwards:
+            return lr.result
+        dtline = ("Delivered-To: %s@%s\n" % (rt.local, rt.domain)).encode(
+            "utf-8", "surrogateescape")
+        try:
+            fwd = self.store.commit_from(dtline, msgpath, lr.newsender, lr.forwards)
+        except QueueError as e:
+            return deferred("Unable to forward message: %s" % e.text)
+        return Result(SUCCESS, lr.result.status,
+                      "%s/forwarded as msg %s" % (lr.result.text, fwd.id))
 
     def _after(self, entry: _Entry) -> None:
         item = entry.item
@@ -288,10 +319,50 @@ class Scheduler:
         self._wake.set()
 
     def _finish(self, entry: _Entry) -> None:
+        if entry.finishing:
+            return
+        entry.finishing = True  # until the entry is gone, or the bounce must wait
         item = entry.item
+        bounced = False
+        try:
+            bounced = self._bounce(item)
+        finally:
+            if not bounced:
+                entry.finishing = False
+                self._push(item.id, time.time() + 60)  # try the bounce again later
+        if not bounced:
+            return
         try:
             self.store.remove(item)
         except OSError as e:
             log.alert("unable to remove msg %s: %s" % (item.id, e))
         self.entries.pop(item.id, None)
         log.end_msg(item.id)
+
+    def _bounce(self, item: Item) -> bool:
+        """Queue the bounce for the recorded failures of `item`.  True when
+        there is nothing (more) to do, False to try again later."""
+        pool = gevent.get_hub().threadpool
+        failures = pool.apply(self.store.failures, (item.id,))
+        if not failures:
+            return True
+        config = self.holder.current
+        envelope = bounce.bounce_envelope(config, item.sender)
+        if envelope is None:
+            log.line("triple bounce: discarding bounce/%s" % item.id)
+        else:
+            records = [bounce.Failure(f["recipient"], str(f.get("status") or "5.0.0"),
+                                      str(f.get("text") or ""), f.get("remote_mta"),
+                                      f.get("diagnostic"))
+                       for f in failures]
+            try:
+                data = pool.apply(bounce.build_bounce,
+                                  (config, item.sender, item.id, item.birth, records,
+                                   self.store.message_path(item.id)))
+                b = self.store.commit_bytes(data, envelope[0], envelope[1])
+            except (QueueError, OSError) as e:
+                log.alert("unable to queue the bounce for msg %s: %s" % (item.id, e))
+                return False
+            log.line("bounce msg %s qp %s" % (item.id, b.id))
+        pool.apply(self.store.drop_failures, (item.id,))
+        return True

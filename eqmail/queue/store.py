@@ -11,6 +11,8 @@ LAYOUT (under HOME/queue, one filesystem)
     mess/ID        the message: the Received line, then the data, LF line ends
     tmp/ID         an envelope being written
     envelope/ID    the committed envelope and the per-recipient progress
+    bounce/ID      permanent failures waiting for the bounce: one JSON object
+                   a line (recipient, status, text, remote_mta, diagnostic)
     lock/trigger   a FIFO; one byte written there wakes the daemon's scheduler
     ID = <unix time>.<pid of the writer>.<sequence>, created exclusively.
 
@@ -31,7 +33,10 @@ STATES (after a crash at any instant; compare qmail's INTERNALS S1-S5)
     6. mess/ID alone after envelope/ID went  junk (message finished)
     Commit goes 1 -> 2 -> 3 -> 4: write and fsync mess/ID, fsync mess/;
     write and fsync tmp/ID; rename tmp/ID to envelope/ID; fsync envelope/.
-    Finishing goes 5 -> 6 -> 1: unlink envelope/ID, then mess/ID.
+    A permanent failure is appended to bounce/ID and fsync'd before its
+    recipient is marked done.  Finishing goes 5 -> 6 -> 1: the bounce (if
+    bounce/ID exists) is committed as a new message, bounce/ID is unlinked,
+    then envelope/ID, then mess/ID.  bounce/ID without envelope/ID is junk.
     A recipient whose delivery was in flight at the crash is delivered again
     (at least once); one marked D never is.
 
@@ -165,6 +170,7 @@ class Store:
         self.mess = os.path.join(qdir, "mess")
         self.tmp = os.path.join(qdir, "tmp")
         self.envelope = os.path.join(qdir, "envelope")
+        self.bounce = os.path.join(qdir, "bounce")
         self.trigger = os.path.join(qdir, "lock", "trigger")
         self._seq = itertools.count(1)
         #: Called with each committed Item by the process that committed it
@@ -182,7 +188,7 @@ class Store:
         qdir = os.path.join(home, "queue")
         store = cls(qdir)
         if create:
-            for d in (qdir, store.mess, store.tmp, store.envelope,
+            for d in (qdir, store.mess, store.tmp, store.envelope, store.bounce,
                       os.path.join(qdir, "lock")):
                 os.makedirs(d, mode=0o700, exist_ok=True)
             if not os.path.exists(store.trigger):
@@ -294,6 +300,78 @@ class Store:
 
         _offload(work)
 
+    def commit_from(self, prefix: bytes, path: str, sender: str,
+                    recipients: Sequence[str]) -> Item:
+        """Queue a new message made of `prefix` and the file at `path` (a
+        forward, qmail-local style).  Raises QueueError."""
+        draft = self.draft()
+        try:
+            draft.write(prefix)
+            f = _offload(open, path, "rb")
+            try:
+                while True:
+                    chunk = _offload(f.read, CHUNK)
+                    if not chunk:
+                        break
+                    draft.write(chunk)
+            finally:
+                f.close()
+        except OSError as e:
+            draft.abort()
+            raise QueueError("qq read error (#4.3.0)", e.errno)
+        return draft.commit(sender, recipients)
+
+    def commit_bytes(self, data: bytes, sender: str, recipients: Sequence[str]) -> Item:
+        """Queue a new message from bytes (a bounce).  Raises QueueError."""
+        draft = self.draft()
+        draft.write(data)
+        return draft.commit(sender, recipients)
+
+    # -- permanent failures, waiting for the bounce ------------------------------------
+
+    def add_failure(self, msgid: str, record: dict) -> None:
+        """Append one failure record to bounce/ID and fsync it.  Raises OSError."""
+        import json
+
+        line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8", "surrogateescape")
+        path = os.path.join(self.bounce, msgid)
+
+        def work():
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                _write_all(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        _offload(work)
+
+    def failures(self, msgid: str) -> List[dict]:
+        """The failure records of a message ([] when none).  Unreadable lines
+        (a torn last line after a crash) are skipped."""
+        import json
+
+        try:
+            with open(os.path.join(self.bounce, msgid), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        out = []
+        for raw in data.split(b"\n"):
+            try:
+                rec = json.loads(raw.decode("utf-8", "surrogateescape"))
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("recipient"), str):
+                out.append(rec)
+        return out
+
+    def drop_failures(self, msgid: str) -> None:
+        try:
+            os.unlink(os.path.join(self.bounce, msgid))
+        except FileNotFoundError:
+            pass
+
     # -- recovery -------------------------------------------------------------
 
     def recover(self, at_start: bool = True) -> int:
@@ -306,9 +384,11 @@ class Store:
         committed = set(os.listdir(self.envelope))
         now = time.time()
         removed = 0
-        for d in (self.mess, self.tmp):
+        for d in (self.mess, self.tmp, self.bounce):
+            if not os.path.isdir(d):
+                continue
             for name in os.listdir(d):
-                if d == self.mess and name in committed:
+                if d != self.tmp and name in committed:
                     continue
                 if name in self.open_drafts:
                     continue

@@ -1,0 +1,157 @@
+"""delivery.lspawn -- run a local delivery with the recipient's uid (qmail-lspawn's role).
+
+SUMMARY
+    `spawn(config, msgpath, sender, local, domain, target)` delivers one
+    message to one local recipient and returns a delivery.local.LocalResult:
+
+    * target uid == eqmaild's uid: in-process, in gevent's threadpool;
+    * eqmaild runs as root, target uid != 0: in a forked child that opens
+      the message, closes every other descriptor, drops to the target's
+      gid (as its only group) and uid, delivers, and reports back as JSON
+      on a pipe;
+    * otherwise (uid 0, or an unprivileged daemon asked to deliver as
+      someone else): a temporary failure that says why.
+
+STANDARDS
+    qmail-lspawn(8): ``Not allowed to perform deliveries as root.``
+
+SECURITY
+    The child trusts nothing it did not open as root: the message
+    descriptor is opened before the privileges are dropped, the queue and
+    the listening sockets are closed.  The parent parses the child's report
+    as JSON (never pickle) and checks its types, so a child taken over by
+    the user can at worst report a wrong result for that user's own mail.
+    After setuid the kernel marks the child non-dumpable: the user cannot
+    ptrace it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from . import deferred
+from .local import PROGRAM_TIMEOUT, LocalResult, deliver
+from .users import Target
+
+#: A child that has not reported after this many seconds is killed.
+CHILD_TIMEOUT = PROGRAM_TIMEOUT + 300
+#: The child's report is at most this many bytes.
+MAX_REPORT = 1 << 20
+
+
+def _deliver_path(config, msgpath, sender, local, domain, target) -> LocalResult:
+    try:
+        f = open(msgpath, "rb")
+    except OSError as e:
+        return LocalResult(deferred("Unable to open the queued message: %s. (#4.3.0)"
+                                    % e.strerror))
+    with f:
+        return deliver(config, f, sender, local, domain, target)
+
+
+def spawn(config, msgpath: str, sender: str, local: str, domain: str,
+          target: Target) -> LocalResult:
+    """Deliver as `target`'s uid (see the module docstring).  Cooperative:
+    waits on the threadpool or on the child's pipe, never blocks the hub."""
+    import gevent
+
+    me = os.geteuid()
+    if target.uid == 0:
+        return LocalResult(deferred("Not allowed to perform deliveries as root. (#4.3.0)"))
+    if target.uid == me:
+        return gevent.get_hub().threadpool.apply(
+            _deliver_path, (config, msgpath, sender, local, domain, target))
+    if me != 0:
+        return LocalResult(deferred(
+            "Unable to deliver as uid %d: eqmaild runs as uid %d, not root. (#4.3.0)"
+            % (target.uid, me)))
+    return _fork_as(config, msgpath, sender, local, domain, target)
+
+
+def _fork_as(config, msgpath, sender, local, domain, target) -> LocalResult:
+    import gevent
+    import gevent.os
+
+    try:
+        msgfd = os.open(msgpath, os.O_RDONLY)
+    except OSError as e:
+        return LocalResult(deferred("Unable to open the queued message: %s. (#4.3.0)"
+                                    % e.strerror))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no gevent, no logging, only os._exit
+        code = 111
+        try:
+            _child(config, msgfd, w, sender, local, domain, target)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.close(msgfd)
+    gevent.os.make_nonblocking(r)
+    data = b""
+    deadline = time.time() + CHILD_TIMEOUT
+    try:
+        with gevent.Timeout(CHILD_TIMEOUT, False):
+            while len(data) <= MAX_REPORT:
+                chunk = gevent.os.nb_read(r, 65536)
+                if not chunk:
+                    break
+                data += chunk
+    finally:
+        os.close(r)
+    status = _reap(pid, deadline)
+    if status is None or not data:
+        return LocalResult(deferred("Unable to deliver: the delivery child %s. (#4.3.0)"
+                                    % ("timed out" if status is None else "crashed")))
+    try:
+        return LocalResult.from_dict(json.loads(data.decode("utf-8", "surrogateescape")))
+    except (ValueError, AttributeError):
+        return LocalResult(deferred("Unable to deliver: bad report from the delivery "
+                                    "child. (#4.3.0)"))
+
+
+def _reap(pid: int, deadline: float):
+    """Wait for the child without blocking the hub; kill it after `deadline`."""
+    import gevent
+
+    delay = 0.001
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return 0
+        if done:
+            return status
+        if time.time() > deadline:
+            try:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+            return None
+        gevent.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def _child(config, msgfd: int, w: int, sender, local, domain, target: Target) -> None:
+    keep = {0, 1, 2, msgfd, w}
+    top = max(keep)
+    for fd in range(3, top):
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    os.closerange(top + 1, 65536)
+    os.setgroups([target.gid])
+    os.setgid(target.gid)
+    os.setuid(target.uid)
+    os.chdir("/")
+    with os.fdopen(msgfd, "rb") as f:
+        result = deliver(config, f, sender, local, domain, target)
+    payload = json.dumps(result.to_dict()).encode("utf-8", "surrogateescape")
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(w, view):]

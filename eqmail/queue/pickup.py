@@ -1,0 +1,298 @@
+"""queue.pickup -- local injection without a world-writable queue.
+
+SUMMARY
+    Python programs cannot be setuid, so local users reach the queue
+    through eqmaild: the daemon listens on the UNIX socket ``HOME/run/pickup``
+    (mode 0666 in a 0755 directory), reads a message and its envelope,
+    commits them with a qmail-queue style ``Received:`` line naming the
+    sender's uid (taken from the kernel, SO_PEERCRED), and answers with a
+    qmail-queue exit code.  `submit()` is the client used by
+    ``eqmail queue``, ``eqmail inject`` and ``eqmail sendmail``; a caller
+    who can write the queue itself (the daemon's own user, or root) commits
+    directly, so injection works while eqmaild is stopped too.
+
+PROTOCOL
+    client:  the message as netstrings of at most 65536 bytes each
+             (``5:hello,``), ended by the empty netstring ``0:,``; then
+             one netstring holding qmail-queue's envelope
+             (``F<sender>\\0T<rcpt>\\0...\\0``, at most 1 MiB)
+    server:  one line ``<code> <text>\\n``: code 0 and the queue ID on
+             success, else a qmail-queue exit code (11 address too long,
+             91 bad envelope, 53 disk full, 54 read error, ...)
+
+STANDARDS
+    qmail-queue(8) for the envelope, the exit codes and the Received line;
+    D. J. Bernstein's netstrings.
+
+SECURITY
+    Any local user may inject, as with sendmail.  Input is bounded (chunk
+    and envelope sizes, address length, a timeout on every read) and the
+    Received line records the real uid and pid of the peer.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from typing import BinaryIO, List, Optional, Sequence, Tuple
+
+from .store import QueueError, Store
+
+MAX_CHUNK = 65536
+MAX_ENVELOPE = 1 << 20
+#: qmail-queue refuses envelope addresses longer than this (exit 11).
+MAX_ADDRESS = 1002
+READ_TIMEOUT = 1200
+
+#: qmail-queue's exit codes and texts (behaviour reference section 5.1).
+TEXTS = {
+    11: "envelope address too long for qq (#5.1.3)",
+    31: "mail server permanently rejected message (#5.3.0)",
+    51: "qq out of memory (#4.3.0)",
+    52: "qq timeout (#4.3.0)",
+    53: "qq write error or disk full (#4.3.0)",
+    54: "qq read error (#4.3.0)",
+    55: "qq unable to read configuration (#4.3.0)",
+    61: "qq trouble in home directory (#4.3.0)",
+    62: "qq trouble creating files in queue (#4.3.0)",
+    74: "communication with mail server failed (#4.4.2)",
+    81: "qq internal bug (#4.3.0)",
+    91: "qq internal bug (#4.3.0)",
+}
+
+
+def socket_path(home: str) -> str:
+    return os.path.join(home, "run", "pickup")
+
+
+class SubmitError(Exception):
+    """Injection failed: `code` is a qmail-queue exit code (11-40 permanent)."""
+
+    def __init__(self, code: int, text: Optional[str] = None):
+        self.code = code
+        self.text = text or TEXTS.get(code, "qq temporary problem (#4.3.0)")
+        super().__init__(self.text)
+
+    @property
+    def permanent(self) -> bool:
+        return 11 <= self.code <= 40
+
+
+def encode_envelope(sender: str, recipients: Sequence[str]) -> bytes:
+    out = [b"F" + sender.encode("utf-8", "surrogateescape") + b"\0"]
+    out += [b"T" + r.encode("utf-8", "surrogateescape") + b"\0" for r in recipients]
+    return b"".join(out) + b"\0"
+
+
+def parse_envelope(data: bytes) -> Tuple[str, List[str]]:
+    """qmail-queue's envelope -> (sender, recipients).  Raises SubmitError."""
+    if not data.startswith(b"F") or not data.endswith(b"\0\0"):
+        raise SubmitError(91)
+    fields = data[:-2].split(b"\0")
+    sender = fields[0][1:]
+    recipients = []
+    for f in fields[1:]:
+        if not f.startswith(b"T"):
+            raise SubmitError(91)
+        recipients.append(f[1:])
+    if not recipients:
+        raise SubmitError(91, "no recipients (#5.1.3)")
+    for a in [sender] + recipients:
+        if len(a) > MAX_ADDRESS:
+            raise SubmitError(11)
+        if any(b < 32 for b in a):
+            raise SubmitError(91, "control characters in an envelope address (#5.1.3)")
+    dec = lambda b: b.decode("utf-8", "surrogateescape")  # noqa: E731
+    return dec(sender), [dec(r) for r in recipients]
+
+
+def received_line(pid: int, uid: int, when: Optional[float] = None) -> bytes:
+    """qmail-queue's ``Received: (qmail PID invoked by uid UID); DATE``."""
+    from ..smtp.session import date822
+
+    return ("Received: (eqmail %d invoked by uid %d); %s\n"
+            % (pid, uid, date822(when))).encode("ascii")
+
+
+# -- the client -----------------------------------------------------------------------
+
+def _can_write_queue(home: str) -> bool:
+    q = os.path.join(home, "queue")
+    return all(os.access(os.path.join(q, d), os.W_OK | os.X_OK)
+               for d in ("mess", "tmp", "envelope"))
+
+
+def submit(home: str, sender: str, recipients: Sequence[str], header: bytes,
+           body: BinaryIO) -> str:
+    """Queue a message made of `header` and the rest of `body`.
+
+    Returns the queue ID.  Raises SubmitError with a qmail-queue code.
+    """
+    for a in [sender] + list(recipients):
+        if len(a.encode("utf-8", "surrogateescape")) > MAX_ADDRESS:
+            raise SubmitError(11)
+        if any(ch < " " for ch in a):
+            raise SubmitError(91, "control characters in an envelope address (#5.1.3)")
+    if not recipients:
+        raise SubmitError(91, "no recipients (#5.1.3)")
+    if _can_write_queue(home):
+        return _commit_direct(home, sender, recipients, header, body)
+    return _via_socket(home, sender, recipients, header, body)
+
+
+def _commit_direct(home, sender, recipients, header, body) -> str:
+    try:
+        store = Store.open(home, create=False)
+        draft = store.draft()
+    except (OSError, QueueError):
+        raise SubmitError(61)
+    try:
+        draft.write(received_line(os.getpid(), os.getuid()))
+        draft.write(header)
+        while True:
+            try:
+                chunk = body.read(MAX_CHUNK)
+            except OSError:
+                raise SubmitError(54)
+            if not chunk:
+                break
+            draft.write(chunk)
+        item = draft.commit(sender, list(recipients))
+    except QueueError as e:
+        raise SubmitError(53 if "disk full" in e.text else 62, e.text)
+    finally:
+        draft.abort()
+    return item.id
+
+
+def _via_socket(home, sender, recipients, header, body) -> str:
+    path = socket_path(home)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(READ_TIMEOUT)
+    try:
+        try:
+            s.connect(path)
+        except OSError as e:
+            raise SubmitError(74, "unable to reach eqmaild at %s: %s; is it running? "
+                                  "(#4.4.2)" % (path, e.strerror))
+        try:
+            if header:
+                s.sendall(b"%d:%s," % (len(header), header))
+            while True:
+                try:
+                    chunk = body.read(MAX_CHUNK)
+                except OSError:
+                    raise SubmitError(54)
+                if not chunk:
+                    break
+                s.sendall(b"%d:%s," % (len(chunk), chunk))
+            env = encode_envelope(sender, recipients)
+            s.sendall(b"0:," + b"%d:%s," % (len(env), env))
+            answer = b""
+            while not answer.endswith(b"\n") and len(answer) < 4096:
+                got = s.recv(4096)
+                if not got:
+                    break
+                answer += got
+        except (OSError, socket.timeout):
+            raise SubmitError(74)
+    finally:
+        s.close()
+    code, _, text = answer.decode("utf-8", "replace").strip().partition(" ")
+    if not code.isdigit():
+        raise SubmitError(74)
+    if int(code) != 0:
+        raise SubmitError(int(code), text or None)
+    return text
+
+
+# -- the server (in eqmaild) ----------------------------------------------------------------
+
+def listen(home: str) -> socket.socket:
+    """Bind the pickup socket (replacing a stale one).  Raises OSError."""
+    rundir = os.path.join(home, "run")
+    os.makedirs(rundir, mode=0o755, exist_ok=True)
+    os.chmod(rundir, 0o755)
+    path = socket_path(home)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    os.chmod(path, 0o666)
+    s.listen(64)
+    return s
+
+
+class _Reader:
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+
+    def _fill(self) -> None:
+        import gevent
+
+        with gevent.Timeout(READ_TIMEOUT, SubmitError(52)):
+            data = self.sock.recv(65536)
+        if not data:
+            raise SubmitError(54)
+        self.buf += data
+
+    def netstring(self, limit: int) -> bytes:
+        while b":" not in self.buf:
+            if len(self.buf) > 10:
+                raise SubmitError(91)
+            self._fill()
+        i = self.buf.index(b":")
+        length = bytes(self.buf[:i])
+        if not length.isdigit() or int(length) > limit:
+            raise SubmitError(91)
+        n = int(length)
+        while len(self.buf) < i + 1 + n + 1:
+            self._fill()
+        if self.buf[i + 1 + n] != ord(","):
+            raise SubmitError(91)
+        out = bytes(self.buf[i + 1:i + 1 + n])
+        del self.buf[:i + 1 + n + 1]
+        return out
+
+
+def serve_client(sock, store: Store) -> None:
+    """Serve one pickup connection (a greenlet of the daemon)."""
+    from .. import log
+
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _ = struct.unpack("3i", creds)
+    except (OSError, AttributeError):
+        pid, uid = -1, -1
+    draft = None
+    try:
+        try:
+            reader = _Reader(sock)
+            draft = store.draft()
+            draft.write(received_line(pid, uid))
+            while True:
+                chunk = reader.netstring(MAX_CHUNK)
+                if not chunk:
+                    break
+                draft.write(chunk)
+            sender, recipients = parse_envelope(reader.netstring(MAX_ENVELOPE))
+            item = draft.commit(sender, recipients, uid=uid, pid=pid)
+            answer = "0 %s\n" % item.id
+        except QueueError as e:
+            answer = "%d %s\n" % (53 if "disk full" in e.text else 62, e.text)
+        except SubmitError as e:
+            answer = "%d %s\n" % (e.code, e.text)
+        try:
+            sock.sendall(answer.encode("utf-8"))
+        except OSError:
+            pass
+    except Exception as e:  # never a traceback for a local client
+        log.alert("pickup: internal error: %s: %s" % (type(e).__name__, e))
+    finally:
+        if draft is not None:
+            draft.abort()
+        sock.close()
