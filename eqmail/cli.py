@@ -144,7 +144,8 @@ def cmd_qstat(argv: List[str]) -> int:
 @tool("qread", "list queued messages and their recipients (qmail-qread)")
 def cmd_qread(argv: List[str]) -> int:
     p = _parser("qread", "List each queued message: date, #id, size, <sender>, then one "
-                "line per recipient, local or remote, `done` when finished "
+                "line per recipient, local or remote, `done` when finished; ` bouncing` "
+                "when failures wait for the bounce "
                 "(qmail-qread's format; dates in UTC).")
     args = p.parse_args(argv)
     home = resolve_home(args.home)
@@ -159,7 +160,9 @@ def cmd_qread(argv: List[str]) -> int:
         return 111
     for item in store.items():
         date = time.strftime("%d %b %Y %H:%M:%S", time.gmtime(item.birth))
-        print("%s GMT  #%s  %d  <%s> " % (date, item.id, max(item.size, 0), item.sender))
+        bouncing = os.path.exists(os.path.join(store.bounce, item.id))
+        print("%s GMT  #%s  %d  <%s> %s" % (date, item.id, max(item.size, 0), item.sender,
+                                            " bouncing" if bouncing else ""))
         for rcpt, done in zip(item.recipients, item.done):
             channel = route(config, rcpt).channel
             print("%s\t%s\t<%s>" % ("  done" if done else "", channel, rcpt))
@@ -218,13 +221,26 @@ def usage() -> str:
     for name, (_, summary) in TOOLS.items():
         lines.append("  %-13s %s" % (name, summary))
     lines += ["", "The daemon is `eqmaild` (eqmaild --help).",
+              "Called as sendmail, mailq, qmail-inject, qmail-queue, qmail-qread, "
+              "qmail-qstat, qmail-smtpd or qmail-newu (a symlink to eqmail), it is that tool.",
               "Home: --home DIR, else $EQMAIL_HOME, else /var/qmail (as root, or when "
               "/var/qmail/control exists), else ~/eqmail-home."]
     return "\n".join(lines) + "\n"
 
 
+#: Names under which eqmail acts as one tool straight away (a symlink
+#: /usr/sbin/sendmail -> eqmail makes it sendmail).
+ALIASES = {"sendmail": "sendmail", "mailq": "qread", "qmail-inject": "inject",
+           "qmail-queue": "queue", "qmail-qread": "qread", "qmail-qstat": "qstat",
+           "qmail-smtpd": "smtpd", "qmail-newu": "newu"}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        called = os.path.basename(sys.argv[0])
+        argv = sys.argv[1:]
+        if called in ALIASES and ALIASES[called] in TOOLS:
+            return TOOLS[ALIASES[called]][0](argv) or 0
     if not argv or argv[0] in ("-h", "--help", "help"):
         sys.stdout.write(usage())
         return 0
