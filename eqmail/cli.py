@@ -212,6 +212,20 @@ def cmd_newu(argv: List[str]) -> int:
     return 0
 
 
+@tool("inject", "qmail-inject: complete a message's header and queue it")
+def cmd_inject(argv: List[str]) -> int:
+    from .inject import cmd_inject as run
+
+    return run(argv)
+
+
+@tool("sendmail", "sendmail-compatible front end (-t -f -F -i -oi -bs -bp)")
+def cmd_sendmail(argv: List[str]) -> int:
+    from .inject import cmd_sendmail as run
+
+    return run(argv)
+
+
 # -- entry ------------------------------------------------------------------------------
 
 def usage() -> str:
