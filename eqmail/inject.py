@@ -37,7 +37,9 @@ DESCRIPTION
     in the envelope sender: a source route is dropped; an address without
     ``@`` gets ``@defaulthost``; a host ending in ``+`` has it replaced by
     ``.plusdomain``; a host without a dot (and not a ``[literal]``) gets
-    ``.defaultdomain``.  ``<>`` and ``box@[]`` are left alone.  A field in
+    ``.defaultdomain``, except ``localhost`` and the hosts in control/locals
+    (eqmail's change: qmail-inject would send joe@localhost to
+    joe@localhost.<defaultdomain>).  ``<>`` and ``box@[]`` are left alone.  A field in
     which no address changes is kept byte for byte; a changed one is
     re-rendered (comments in it are lost).  Addresses are parsed with the
     stdlib email package (``email.headerregistry``).  A To, Cc, Bcc,
@@ -178,6 +180,7 @@ class _Settings:
     fullname: Optional[str]
     flags: str
     mftfile: Optional[str]
+    locals: frozenset = frozenset()
 
 
 def _env(env: Mapping[str, str], *names: str) -> Tuple[Optional[str], Optional[str]]:
@@ -225,7 +228,8 @@ def _settings(config, env: Mapping[str, str], fullname: Optional[str]) -> _Setti
     return _Settings(defaultdomain=defaultdomain, defaulthost=defaulthost,
                      plusdomain=plusdomain, idhost=idhost, mailuser=mailuser,
                      mailhost=mailhost, suser=suser or mailuser, shost=shost or mailhost,
-                     fullname=fullname, flags=flags or "", mftfile=mftfile)
+                     fullname=fullname, flags=flags or "", mftfile=mftfile,
+                     locals=frozenset(getattr(config, "locals", ())) | {"localhost"})
 
 
 # -- addresses ---------------------------------------------------------------------------
@@ -242,7 +246,11 @@ def rewrite(local: str, domain: Optional[str], s: _Settings) -> Tuple[str, Optio
         domain = s.defaulthost
     if domain.endswith("+"):
         domain = domain[:-1] + "." + s.plusdomain
-    if "." not in domain and not domain.startswith("["):
+    if "." not in domain and not domain.startswith("[") \
+            and domain.lower() not in s.locals:
+        # eqmail: a dotless host that is one of control/locals (or
+        # localhost) is already complete; qmail-inject would make
+        # joe@localhost into joe@localhost.<defaultdomain>
         domain = domain + "." + s.defaultdomain
     return local, domain
 

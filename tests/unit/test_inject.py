@@ -631,3 +631,9 @@ def test_body_crlf_conversion_across_chunk_boundaries(config):
             break
         out += chunk
     assert out == body.replace(b"\r\n", b"\n")
+
+
+def test_local_dotless_hosts_are_not_completed(config):
+    # eqmail's change: localhost and control/locals stay as they are
+    p = run(config, b"To: joe@localhost, ann@mx.example.org, bob@box\n\nx\n")
+    assert p.recipients == ["joe@localhost", "ann@mx.example.org", "bob@box.example.org"]
