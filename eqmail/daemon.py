@@ -249,6 +249,13 @@ def serve(holder, sockets, created: bool) -> int:
         log.status("created the embedded default configuration in %s" % holder.home)
     if os.geteuid() == 0:
         log.warning("running as root: privilege separation is not implemented yet")
+        try:
+            if os.stat(os.path.join(holder.home, "alias")).st_uid == 0:
+                log.warning("alias/ belongs to root: deliveries to the alias user are "
+                            "deferred (qmail never delivers as root); chown it to an "
+                            "unprivileged user")
+        except OSError:
+            pass
 
     store = Store.open(holder.home, create=True)
     scheduler = Scheduler(holder, store)
