@@ -834,6 +834,25 @@ def cmd_inject(argv: List[str]) -> int:
 SENDMAIL_USAGE = ("sendmail: usage: sendmail [--home DIR] [-t] [-f sender] [-F name] [-i] "
                   "[-o option] [-bm|-bp|-bs] [recipient ...]\n")
 
+SENDMAIL_HELP = """
+The sendmail(8) interface of eqmail: read a message on stdin, complete its
+header as qmail-inject does and queue it (through eqmaild's pickup socket
+when the queue is not writable).
+
+  recipient ...   envelope recipients (default with -t: the header's)
+  -t              take recipients from To, Cc, Bcc (and Resent-*); Bcc is removed
+  -f SENDER       envelope sender (also -r); sets From: unless the header has one
+  -F NAME         full name for an added From:
+  -i, -oi         accepted: a lone dot never ends the message here
+  -bm             deliver mail (the default)
+  -bp             list the queue (eqmail qread); mailq does the same
+  -bs             one SMTP session on stdin/stdout, allowed to relay
+  -o*, -B*, -e*, -v, -N ...   accepted and ignored
+  --home DIR      the eqmail home (default: see eqmail --help)
+
+Exit status: 0 queued, 100 permanent error or bad usage, 111 temporary error.
+"""
+
 # Options taking an argument (attached or as the next word), ignored ones included:
 # -e error mode, -p protocol, -o option, -B body type, -N/-R/-V DSN, -X log,
 # -L label, -O option, -r (old -f), -C config file is refused (no config files).
@@ -870,7 +889,7 @@ def cmd_sendmail(argv: List[str]) -> int:
             i += 1
             break
         if word == "--help":
-            sys.stdout.write(SENDMAIL_USAGE)
+            sys.stdout.write(SENDMAIL_USAGE + SENDMAIL_HELP)
             return 0
         if word == "--home" or word.startswith("--home="):
             if word == "--home":
