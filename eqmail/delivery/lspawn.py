@@ -136,6 +136,10 @@ def _reap(pid: int, deadline: float):
 
 
 def _child(config, msgfd: int, w: int, sender, local, domain, target: Target) -> None:
+    import signal
+
+    for sig in (signal.SIGHUP, signal.SIGALRM, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)  # the daemon's handlers are not ours
     keep = {0, 1, 2, msgfd, w}
     top = max(keep)
     for fd in range(3, top):
