@@ -129,8 +129,16 @@ def unique_name() -> str:
     return "%d.M%dP%dQ%d.%s" % (sec, usec, os.getpid(), next(_seq), _hostname())
 
 
-def _copy(msgfile: BinaryIO, fd: int, transform=None) -> None:
+def rewind(msgfile: BinaryIO) -> None:
+    """Back to byte 0, buffer dropped and the descriptor itself at 0 too
+    (a program reads the descriptor; a plain seek(0) inside the buffer
+    would leave it wherever the last read left it)."""
+    msgfile.seek(0, os.SEEK_END)
     msgfile.seek(0)
+
+
+def _copy(msgfile: BinaryIO, fd: int) -> None:
+    rewind(msgfile)
     while True:
         chunk = msgfile.read(_COPY)
         if not chunk:
@@ -215,7 +223,7 @@ def deliver_mbox(path: str, msgfile: BinaryIO, sender: str, prefix: bytes) -> Re
         size = os.lseek(fd, 0, os.SEEK_END)
         try:
             out = [_from_line(sender), prefix]
-            msgfile.seek(0)
+            rewind(msgfile)
             last = b"\n"
             for line in msgfile:
                 if line.lstrip(b">").startswith(b"From "):
@@ -252,7 +260,7 @@ def _write_all(fd: int, data: bytes) -> None:
 def run_program(command: str, home: str, msgfile: BinaryIO, env: dict) -> Tuple[Result, int]:
     """Run ``/bin/sh -c command`` in `home` with the message on stdin.
     Returns the Result and the exit code (-1 when it did not exit)."""
-    msgfile.seek(0)
+    rewind(msgfile)
     try:
         proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=home, env=env,
                                 stdin=msgfile, stdout=subprocess.PIPE,
@@ -304,7 +312,7 @@ def program_env(target: Target, local: str, domain: str, sender: str, newsender:
 
 def header_has_line(msgfile: BinaryIO, line: bytes) -> bool:
     """Does the message header hold exactly `line` (with its LF)?"""
-    msgfile.seek(0)
+    rewind(msgfile)
     scanned = 0
     for raw in msgfile:
         scanned += len(raw)
@@ -329,8 +337,11 @@ def find_dot_qmail(target: Target) -> _Found:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
                 return path, f.read(1 << 20), st.st_mode
-        except FileNotFoundError:
-            return None
+        except OSError as e:
+            # qmail-local's qmeexists(): only temporary errors stop the search
+            if e.errno in (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR):
+                return None
+            raise
 
     if not target.dash:
         got = try_open(".qmail")
