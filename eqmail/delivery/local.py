@@ -33,8 +33,12 @@ SECURITY
     dots in it become ``:`` (so ``..`` cannot climb).  qmail's safety checks
     give temporary failures: a world-writable home or .qmail, a sticky home
     (the user is editing), a blank first line, file or program lines in a
-    .qmail with its x bit set (forward-only).  Paths written in a .qmail are
-    the user's own choice, used with the user's permissions.
+    .qmail with its x bit set (forward-only).  A file line may not climb
+    out of the home (``./../x``); when the delivery runs with eqmaild's own
+    uid (virtual users), absolute paths and symbolic links must stay inside
+    the home too, so a .qmail cannot write into the queue.  Elsewhere paths
+    are the user's own choice, used with the user's permissions.  Program
+    lines run with the target's uid and are not confined.
 
 LIMITS
     A program may run PROGRAM_TIMEOUT seconds; its output is kept up to
@@ -358,10 +362,30 @@ def find_dot_qmail(target: Target) -> _Found:
     return _Found(None, None, None)
 
 
+def outside_home(line: str, home: str, confined: bool) -> bool:
+    """Does the file line `line` lead out of `home`?
+
+    A relative line (``./x``) may never climb out (``./../x``).  When
+    `confined` -- the delivery runs with eqmaild's own uid, so the kernel
+    would not stop it from writing into the queue -- absolute lines and
+    symbolic links must stay inside the home as well."""
+    home_n = os.path.normpath(home)
+    path = os.path.normpath(line if line.startswith("/") else os.path.join(home, line))
+    inside = lambda p, h: p == h or p.startswith(h.rstrip("/") + "/")  # noqa: E731
+    if not line.startswith("/") and not inside(path, home_n):
+        return True
+    if confined:
+        real = os.path.realpath(path)
+        if not inside(real, os.path.realpath(home_n)):
+            return True
+    return False
+
+
 def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: str,
-            target: Target) -> LocalResult:
+            target: Target, confined: bool = False) -> LocalResult:
     """Deliver the message in `msgfile` to ``local@domain`` controlled by
-    `target`.  Blocking; never raises for delivery problems."""
+    `target`.  `confined`: see outside_home().  Blocking; never raises for
+    delivery problems."""
     recipient = "%s@%s" % (local, domain)
     dtline = ("Delivered-To: %s\n" % recipient.replace("\n", "_")).encode(
         "utf-8", "surrogateescape")
@@ -438,6 +462,9 @@ def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: 
             continue
         if line.startswith("/") or line.startswith("."):
             path = line if line.startswith("/") else os.path.join(target.home, line)
+            if outside_home(line, target.home, confined):
+                return LocalResult(deferred("Uh-oh: .qmail file line %s leads out of the "
+                                            "home directory. (#4.7.0)" % line, "4.7.0"))
             if line.endswith("/"):
                 r = deliver_maildir(path, msgfile, rpline + dtline)
             else:

@@ -41,13 +41,14 @@ MAX_REPORT = 1 << 20
 
 
 def _deliver_path(config, msgpath, sender, local, domain, target) -> LocalResult:
+    """In-process delivery (eqmaild's own uid): confined to the home."""
     try:
         f = open(msgpath, "rb")
     except OSError as e:
         return LocalResult(deferred("Unable to open the queued message: %s. (#4.3.0)"
                                     % e.strerror))
     with f:
-        return deliver(config, f, sender, local, domain, target)
+        return deliver(config, f, sender, local, domain, target, confined=True)
 
 
 def spawn(config, msgpath: str, sender: str, local: str, domain: str,

@@ -830,3 +830,32 @@ def test_root_daemon_delivers_as_the_system_user(home, system_user):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def test_dot_qmail_lines_cannot_leave_the_home(mailhome, daemon_factory):
+    """Virtual users share eqmaild's uid: their .qmail lines must not reach
+    the queue or another home, by ../, an absolute path or a symlink."""
+    home = mailhome
+    victim = os.path.join(home.path, "queue")
+    other = user_home(home, "other", {"": "./Maildir/\n"})
+    joe = joe_home(home, {
+        "-up": "./../other/Maildir/\n",
+        "-abs": "%s/Maildir/\n" % other,
+        "-absmbox": "%s/mess/stolen\n" % victim,
+        "-link": "./linked/\n",
+        "-inside": "%s/Maildir/\n" % os.path.join(home.path, "homes", "joe"),
+    })
+    os.symlink(os.path.join(other, "Maildir"), os.path.join(joe, "linked"))
+    write_assign(home, [assign_line(home, "+", "joe+", "joe", joe, "-"),
+                        assign_line(home, "=", "other", "other", other)])
+    d = daemon_factory(home)
+    for ext in ("up", "abs", "absmbox", "link", "inside"):
+        send(d, "sender@localhost", ["joe+%s@localhost" % ext], b"Subject: %s\r\n\r\nx\r\n"
+             % ext.encode())
+    for ext in ("up", "abs", "absmbox", "link"):
+        text = wait_result(d, "joe+%s@localhost" % ext, "deferral")
+        assert "leads out of the home directory" in text
+    wait_result(d, "joe+inside@localhost", "success")
+    assert len(read_dir(os.path.join(joe, "Maildir", "new"))) == 1  # the absolute one inside
+    assert read_dir(os.path.join(other, "Maildir", "new")) == []
+    assert not os.path.exists(os.path.join(victim, "mess", "stolen"))
