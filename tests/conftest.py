@@ -23,17 +23,33 @@ TEST_USER = "eqmailtest"
 ROOT = os.geteuid() == 0
 
 
-def _test_user():
-    """(uid, gid) the daemon runs as; creates the user when root."""
+def ensure_user(name: str):
+    """The passwd entry of the system user `name`, created (no home, no
+    shell) when running as root; the current user's entry otherwise."""
     if not ROOT:
-        return os.getuid(), os.getgid()
+        return pwd.getpwuid(os.getuid())
     try:
-        pw = pwd.getpwnam(TEST_USER)
+        return pwd.getpwnam(name)
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                        "/usr/sbin/nologin", TEST_USER], check=True)
-        pw = pwd.getpwnam(TEST_USER)
+                        "/usr/sbin/nologin", name], check=True, timeout=30)
+        return pwd.getpwnam(name)
+
+
+def _test_user():
+    """(uid, gid) the daemon runs as; creates the user when root."""
+    pw = ensure_user(TEST_USER)
     return pw.pw_uid, pw.pw_gid
+
+
+def wait_log(daemon, text: str, timeout: float = 15.0) -> bool:
+    """Wait until `text` shows up in the daemon's log."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if text in daemon.log():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _reachable_by_others(path: str) -> bool:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import time
 from typing import BinaryIO, List, Optional, Sequence, Tuple
 
 from .store import QueueError, Store

@@ -41,7 +41,7 @@ import itertools
 import math
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import gevent
 import gevent.event

@@ -39,7 +39,6 @@ LIMITS
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, Dict, Optional
 

@@ -12,22 +12,13 @@ import time
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_log
 from eqmail.smtp import reply
 
 
 def run(args, **kw):
     return subprocess.run([sys.executable, "-m"] + args, capture_output=True,
                           timeout=30, **kw)
-
-
-def wait_log(daemon, text, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if text in daemon.log():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_help_texts_list_everything():

@@ -2,29 +2,20 @@
 from __future__ import annotations
 
 import os
-import pwd
 import subprocess
 import sys
 import tempfile
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, ensure_user
 
 OTHER = "eqmailsender"
 
 
 def other_user():
     """(uid, gid, name) of a second unprivileged user when root, else ours."""
-    if not ROOT:
-        pw = pwd.getpwuid(os.getuid())
-        return pw.pw_uid, pw.pw_gid, pw.pw_name
-    try:
-        pw = pwd.getpwnam(OTHER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                        "/usr/sbin/nologin", OTHER], check=True, timeout=30)
-        pw = pwd.getpwnam(OTHER)
+    pw = ensure_user(OTHER)
     return pw.pw_uid, pw.pw_gid, pw.pw_name
 
 

@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, ensure_user, free_port, wait_log
 
 PY = sys.executable
 SENDER_USER = "eqmailsender"
@@ -103,15 +103,6 @@ def wait_dir(path, count, timeout=15.0):
             return got
         time.sleep(0.05)
     return read_dir(path)
-
-
-def wait_log(daemon, text, timeout=15.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if text in daemon.log():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def wait_empty_queue(home, timeout=15.0):
@@ -634,14 +625,7 @@ def test_unsafe_dot_qmail_files_defer(mailhome, daemon_factory):
 
 def _sender_user():
     """(uid, gid) of a second unprivileged user (created as root), else ours."""
-    if not ROOT:
-        return os.getuid(), os.getgid()
-    try:
-        pw = pwd.getpwnam(SENDER_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                        "/usr/sbin/nologin", SENDER_USER], check=True, timeout=30)
-        pw = pwd.getpwnam(SENDER_USER)
+    pw = ensure_user(SENDER_USER)
     return pw.pw_uid, pw.pw_gid
 
 
