@@ -37,6 +37,13 @@ CONTROL FILES (default when missing)
     queuelifetime       604800 seconds
     defaultdelivery     ./Maildir/  (eQmail's usual qmail-start argument); all
                         lines count, read like a .qmail file
+    smtproutes          none; ``domain:relay[:port] [user password]`` lines
+                        (see SmtpRoute)
+    timeoutconnect      60 seconds for a remote connect()
+    timeoutremote       1200 seconds per remote read or write
+    tlsclientciphers    OpenSSL cipher list, lines joined with ``:``; default
+                        the library's
+    beforemote          none; one filter command line per line
     conf-break          +  the extension delimiter (eQmail's conf-break; one
                         character; netqmail used -)
 
@@ -76,6 +83,72 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class SmtpRoute:
+    """One control/smtproutes entry (eQmail's format, behaviour reference 7.3).
+
+    ``domain:relay[:port][ user password]``; `relay` "" means "use MX".
+    An IPv6 relay is written in brackets, ``[2001:db8::1]:587``.  user is
+    the word after the first blank, password everything after the second
+    (it may contain blanks).  Port 465 means TLS from the first byte.
+    """
+
+    key: str
+    relay: str
+    port: int
+    user: str = ""
+    password: str = field(default="", repr=False)
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.user)
+
+
+def parse_smtproute(path: str, lineno: int, text: str) -> SmtpRoute:
+    """Parse one smtproutes line.  Raises ConfigError naming the line (never
+    quoting the password)."""
+    key, sep, value = text.partition(":")
+    if not sep:
+        raise ConfigError(path, lineno, "expected 'domain:relay', no ':' found")
+    if any(ch.isspace() for ch in key):
+        raise ConfigError(path, lineno, "white space in the domain")
+    hostport, _, creds = value.partition(" ")
+    user, _, password = creds.partition(" ")
+    if user and not password:
+        # eQmail would send the next line of the file as the password
+        raise ConfigError(path, lineno, "a user name needs a password after it")
+    port = 25
+    relay = hostport
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end == -1:
+            raise ConfigError(path, lineno, "no closing ] in the relay")
+        relay, rest = hostport[:end + 1], hostport[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(path, lineno, "expected :port after the relay")
+            hostport_port = rest[1:]
+        else:
+            hostport_port = ""
+    else:
+        relay, _, hostport_port = hostport.partition(":")
+    if hostport_port:
+        if not (hostport_port.isascii() and hostport_port.isdigit()) \
+                or not 0 < int(hostport_port) < 65536:
+            raise ConfigError(path, lineno, "bad port %r" % hostport_port)
+        port = int(hostport_port)
+    if not relay and (hostport_port or user):
+        raise ConfigError(path, lineno, "a port or credentials without a relay")
+    if relay.startswith("["):
+        from .address import ip_literal
+        inner = relay[1:-1]
+        lit = "[IPv6:%s]" % inner if ":" in inner and not inner.lower().startswith("ipv6:") \
+            else relay
+        if ip_literal(lit) is None:
+            raise ConfigError(path, lineno, "bad IP address %r" % relay)
+    return SmtpRoute(key.lower(), relay, port, user, password)
+
+
+@dataclass(frozen=True)
 class Config:
     """One consistent snapshot of the control files.  Domains are lower case."""
 
@@ -107,7 +180,13 @@ class Config:
     queuelifetime: int
     defaultdelivery: str
     break_char: str
+    smtproutes: Tuple[SmtpRoute, ...] = ()
+    timeoutconnect: int = 60
+    timeoutremote: int = 1200
+    tlsclientciphers: str = ""
+    beforemote: Tuple[str, ...] = ()
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    _route_map: Dict[str, SmtpRoute] = field(default_factory=dict, compare=False, repr=False)
 
     def path(self, *parts: str) -> str:
         """Return a path under the home."""
@@ -132,6 +211,18 @@ class Config:
             if key in vmap:
                 return vmap[key]
         return vmap.get("")
+
+    def smtproute(self, domain: str) -> Optional[SmtpRoute]:
+        """The smtproutes entry for `domain`: exact, then ``.suffix``
+        entries longest first, then the empty key; None when none applies."""
+        routes = self._route_map
+        domain = domain.lower()
+        if domain in routes:
+            return routes[domain]
+        for key in dot_suffixes(domain):
+            if key in routes:
+                return routes[key]
+        return routes.get("")
 
 
 # -- reading ----------------------------------------------------------------------
@@ -289,6 +380,12 @@ def load(home: str) -> Config:
     defaultdelivery = "\n".join(l.rstrip(" \t\r") for l in dd_lines or []).strip("\n")
     if not defaultdelivery:
         defaultdelivery = "./Maildir/"
+    routes = tuple(parse_smtproute(c("smtproutes"), n, text)
+                   for n, text in (read_list(c("smtproutes")) or []))
+    ciphers = ":".join(text for _, text in (read_list(c("tlsclientciphers")) or []))
+    beforemote = tuple(text for _, text in (read_list(c("beforemote")) or []))
+    timeoutconnect = max(1, read_int(c("timeoutconnect"), 60))
+    timeoutremote = max(1, read_int(c("timeoutremote"), 1200))
     break_char = read_line(c("conf-break"), "+")
     if len(break_char) != 1 or break_char.isalnum() or break_char in "@.:/":
         raise ConfigError(c("conf-break"), 1, "expected one delimiter character such "
@@ -323,7 +420,13 @@ def load(home: str) -> Config:
         queuelifetime=queuelifetime,
         defaultdelivery=defaultdelivery,
         break_char=break_char,
+        smtproutes=routes,
+        timeoutconnect=timeoutconnect,
+        timeoutremote=timeoutremote,
+        tlsclientciphers=ciphers,
+        beforemote=beforemote,
         _virtual_map=vmap,
+        _route_map={r.key: r for r in reversed(routes)},  # the first line wins
     )
     return config
 
