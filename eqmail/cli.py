@@ -226,6 +226,13 @@ def cmd_sendmail(argv: List[str]) -> int:
     return run(argv)
 
 
+@tool("dkimsign", "DKIM-sign a message on stdin (a beforemote filter; needs eqmail[dkim])")
+def cmd_dkimsign(argv: List[str]) -> int:
+    from .dkimsign import cmd_dkimsign as run
+
+    return run(argv)
+
+
 # -- entry ------------------------------------------------------------------------------
 
 def usage() -> str:

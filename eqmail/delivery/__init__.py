@@ -7,6 +7,7 @@ as qmail-lspawn/qmail-rspawn report K, Z and D.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 SUCCESS = "success"
 DEFERRAL = "deferral"
@@ -20,6 +21,8 @@ class Result:
     kind: str      # SUCCESS, DEFERRAL or FAILURE
     status: str    # RFC 3463 enhanced status, e.g. "4.3.0"
     text: str      # human-readable report, qmail style
+    remote_mta: Optional[str] = None   # remote deliveries: the host that answered
+    diagnostic: Optional[str] = None   # remote deliveries: "smtp; <its reply>"
 
     @property
     def ok(self) -> bool:

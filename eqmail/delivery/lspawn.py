@@ -33,6 +33,7 @@ import time
 from . import deferred
 from .local import PROGRAM_TIMEOUT, LocalResult, deliver
 from .users import Target
+from ..threads import run
 
 #: A child that has not reported after this many seconds is killed.
 CHILD_TIMEOUT = PROGRAM_TIMEOUT + 300
@@ -55,14 +56,12 @@ def spawn(config, msgpath: str, sender: str, local: str, domain: str,
           target: Target) -> LocalResult:
     """Deliver as `target`'s uid (see the module docstring).  Cooperative:
     waits on the threadpool or on the child's pipe, never blocks the hub."""
-    import gevent
 
     me = os.geteuid()
     if target.uid == 0:
         return LocalResult(deferred("Not allowed to perform deliveries as root. (#4.3.0)"))
     if target.uid == me:
-        return gevent.get_hub().threadpool.apply(
-            _deliver_path, (config, msgpath, sender, local, domain, target))
+        return run(_deliver_path, config, msgpath, sender, local, domain, target)
     if me != 0:
         return LocalResult(deferred(
             "Unable to deliver as uid %d: eqmaild runs as uid %d, not root. (#4.3.0)"

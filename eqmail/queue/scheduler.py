@@ -31,8 +31,11 @@ BOUNCES
     bounce (sender "") becomes a double bounce to doublebounceto; a failed
     double bounce is discarded ("triple bounce").
 
-NOT YET
-    Remote delivery: remote recipients are deferred until queuelifetime.
+CHANNELS
+    Local deliveries are one per recipient (delivery.lspawn); remote ones
+    one per domain and message, after the beforemote filters
+    (delivery.remote, delivery.beforemote).  qmail-send's log keeps one
+    delivery number per recipient.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import itertools
 import math
 import os
 import time
+from dataclasses import replace
 from typing import Dict, List
 
 import gevent
@@ -48,11 +52,12 @@ import gevent.event
 
 from .. import log
 from ..control import ConfigHolder
-from ..delivery import DEFERRAL, FAILURE, SUCCESS, Result, deferred, failed
-from ..delivery import lspawn, users
+from ..delivery import DEFERRAL, FAILURE, SUCCESS, Result, deferred
+from ..delivery import beforemote, lspawn, remote, users
 from ..delivery.route import LOCAL, REMOTE, route
 from . import bounce
 from .store import Item, QueueError, Store
+from ..threads import run
 
 #: The `c` of qmail-send's retry schedule, per channel.
 RETRY_C = {LOCAL: 10, REMOTE: 20}
@@ -219,10 +224,7 @@ class Scheduler:
             if not entry.item.pending() and not any(entry.inflight):
                 gevent.spawn(self._finish, entry)  # done before a restart
                 continue
-            for i in entry.item.pending():
-                if not entry.inflight[i] and entry.next[i] <= now:
-                    entry.inflight[i] = True
-                    self._ready.append((entry, i))
+            self._ready += self._jobs(entry, now)
         self._start_ready()
         timeout = SCAN_INTERVAL
         if heap:
@@ -230,67 +232,117 @@ class Scheduler:
         self._wake.clear()
         self._wake.wait(timeout)
 
+    def _jobs(self, entry: _Entry, now: float) -> List[tuple]:
+        """The deliveries due now for `entry`: one per local recipient, one
+        per domain for the remote ones (one SMTP transaction each)."""
+        jobs = []
+        by_domain: Dict[str, List[int]] = {}
+        for i in entry.item.pending():
+            if entry.inflight[i] or entry.next[i] > now:
+                continue
+            entry.inflight[i] = True
+            if entry.channel[i] == LOCAL:
+                jobs.append((entry, [i]))
+            else:
+                domain = entry.item.recipients[i].rpartition("@")[2].lower()
+                by_domain.setdefault(domain, []).append(i)
+        jobs += [(entry, idxs) for idxs in by_domain.values()]
+        return jobs
+
     def _start_ready(self) -> None:
         config = self.holder.current
         limit = {LOCAL: config.concurrencylocal, REMOTE: config.concurrencyremote}
         keep = []
-        for entry, i in self._ready:
-            channel = entry.channel[i]
+        for entry, idxs in self._ready:
+            channel = entry.channel[idxs[0]]
             if self.inflight[channel] < limit[channel] and not self.stopping:
                 self.inflight[channel] += 1
                 self._idle.clear()
-                gevent.spawn(self._deliver, entry, i)
+                gevent.spawn(self._deliver, entry, idxs)
             else:
-                keep.append((entry, i))
+                keep.append((entry, idxs))
         self._ready = keep
 
     # -- one delivery -----------------------------------------------------------------
 
-    def _deliver(self, entry: _Entry, i: int) -> None:
+    def _deliver(self, entry: _Entry, idxs: List[int]) -> None:
+        """One delivery job: a local recipient, or the remote recipients of
+        one domain.  Logs one qmail-send delivery number per recipient."""
         item = entry.item
-        channel = entry.channel[i]
+        channel = entry.channel[idxs[0]]
         config = self.holder.current
-        num = next(self._numbers)
         now = time.time()
-        recipient = item.recipients[i]
-        log.starting_delivery(num, item.id, channel, recipient)
-        entry.next[i] = next_retry(item.birth, now, channel)
+        nums = []
+        for i in idxs:
+            nums.append(next(self._numbers))
+            log.starting_delivery(nums[-1], item.id, channel, item.recipients[i])
+            entry.next[i] = next_retry(item.birth, now, channel)
         expired = now > item.birth + config.queuelifetime
         try:
-            result = self._attempt(config, item, recipient, channel)
-        except Exception as e:  # a bug in delivery code defers, never loses
-            log.alert("delivery %d: internal error: %s: %s" % (num, type(e).__name__, e))
-            result = deferred("internal error in delivery (#4.3.0)")
-        if result.kind == DEFERRAL and expired:
-            result = failed(result.text + TOO_LONG, "5.4.7")
-        log.delivery(num, result.kind, result.text)
+            try:
+                if channel == LOCAL:
+                    results = [self._local(config, item, item.recipients[idxs[0]])]
+                else:
+                    results = self._remote(config, item, idxs)
+            except Exception as e:  # a bug in delivery code defers, never loses
+                log.alert("delivery %d: internal error: %s: %s"
+                          % (nums[0], type(e).__name__, e))
+                results = [deferred("internal error in delivery (#4.3.0)")] * len(idxs)
+            for num, i, result in zip(nums, idxs, results):
+                if result.kind == DEFERRAL and expired:
+                    result = replace(result, kind=FAILURE, status="5.4.7",
+                                     text=result.text + TOO_LONG)
+                log.delivery(num, result.kind, result.text)
+                self._record(item, i, result)
+        finally:
+            for i in idxs:
+                entry.inflight[i] = False
+            self.inflight[channel] -= 1
+            self._after(entry)
+
+    def _record(self, item: Item, i: int, result: Result) -> None:
+        """Make one recipient's result durable: failures for the bounce first,
+        then the done mark."""
         try:
             if result.kind == FAILURE:
-                self.store.add_failure(item.id, {
-                    "recipient": recipient, "status": result.status, "text": result.text})
+                record = {"recipient": item.recipients[i], "status": result.status,
+                          "text": result.text}
+                if result.remote_mta:
+                    record["remote_mta"] = result.remote_mta
+                if result.diagnostic:
+                    record["diagnostic"] = result.diagnostic
+                self.store.add_failure(item.id, record)
             if result.kind in (SUCCESS, FAILURE):
                 self.store.mark_done(item, i)
         except OSError as e:
             log.alert("unable to record the result for msg %s: %s" % (item.id, e))
             if result.kind == SUCCESS:
                 item.done[i] = True  # in memory; a restart delivers it again
-        finally:
-            entry.inflight[i] = False
-            self.inflight[channel] -= 1
-            self._after(entry)
 
-    def _attempt(self, config, item: Item, recipient: str, channel: str) -> Result:
-        if channel == LOCAL:
-            return self._local(config, item, recipient)
-        return deferred("Remote delivery is not available in this version of "
-                        "eqmail; the message stays queued. (#4.4.1)", "4.4.1")
+    def _remote(self, config, item: Item, idxs: List[int]) -> List[Result]:
+        """beforemote filters, then one SMTP transaction for these recipients."""
+        recipients = [item.recipients[i] for i in idxs]
+        domain = recipients[0].rpartition("@")[2]
+        msgpath = self.store.message_path(item.id)
+        made: List[str] = []
+        if config.beforemote:
+            msgpath, made = run(beforemote.run_filters, config.beforemote, msgpath,
+                                self.store.tmp, config.home, item.sender, recipients,
+                                domain, log.warning)
+        try:
+            return remote.deliver(config, msgpath, item.sender, recipients, domain)
+        finally:
+            for path in made:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     def _local(self, config, item: Item, recipient: str) -> Result:
         """qmail-lspawn + qmail-local for one recipient; queues its forwards."""
         rt = route(config, recipient)
-        pool = gevent.get_hub().threadpool
         try:
-            target = pool.apply(users.resolve, (config, rt.local))
+            target = run(users.resolve, config, rt.local)
         except users.UsersError as e:
             return deferred("%s (#4.3.0)" % e)
         msgpath = self.store.message_path(item.id)
@@ -342,8 +394,7 @@ class Scheduler:
     def _bounce(self, item: Item) -> bool:
         """Queue the bounce for the recorded failures of `item`.  True when
         there is nothing (more) to do, False to try again later."""
-        pool = gevent.get_hub().threadpool
-        failures = pool.apply(self.store.failures, (item.id,))
+        failures = run(self.store.failures, item.id)
         if not failures:
             return True
         config = self.holder.current
@@ -356,13 +407,12 @@ class Scheduler:
                                       f.get("diagnostic"))
                        for f in failures]
             try:
-                data = pool.apply(bounce.build_bounce,
-                                  (config, item.sender, item.id, item.birth, records,
-                                   self.store.message_path(item.id)))
+                data = run(bounce.build_bounce, config, item.sender, item.id, item.birth,
+                           records, self.store.message_path(item.id))
                 b = self.store.commit_bytes(data, envelope[0], envelope[1])
             except (QueueError, OSError) as e:
                 log.alert("unable to queue the bounce for msg %s: %s" % (item.id, e))
                 return False
             log.line("bounce msg %s qp %s" % (item.id, b.id))
-        pool.apply(self.store.drop_failures, (item.id,))
+        run(self.store.drop_failures, item.id)
         return True

@@ -86,9 +86,9 @@ class QueueError(Exception):
 
 def _offload(func, *args):
     """Run a blocking call in gevent's threadpool (keeps the hub free)."""
-    import gevent
+    from ..threads import run
 
-    return gevent.get_hub().threadpool.apply(func, args)
+    return run(func, *args)
 
 
 def _fsync_dir(path: str) -> None:

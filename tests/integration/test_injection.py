@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from conftest import ROOT, ensure_user
+from helpers import ROOT, ensure_user
 
 OTHER = "eqmailsender"
 

@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, ensure_user, free_port, wait_log
+from helpers import ROOT, ensure_user, free_port, wait_log
 
 PY = sys.executable
 SENDER_USER = "eqmailsender"
@@ -701,6 +701,8 @@ def test_eqmail_queue_bad_envelope_and_long_address(mailhome, daemon_factory):
 def test_qread_and_qstat_list_held_messages(mailhome, daemon_factory):
     home = mailhome
     home.write("concurrencylocal", "0\n")
+    # remote deliveries go to a port where nothing listens: they stay deferred
+    home.write("smtproutes", ":[127.0.0.1]:%d\n" % free_port())
     uid, gid = _sender_user()
     d = daemon_factory(home)
     assert run_queue(home, b"Fsender@example.org\0Tjoe@localhost\0Tr@far.example\0\0",

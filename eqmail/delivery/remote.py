@@ -1,0 +1,480 @@
+"""delivery.remote -- remote delivery over SMTP (qmail-remote's role).
+
+SUMMARY
+    `deliver(config, msgpath, sender, recipients, domain)` sends one queued
+    message to all of its recipients at one domain in one SMTP
+    transaction and returns one Result per recipient: delivered (2xx),
+    deferred (4xx, no connection, DNS trouble) or failed (5xx).
+
+ROUTING
+    control/smtproutes first (exact domain, ``.suffix`` longest first, the
+    catch-all ``:relay``); a relay is looked up by AAAA and A only, or taken
+    as an ``[IP]`` literal, and its port used.  Otherwise the MX records of
+    the domain, by preference, equal preferences in random order; without
+    MX the domain's own AAAA and A (RFC 5321 section 5.1).  For every host,
+    IPv6 addresses come first, then IPv4 (eQmail 1.09).  A null MX
+    (RFC 7505: one MX ``0 .``) and a domain that does not exist are
+    permanent failures; DNS timeouts and SERVFAIL are temporary.  Address
+    literals ``user@[192.0.2.1]`` and ``user@[IPv6:2001:db8::1]`` go to that
+    address.  The next address is tried when a connection fails, the
+    greeting is 4xx or the TLS handshake fails.
+
+    The resolver is the system's, from /etc/resolv.conf, or from the file
+    named by the environment variable EQMAIL_RESOLV_CONF.
+
+SMTP
+    EHLO helohost (HELO when EHLO is refused); STARTTLS when offered, then
+    EHLO again; AUTH with the smtproutes credentials only inside TLS (PLAIN
+    when offered, else LOGIN), STARTTLS on any port but 465, where TLS
+    starts with the first byte; MAIL FROM (with SIZE= when offered), one
+    RCPT per recipient, DATA, the message with LF turned into CRLF and
+    leading dots doubled, a missing final newline added.
+
+TLS
+    Opportunistic: any certificate is accepted (RFC 7435).  A failed
+    handshake counts as a failed connection (the next address is tried,
+    then the delivery is deferred); the mail is never sent in clear to a
+    host that offered STARTTLS unless the operator creates
+    control/notlshosts/<host> (eQmail's file), which turns TLS off for that
+    host.  control/tlsclientciphers sets the ciphers, control/clientcert.pem
+    (certificate and key) is shown to servers that ask.
+
+STANDARDS
+    RFC 5321, RFC 3207 (STARTTLS), RFC 4954 (AUTH), RFC 4616 (PLAIN),
+    RFC 1870 (SIZE), RFC 7505 (null MX), RFC 3463 (status codes);
+    qmail-remote(8) and eQmail's smtproutes (behaviour reference 7).
+
+SECURITY
+    Replies from the far end are bounded (line length and count).  Relay
+    credentials are never logged and never sent without TLS.  Every network
+    read and write has a timeout (timeoutremote), connect() timeoutconnect.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import random
+import re
+from dataclasses import replace
+from typing import List, Optional, Sequence, Tuple
+
+from . import Result, deferred, delivered, failed
+from ..address import ip_literal
+from ..control import Config, SmtpRoute
+from ..threads import run
+
+#: Longest reply line and most lines of one reply read from a server.
+MAX_REPLY_LINE = 4096
+MAX_REPLY_LINES = 100
+CHUNK = 65536
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+class TempError(Exception):
+    """A temporary problem: the delivery is deferred with this text."""
+
+
+class PermError(Exception):
+    """A permanent problem: the delivery fails with this text and status."""
+
+    def __init__(self, text: str, status: str = "5.0.0"):
+        super().__init__(text)
+        self.status = status
+
+
+class Retry(Exception):
+    """This address did not work out; try the next one."""
+
+
+# -- DNS ---------------------------------------------------------------------------------
+
+_resolvers: dict = {}
+
+
+def resolver():
+    """The dnspython resolver (system's, or EQMAIL_RESOLV_CONF's)."""
+    import dns.resolver
+
+    conf = os.environ.get("EQMAIL_RESOLV_CONF") or "/etc/resolv.conf"
+    r = _resolvers.get(conf)
+    if r is None:
+        r = dns.resolver.Resolver(filename=conf)
+        r.lifetime = 30.0
+        _resolvers[conf] = r
+    return r
+
+
+def _query(name: str, rdtype: str):
+    """Answers of one type; [] for NODATA.  Raises PermError for NXDOMAIN,
+    TempError for anything temporary."""
+    import dns.exception
+    import dns.resolver
+
+    try:
+        return list(resolver().resolve(name, rdtype, search=False))
+    except dns.resolver.NXDOMAIN:
+        raise PermError("Sorry, I couldn't find any host named %s. (#5.1.2)" % name, "5.1.2")
+    except dns.resolver.NoAnswer:
+        return []
+    except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.LifetimeTimeout):
+        raise TempError("Sorry, I couldn't find any host by that name. (#4.1.2)")
+    except dns.exception.DNSException as e:
+        raise TempError("DNS trouble with %s: %s. (#4.4.3)" % (name, e))
+
+
+def addresses(host: str) -> List[str]:
+    """AAAA then A addresses of `host` ([] when it has none)."""
+    out = []
+    for rdtype in ("AAAA", "A"):
+        try:
+            out += [r.address for r in _query(host, rdtype)]
+        except PermError:
+            return []
+    return out
+
+
+def mx_hosts(domain: str) -> List[Tuple[int, str]]:
+    """(preference, host) by preference, equal ones shuffled; the domain
+    itself when it has no MX.  Raises PermError (NXDOMAIN, null MX),
+    TempError."""
+    answers = _query(domain, "MX")
+    if not answers:
+        return [(0, domain)]
+    mx = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answers]
+    if any(host in ("", ".") for _, host in mx):
+        raise PermError("Sorry, %s does not accept mail (null MX, RFC 7505). (#5.1.10)"
+                        % domain, "5.1.10")
+    random.shuffle(mx)
+    mx.sort(key=lambda m: m[0])
+    return mx
+
+
+def plan(config: Config, domain: str) -> Tuple[List[Tuple[str, str, int]], Optional[SmtpRoute]]:
+    """Where to connect: [(host name, IP, port)] in order, and the
+    smtproutes entry used.  Blocking (DNS): call it from the threadpool.
+    Raises PermError, TempError."""
+    route = config.smtproute(domain)
+    if route is not None and route.relay:
+        hosts = [(route.relay, route.port)]
+    else:
+        literal = ip_literal(domain) if domain.startswith("[") else None
+        if literal is not None:
+            return [(domain, literal, 25)], route
+        if domain.startswith("["):
+            raise PermError("Sorry, %s is not a valid address literal. (#5.1.2)" % domain,
+                            "5.1.2")
+        hosts = [(host, 25) for _, host in mx_hosts(domain)]
+    out = []
+    for host, port in hosts:
+        if host.startswith("["):
+            inner = host[1:-1]
+            ip = ip_literal(host) or ip_literal("[IPv6:%s]" % inner)
+            if ip:
+                out.append((host, ip, port))
+            continue
+        out += [(host, ip, port) for ip in addresses(host)]
+    if not out:
+        raise PermError("Sorry, I couldn't find a mail exchanger or IP address. (#5.4.4)",
+                        "5.4.4")
+    return out, route
+
+
+# -- one SMTP connection -----------------------------------------------------------------------
+
+class Reply:
+    def __init__(self, code: int, lines: List[str]):
+        self.code = code
+        self.lines = lines
+
+    @property
+    def text(self) -> str:
+        return "\n".join("%d %s" % (self.code, l) for l in self.lines)
+
+    def said(self) -> str:
+        return "Remote host said: " + " ".join(["%d" % self.code] + self.lines)
+
+
+class Connection:
+    """A client SMTP connection over a gevent socket."""
+
+    def __init__(self, sock, timeout: float):
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self.buf = bytearray()
+        self.extensions: dict = {}
+
+    def _readline(self) -> bytes:
+        while True:
+            i = self.buf.find(b"\n")
+            if i != -1:
+                line = bytes(self.buf[:i + 1])
+                del self.buf[:i + 1]
+                return line
+            if len(self.buf) > MAX_REPLY_LINE:
+                raise Retry("reply line too long")
+            data = self.sock.recv(CHUNK)
+            if not data:
+                raise ConnectionError("connection closed")
+            self.buf += data
+
+    def reply(self) -> Reply:
+        lines = []
+        while True:
+            raw = self._readline().rstrip(b"\r\n").decode("utf-8", "replace")
+            if len(raw) < 3 or not raw[:3].isdigit():
+                raise ConnectionError("bad reply from server")
+            lines.append(raw[4:])
+            if len(lines) > MAX_REPLY_LINES:
+                raise ConnectionError("reply too long")
+            if raw[3:4] != "-":
+                return Reply(int(raw[:3]), lines)
+
+    def command(self, line: str) -> Reply:
+        self.sock.sendall(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        return self.reply()
+
+    def ehlo(self, helohost: str) -> Reply:
+        r = self.command("EHLO " + helohost)
+        if r.code == 250:
+            self.extensions = {}
+            for l in r.lines[1:]:
+                word, _, rest = l.partition(" ")
+                self.extensions[word.upper()] = rest
+            return r
+        r = self.command("HELO " + helohost)
+        self.extensions = {}
+        return r
+
+    def send_body(self, path: str) -> None:
+        """The message as DATA: CRLF line ends, dots doubled, final CRLF."""
+
+        f = run(open, path, "rb")
+        try:
+            last = b"\n"
+            while True:
+                chunk = run(f.read, CHUNK)
+                if not chunk:
+                    break
+                data = chunk
+                if last == b"\n" and data.startswith(b"."):
+                    data = b"." + data
+                data = data.replace(b"\n.", b"\n..")
+                if last == b"\r" and data.startswith(b"\n"):
+                    data = b"\n" + _BARE_LF.sub(b"\r\n", data[1:])
+                else:
+                    data = _BARE_LF.sub(b"\r\n", data)
+                last = chunk[-1:]
+                self.sock.sendall(data)
+            ending = b".\r\n" if last == b"\n" else b"\r\n.\r\n"
+            self.sock.sendall(ending)
+        finally:
+            f.close()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _tls_context(config: Config):
+    import gevent.ssl as ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if config.tlsclientciphers:
+        ctx.set_ciphers(config.tlsclientciphers)
+    cert = config.path("control", "clientcert.pem")
+    if os.path.exists(cert):
+        ctx.load_cert_chain(cert)
+    return ctx
+
+
+def _auth(conn: Connection, route: SmtpRoute, ip: str) -> None:
+    """AUTH PLAIN when offered, else LOGIN (RFC 4954).  Raises TempError."""
+    mechs = conn.extensions.get("AUTH", "").upper().split()
+    b64 = lambda s: base64.b64encode(s.encode("utf-8")).decode("ascii")  # noqa: E731
+    if "PLAIN" in mechs:
+        r = conn.command("AUTH PLAIN " + b64("\0%s\0%s" % (route.user, route.password)))
+    elif "LOGIN" in mechs:
+        r = conn.command("AUTH LOGIN")
+        if r.code == 334:
+            r = conn.command(b64(route.user))
+            if r.code == 334:
+                r = conn.command(b64(route.password))
+    else:
+        raise TempError("Connected to %s but it offers neither AUTH PLAIN nor AUTH LOGIN. "
+                        "(#4.7.0)" % ip)
+    if r.code != 235:
+        raise TempError("Connected to %s but authentication was rejected.\n%s"
+                        % (ip, r.said()))
+
+
+def _notls(config: Config, host: str) -> bool:
+    name = host.strip("[]").lower()
+    return "/" not in name and os.path.exists(config.path("control", "notlshosts", name))
+
+
+def _connect(config: Config, host: str, ip: str, port: int):
+    import gevent.socket
+
+    try:
+        sock = gevent.socket.create_connection((ip, port), timeout=config.timeoutconnect)
+    except OSError as e:
+        raise Retry("unable to connect to %s port %d: %s" % (ip, port, e))
+    if port == 465:
+        try:
+            sock = _tls_context(config).wrap_socket(
+                sock, server_hostname=None if host.startswith("[") else host)
+        except OSError as e:
+            sock.close()
+            raise Retry("TLS connect to %s failed: %s" % (ip, e))
+    return Connection(sock, config.timeoutremote)
+
+
+def _session(config: Config, conn: Connection, host: str, ip: str, port: int,
+             route: Optional[SmtpRoute], msgpath: str, size: int, sender: str,
+             recipients: Sequence[str]) -> List[Result]:
+    """One SMTP transaction on an open connection.  Raises Retry,
+    TempError, PermError, ConnectionError/OSError."""
+    greeting = conn.reply()
+    if 400 <= greeting.code < 500:
+        raise Retry("greeting %d" % greeting.code)
+    if greeting.code >= 500:
+        raise PermError("Connected to %s but greeting failed.\n%s" % (ip, greeting.said()),
+                        "5.0.0")
+    if greeting.code != 220:
+        raise Retry("odd greeting")
+    r = conn.ehlo(config.helohost)
+    if r.code != 250:
+        raise TempError("Connected to %s but my name was rejected.\n%s" % (ip, r.said()))
+    tls = port == 465
+    if not tls and "STARTTLS" in conn.extensions and not _notls(config, host):
+        r = conn.command("STARTTLS")
+        if r.code == 220:
+            try:
+                conn.sock = _tls_context(config).wrap_socket(
+                    conn.sock, server_hostname=None if host.startswith("[") else host)
+            except OSError as e:
+                raise Retry("TLS connect to %s failed: %s" % (ip, e))
+            conn.buf.clear()
+            tls = True
+            r = conn.ehlo(config.helohost)
+            if r.code != 250:
+                raise TempError("Connected to %s but my name was rejected after "
+                                "STARTTLS.\n%s" % (ip, r.said()))
+    if route is not None and route.has_credentials:
+        if not tls:
+            raise TempError("Connected to %s but it offers no STARTTLS; relay credentials "
+                            "are never sent in clear. (#4.7.0)" % ip)
+        _auth(conn, route, ip)
+    mail = "MAIL FROM:<%s>" % sender
+    if "SIZE" in conn.extensions:
+        mail += " SIZE=%d" % size
+    r = conn.command(mail)
+    if r.code >= 500:
+        raise PermError("Connected to %s but sender was rejected.\n%s" % (ip, r.said()),
+                        _status(r, "5.1.7"))
+    if r.code >= 400:
+        raise TempError("Connected to %s but sender was rejected.\n%s" % (ip, r.said()))
+    results: List[Optional[Result]] = []
+    for rcpt in recipients:
+        r = conn.command("RCPT TO:<%s>" % rcpt)
+        if r.code >= 500:
+            results.append(failed("%s does not like recipient.\n%s" % (ip, r.said()),
+                                  _status(r, "5.1.1")))
+        elif r.code >= 400:
+            results.append(deferred("%s does not like recipient.\n%s" % (ip, r.said()),
+                                    _status(r, "4.0.0")))
+        else:
+            results.append(None)
+    if all(x is not None for x in results):
+        _quit(conn)
+        return results  # nobody accepted: qmail's "Giving up on <ip>"
+    r = conn.command("DATA")
+    if r.code != 354:
+        res = (failed if r.code >= 500 else deferred)(
+            "Connected to %s but it refused DATA.\n%s" % (ip, r.said()), _status(r, "4.0.0"))
+        return [x if x is not None else res for x in results]
+    try:
+        conn.send_body(msgpath)
+        r = conn.reply()
+    except (OSError, ConnectionError):
+        res = deferred("Connected to %s but connection died. Possible duplicate! (#4.4.2)"
+                       % ip, "4.4.2")
+        return [x if x is not None else res for x in results]
+    if r.code >= 500:
+        res = failed("%s failed after I sent the message.\n%s" % (ip, r.said()),
+                     _status(r, "5.0.0"))
+    elif r.code >= 400:
+        res = deferred("%s failed after I sent the message.\n%s" % (ip, r.said()),
+                       _status(r, "4.0.0"))
+    else:
+        res = delivered("%s accepted message.\n%s" % (ip, r.said()))
+    _quit(conn)
+    return [x if x is not None else res for x in results]
+
+
+def _status(r: Reply, default: str) -> str:
+    """The enhanced status at the start of the reply text, if any (RFC 3463)."""
+    m = re.match(r"([245])\.(\d{1,3})\.(\d{1,3})\b", r.lines[0] if r.lines else "")
+    if m and m.group(1) == str(r.code)[0]:
+        return m.group(0)
+    return default
+
+
+def _quit(conn: Connection) -> None:
+    try:
+        conn.command("QUIT")
+    except (OSError, ConnectionError):
+        pass
+
+
+def deliver(config: Config, msgpath: str, sender: str, recipients: Sequence[str],
+            domain: str) -> List[Result]:
+    """Deliver to `recipients` (all at `domain`).  One Result per recipient,
+    in order.  Cooperative (gevent sockets; DNS in the threadpool); never
+    raises for delivery problems."""
+    n = len(recipients)
+    try:
+        targets, route = run(plan, config, domain)
+        size = os.path.getsize(msgpath)
+    except PermError as e:
+        return [failed(str(e), e.status)] * n
+    except TempError as e:
+        return [deferred(str(e), "4.4.3")] * n
+    except OSError as e:
+        return [deferred("Unable to read the queued message: %s. (#4.3.0)" % e.strerror)] * n
+    tried = []
+    for host, ip, port in targets:
+        try:
+            conn = _connect(config, host, ip, port)
+        except Retry as e:
+            tried.append(str(e))
+            continue
+        try:
+            results = _session(config, conn, host, ip, port, route, msgpath, size, sender,
+                               recipients)
+            return [_with_host(r, host) for r in results]
+        except Retry as e:
+            tried.append(str(e))
+            continue
+        except PermError as e:
+            return [_with_host(failed(str(e), e.status), host)] * n
+        except TempError as e:
+            return [_with_host(deferred(str(e), "4.4.2"), host)] * n
+        except (OSError, ConnectionError) as e:
+            tried.append("connection to %s died: %s" % (ip, e))
+            continue
+        finally:
+            conn.close()
+    return [deferred("Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)"
+                     + ("\n" + "; ".join(tried[-3:]) if tried else ""), "4.4.1")] * n
+
+
+def _with_host(r: Result, host: str) -> Result:
+    """Name the remote MTA and its reply, for the bounce (RFC 3464)."""
+    said = r.text.rpartition("Remote host said: ")[2] if "Remote host said: " in r.text else None
+    return replace(r, remote_mta=host.strip("[]"),
+                   diagnostic=("smtp; " + said.replace("\n", " ")) if said else None)
