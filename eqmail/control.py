@@ -44,6 +44,7 @@ CONTROL FILES (default when missing)
     tlsclientciphers    OpenSSL cipher list, lines joined with ``:``; default
                         the library's
     beforemote          none; one filter command line per line
+    timeoutbeforemote   120 seconds a beforemote filter may run (eqmail's)
     conf-break          +  the extension delimiter (eQmail's conf-break; one
                         character; netqmail used -)
 
@@ -185,6 +186,7 @@ class Config:
     timeoutremote: int = 1200
     tlsclientciphers: str = ""
     beforemote: Tuple[str, ...] = ()
+    timeoutbeforemote: int = 120
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _route_map: Dict[str, SmtpRoute] = field(default_factory=dict, compare=False, repr=False)
 
@@ -386,6 +388,7 @@ def load(home: str) -> Config:
     beforemote = tuple(text for _, text in (read_list(c("beforemote")) or []))
     timeoutconnect = max(1, read_int(c("timeoutconnect"), 60))
     timeoutremote = max(1, read_int(c("timeoutremote"), 1200))
+    timeoutbeforemote = max(1, read_int(c("timeoutbeforemote"), 120))
     break_char = read_line(c("conf-break"), "+")
     if len(break_char) != 1 or break_char.isalnum() or break_char in "@.:/":
         raise ConfigError(c("conf-break"), 1, "expected one delimiter character such "
@@ -425,6 +428,7 @@ def load(home: str) -> Config:
         timeoutremote=timeoutremote,
         tlsclientciphers=ciphers,
         beforemote=beforemote,
+        timeoutbeforemote=timeoutbeforemote,
         _virtual_map=vmap,
         _route_map={r.key: r for r in reversed(routes)},  # the first line wins
     )

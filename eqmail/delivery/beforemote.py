@@ -6,7 +6,7 @@ SUMMARY
     as ``/bin/sh -c LINE``, in order, with the message on stdin; what it
     writes on stdout becomes the message for the next filter and for the
     delivery.  A filter that exits non-zero, runs longer than
-    FILTER_TIMEOUT seconds or writes nothing is skipped -- the message goes
+    control/timeoutbeforemote seconds (default 120) or writes nothing is skipped -- the message goes
     on unchanged -- and one log line says so.  The queued message itself is
     never changed: filters work on copies in queue/tmp, removed after the
     attempt.  A typical filter is ``eqmail dkimsign``.
@@ -34,13 +34,12 @@ import os
 import subprocess
 from typing import Callable, List, Sequence, Tuple
 
-FILTER_TIMEOUT = 120
 _seq = itertools.count(1)
 
 
 def run_filters(filters: Sequence[str], msgpath: str, tmpdir: str, home: str,
                 sender: str, recipients: Sequence[str], domain: str,
-                log: Callable[[str], None]) -> Tuple[str, List[str]]:
+                log: Callable[[str], None], timeout: float = 120) -> Tuple[str, List[str]]:
     """Apply `filters` to the message at `msgpath`.
 
     Returns (path of the message to send, [temporary files to remove]).
@@ -53,7 +52,7 @@ def run_filters(filters: Sequence[str], msgpath: str, tmpdir: str, home: str,
     made: List[str] = []
     for command in filters:
         out = os.path.join(tmpdir, "bfrmt.%d.%d" % (os.getpid(), next(_seq)))
-        problem = _run(command, current, out, home, env)
+        problem = _run(command, current, out, home, env, timeout)
         if problem is None:
             made.append(out)
             current = out
@@ -67,7 +66,7 @@ def run_filters(filters: Sequence[str], msgpath: str, tmpdir: str, home: str,
     return current, made
 
 
-def _run(command: str, src: str, dst: str, home: str, env: dict):
+def _run(command: str, src: str, dst: str, home: str, env: dict, timeout: float):
     """Run one filter; None when it worked, else the reason it did not."""
     try:
         with open(src, "rb") as fin, open(dst, "wb") as fout:
@@ -75,14 +74,14 @@ def _run(command: str, src: str, dst: str, home: str, env: dict):
                                     stderr=subprocess.PIPE, cwd=home, env=env,
                                     start_new_session=True)
             try:
-                _, err = proc.communicate(timeout=FILTER_TIMEOUT)
+                _, err = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
                 try:
                     os.killpg(proc.pid, 9)
                 except OSError:
                     pass
                 proc.communicate()
-                return "timed out after %d seconds" % FILTER_TIMEOUT
+                return "timed out after %d seconds" % timeout
     except OSError as e:
         return "unable to run: %s" % e.strerror
     if proc.returncode != 0:

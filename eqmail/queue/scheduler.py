@@ -328,7 +328,7 @@ class Scheduler:
         if config.beforemote:
             msgpath, made = run(beforemote.run_filters, config.beforemote, msgpath,
                                 self.store.tmp, config.home, item.sender, recipients,
-                                domain, log.warning)
+                                domain, log.warning, config.timeoutbeforemote)
         try:
             return remote.deliver(config, msgpath, item.sender, recipients, domain)
         finally:
