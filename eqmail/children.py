@@ -1,0 +1,152 @@
+"""children -- run a child process from a greenlet without blocking the hub.
+
+SUMMARY
+    `run(argv, ...)` starts a program, feeds its stdin, collects its stdout
+    and stderr (bounded), waits for it with a timeout and returns a
+    `Finished`.  Everything waits cooperatively: the pipes are non-blocking
+    and watched by gevent, the exit status is polled with
+    ``waitpid(pid, WNOHANG)``.  Used for qmail-spp plugins and
+    checkpassword programs, so a slow one stalls only its own session.
+
+WHY NOT gevent.subprocess
+    gevent.subprocess installs libev's SIGCHLD handler, which reaps every
+    child of the process with ``waitpid(-1)``.  eqmaild also runs programs
+    from threadpool threads (local deliveries, beforemote filters) with the
+    stdlib subprocess module; their exit status would be stolen and read as
+    success.  Waiting for our own pid only keeps both working.
+
+EXTRA DESCRIPTORS
+    `extra_fd` puts a pipe on a given descriptor of the child (qmail's
+    checkpassword protocol reads its input on fd 3) and writes bytes to it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+#: Bytes kept of a child's stdout and of its stderr.
+MAX_OUTPUT = 65536
+
+
+@dataclass
+class Finished:
+    """How a child ended.  `code` is the exit code, or -signal when killed;
+    `timed_out` when eqmail killed it after the timeout; `error` when it
+    could not be started."""
+
+    code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    timed_out: bool = False
+    error: Optional[str] = None
+
+
+def run(argv: Sequence[str], stdin: bytes = b"", timeout: float = 60.0,
+        env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
+        extra_fd: Optional[int] = None, extra_data: bytes = b"") -> Finished:
+    """Run `argv` to its end (or `timeout` seconds, then SIGKILL).
+
+    Never raises for the child's behaviour; a program that cannot be
+    started gives Finished(code=-1, error=...).
+    """
+    import gevent
+    import gevent.os
+
+    extra_r = extra_w = None
+    argv = list(argv)
+    pass_fds = ()
+    if extra_fd is not None:
+        extra_r, extra_w = os.pipe()
+        pass_fds = (extra_r,)
+        if extra_r != extra_fd:
+            # move the pipe to extra_fd in the child without preexec_fn
+            # (not safe with threads): a shell does the dup, then execs
+            argv = ["/bin/sh", "-c", 'exec %d<&%d %d<&-; exec "$@"'
+                    % (extra_fd, extra_r, extra_r), "sh"] + argv
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, cwd=cwd,
+                                start_new_session=True, pass_fds=pass_fds)
+    except OSError as e:
+        for fd in (extra_r, extra_w):
+            if fd is not None:
+                os.close(fd)
+        return Finished(-1, error=e.strerror or str(e))
+    if extra_r is not None:
+        os.close(extra_r)
+    deadline = time.time() + timeout
+    out = {"stdout": bytearray(), "stderr": bytearray()}
+
+    def feed(fd: int, data: bytes) -> None:
+        try:
+            gevent.os.make_nonblocking(fd)
+            view = memoryview(data)
+            while view:
+                view = view[gevent.os.nb_write(fd, view):]
+        except OSError:
+            pass  # the child did not read it all: its business
+        finally:
+            os.close(fd)
+
+    def drain(fd: int, name: str) -> None:
+        gevent.os.make_nonblocking(fd)
+        buf = out[name]
+        while True:
+            try:
+                chunk = gevent.os.nb_read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            if len(buf) < MAX_OUTPUT:
+                buf += chunk[:MAX_OUTPUT - len(buf)]
+
+    stdin_fd = os.dup(proc.stdin.fileno())
+    proc.stdin.close()
+    jobs = [gevent.spawn(feed, stdin_fd, stdin),
+            gevent.spawn(drain, proc.stdout.fileno(), "stdout"),
+            gevent.spawn(drain, proc.stderr.fileno(), "stderr")]
+    if extra_w is not None:
+        jobs.append(gevent.spawn(feed, extra_w, extra_data))
+    status = _wait(proc.pid, deadline)
+    timed_out = status is None
+    if timed_out:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        status = _wait(proc.pid, time.time() + 5)
+    gevent.joinall(jobs, timeout=2)
+    for g in jobs:
+        g.kill(block=False)
+    for f in (proc.stdout, proc.stderr):
+        try:
+            f.close()
+        except OSError:
+            pass
+    proc.returncode = 0  # we reaped it ourselves: keep Popen from trying again
+    code = -1 if status is None else (
+        os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status))
+    return Finished(code, bytes(out["stdout"]), bytes(out["stderr"]), timed_out)
+
+
+def _wait(pid: int, deadline: float) -> Optional[int]:
+    """The wait status of `pid`, or None at the deadline.  Cooperative."""
+    import gevent
+
+    delay = 0.001
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return 0
+        if done:
+            return status
+        if time.time() >= deadline:
+            return None
+        gevent.sleep(delay)
+        delay = min(delay * 2, 0.05)
