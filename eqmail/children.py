@@ -18,12 +18,14 @@ WHY NOT gevent.subprocess
 EXTRA DESCRIPTORS
     `extra_fd` puts a pipe on a given descriptor of the child (qmail's
     checkpassword protocol reads its input on fd 3) and writes bytes to it.
+    Children are started with os.posix_spawnp, whose file actions place the
+    pipes without running Python code between fork and exec (not safe in a
+    process with threads, as preexec_fn would be).
 """
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
@@ -56,28 +58,30 @@ def run(argv: Sequence[str], stdin: bytes = b"", timeout: float = 60.0,
     import gevent
     import gevent.os
 
-    extra_r = extra_w = None
-    argv = list(argv)
-    pass_fds = ()
-    if extra_fd is not None:
-        extra_r, extra_w = os.pipe()
-        pass_fds = (extra_r,)
-        if extra_r != extra_fd:
-            # move the pipe to extra_fd in the child without preexec_fn
-            # (not safe with threads): a shell does the dup, then execs
-            argv = ["/bin/sh", "-c", 'exec %d<&%d %d<&-; exec "$@"'
-                    % (extra_fd, extra_r, extra_r), "sh"] + argv
+    pipes = [os.pipe() for _ in range(3 if extra_fd is None else 4)]
+    # child side: stdin read end, stdout/stderr write ends, extra read end
+    child_ends = [pipes[0][0], pipes[1][1], pipes[2][1]] + (
+        [pipes[3][0]] if extra_fd is not None else [])
+    targets = [0, 1, 2] + ([extra_fd] if extra_fd is not None else [])
+    # posix_spawn's file actions move the pipes onto 0, 1, 2 (and fd 3 for
+    # checkpassword) without running Python code in the child, which is not
+    # safe in a process with threads; every other descriptor of eqmaild is
+    # close-on-exec (PEP 446)
+    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for fd, target in zip(child_ends, targets)]
+    if cwd is not None:
+        argv = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', cwd] + list(argv)
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=env, cwd=cwd,
-                                start_new_session=True, pass_fds=pass_fds)
+        pid = os.posix_spawnp(argv[0], list(argv), dict(os.environ if env is None else env),
+                              file_actions=actions, setsid=True)
     except OSError as e:
-        for fd in (extra_r, extra_w):
-            if fd is not None:
-                os.close(fd)
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
         return Finished(-1, error=e.strerror or str(e))
-    if extra_r is not None:
-        os.close(extra_r)
+    for fd in child_ends:
+        os.close(fd)
+    stdin_fd, stdout_fd, stderr_fd = pipes[0][1], pipes[1][0], pipes[2][0]
+    extra_w = pipes[3][1] if extra_fd is not None else None
     deadline = time.time() + timeout
     out = {"stdout": bytearray(), "stderr": bytearray()}
 
@@ -105,30 +109,27 @@ def run(argv: Sequence[str], stdin: bytes = b"", timeout: float = 60.0,
             if len(buf) < MAX_OUTPUT:
                 buf += chunk[:MAX_OUTPUT - len(buf)]
 
-    stdin_fd = os.dup(proc.stdin.fileno())
-    proc.stdin.close()
     jobs = [gevent.spawn(feed, stdin_fd, stdin),
-            gevent.spawn(drain, proc.stdout.fileno(), "stdout"),
-            gevent.spawn(drain, proc.stderr.fileno(), "stderr")]
+            gevent.spawn(drain, stdout_fd, "stdout"),
+            gevent.spawn(drain, stderr_fd, "stderr")]
     if extra_w is not None:
         jobs.append(gevent.spawn(feed, extra_w, extra_data))
-    status = _wait(proc.pid, deadline)
+    status = _wait(pid, deadline)
     timed_out = status is None
     if timed_out:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
-        status = _wait(proc.pid, time.time() + 5)
+        status = _wait(pid, time.time() + 5)
     gevent.joinall(jobs, timeout=2)
     for g in jobs:
         g.kill(block=False)
-    for f in (proc.stdout, proc.stderr):
+    for fd in (stdout_fd, stderr_fd):
         try:
-            f.close()
+            os.close(fd)
         except OSError:
             pass
-    proc.returncode = 0  # we reaped it ourselves: keep Popen from trying again
     code = -1 if status is None else (
         os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status))
     return Finished(code, bytes(out["stdout"]), bytes(out["stderr"]), timed_out)

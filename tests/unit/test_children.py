@@ -39,3 +39,9 @@ def test_children_do_not_block_each_other():
 def test_output_is_bounded():
     f = children.run(["sh", "-c", "head -c 200000 /dev/zero"])
     assert f.code == 0 and len(f.stdout) == children.MAX_OUTPUT
+
+
+def test_cwd_and_environment(tmp_path):
+    f = children.run(["sh", "-c", 'pwd; echo "$FOO"'], cwd=str(tmp_path),
+                     env={"FOO": "bar", "PATH": "/usr/bin:/bin"})
+    assert f.code == 0 and f.stdout == ("%s\nbar\n" % tmp_path).encode()
