@@ -43,23 +43,42 @@ def _parser(name: str, description: str) -> argparse.ArgumentParser:
 @tool("smtpd", "one SMTP session on stdin/stdout (xinetd, tcpserver, inetd)")
 def cmd_smtpd(argv: List[str]) -> int:
     p = _parser("smtpd", "Serve one SMTP session on stdin/stdout, as qmail-smtpd does "
-                "under tcpserver or xinetd. The client address comes from TCPREMOTEIP, "
-                "else xinetd's REMOTE_HOST; TCPLOCALIP, TCPLOCALHOST, TCPLOCALPORT, "
-                "TCPREMOTEHOST, TCPREMOTEINFO, RELAYCLIENT and DATABYTES are read as "
-                "qmail-smtpd reads them. Log lines go to stderr: under xinetd send "
+                "under tcpserver or xinetd: `eqmail smtpd [--home DIR] [HOST CHECKPROGRAM "
+                "SUBPROGRAM...]`, HOST naming this host in the CRAM-MD5 challenge and "
+                "CHECKPROGRAM a checkpassword program for AUTH. The client address comes "
+                "from TCPREMOTEIP, else xinetd's REMOTE_HOST; TCPLOCALIP, TCPLOCALHOST, "
+                "TCPLOCALPORT, TCPREMOTEHOST, TCPREMOTEINFO, RELAYCLIENT, DATABYTES, "
+                "TLSREQUIRED, NOSPP, SPPCONFFILE and SUBMISSIONPORT (default 587: AUTH "
+                "required before MAIL when TCPLOCALPORT equals it) are read as qmail-smtpd "
+                "reads them. STARTTLS is offered when stdin is a socket and "
+                "control/servercert.pem exists. Log lines go to stderr: under xinetd send "
                 "stderr away from the socket.")
+    p.add_argument("auth", nargs="*", metavar="HOST CHECKPROGRAM SUBPROGRAM",
+                   help="qmail-smtpd-auth's arguments")
     args = p.parse_args(argv)
     home = resolve_home(args.home)
 
+    import stat
+
     import gevent.os
+    import gevent.socket
 
     from . import log
     from .control import ConfigError, load
     from .queue.store import Store
-    from .smtp import reply
+    from .smtp import reply, tls
     from .smtp.session import Session
 
     log.set_prefix("eqmail-smtpd[%d]: " % os.getpid())
+    env = dict(os.environ)
+    if not env.get("TCPREMOTEIP") and env.get("REMOTE_HOST"):
+        env["TCPREMOTEIP"] = env["REMOTE_HOST"]
+    sock = None
+    if stat.S_ISSOCK(os.fstat(0).st_mode):  # xinetd/inetd/tcpserver hand us the socket
+        try:
+            sock = gevent.socket.socket(fileno=os.dup(0))
+        except OSError:
+            sock = None
 
     def send(data: bytes) -> None:
         view = memoryview(data)
@@ -73,14 +92,53 @@ def cmd_smtpd(argv: List[str]) -> int:
         log.alert("unable to read controls or queue in %s: %s" % (home, e))
         send(reply.CONTROLS.render())
         return 1
-    env = dict(os.environ)
-    if not env.get("TCPREMOTEIP") and env.get("REMOTE_HOST"):
-        env["TCPREMOTEIP"] = env["REMOTE_HOST"]
     if not env.get("TCPLOCALHOST"):
-        env["TCPLOCALHOST"] = config.me
-    gevent.os.make_nonblocking(0)
-    gevent.os.make_nonblocking(1)
-    Session(config, store, lambda n: gevent.os.nb_read(0, n), send, env).run()
+        env["TCPLOCALHOST"] = args.auth[0] if args.auth else config.me
+    checkpassword = args.auth[1:] if len(args.auth) >= 2 else None
+    submission = env.get("TCPLOCALPORT", "") == (env.get("SUBMISSIONPORT") or "587")
+    ctx = tls.server_context(home, env.get("TLSCIPHERS") or config.tlsserverciphers)
+    conn = {"sock": sock}
+
+    def starttls():
+        conn["sock"] = ctx.wrap_socket(conn["sock"], server_side=True)
+        return conn["sock"].recv, conn["sock"].sendall, tls.cipher_name(conn["sock"])
+
+    if sock is not None:
+        recv, send_ = sock.recv, sock.sendall
+    else:
+        gevent.os.make_nonblocking(0)
+        gevent.os.make_nonblocking(1)
+        recv, send_ = (lambda n: gevent.os.nb_read(0, n)), send
+    Session(config, store, recv, send_, env,
+            starttls=starttls if ctx is not None and sock is not None else None,
+            checkpassword=checkpassword, submission=submission).run()
+    return 0
+
+
+@tool("mkservercert", "make a self-signed control/servercert.pem for STARTTLS")
+def cmd_mkservercert(argv: List[str]) -> int:
+    p = _parser("mkservercert", "Write HOME/control/servercert.pem (mode 0600): a new "
+                "RSA 2048 key and a self-signed certificate for NAME (default control/me), "
+                "made with the openssl command. eqmaild offers STARTTLS and serves --smtps "
+                "with it; replace it with a certificate from a CA when you have one "
+                "(certificate chain and key in one PEM file).")
+    p.add_argument("name", nargs="?", help="the host name (default: control/me)")
+    p.add_argument("--days", type=int, default=3650, help="validity in days (3650)")
+    args = p.parse_args(argv)
+    from .control import read_line
+    from .smtp.tls import describe, make_self_signed
+
+    home = resolve_home(args.home)
+    name = args.name or read_line(os.path.join(home, "control", "me"), None)
+    if not name:
+        sys.stderr.write("eqmail mkservercert: fatal: no NAME and no control/me\n")
+        return 100
+    try:
+        path = make_self_signed(home, name, args.days)
+    except (OSError, RuntimeError) as e:
+        sys.stderr.write("eqmail mkservercert: fatal: %s\n" % e)
+        return 111
+    print("%s: %s" % (path, describe(path) or "written"))
     return 0
 
 
@@ -226,6 +284,20 @@ def cmd_sendmail(argv: List[str]) -> int:
     return run(argv)
 
 
+@tool("chkpw", "checkpassword-compatible program over HOME/users/passwd (SMTP AUTH)")
+def cmd_chkpw(argv: List[str]) -> int:
+    from .chkpw import cmd_chkpw as run
+
+    return run(argv)
+
+
+@tool("passwd", "set, change or delete an SMTP AUTH user in HOME/users/passwd")
+def cmd_passwd(argv: List[str]) -> int:
+    from .chkpw import cmd_passwd as run
+
+    return run(argv)
+
+
 @tool("dkimsign", "DKIM-sign a message on stdin (a beforemote filter; needs eqmail[dkim])")
 def cmd_dkimsign(argv: List[str]) -> int:
     from .dkimsign import cmd_dkimsign as run
@@ -251,7 +323,7 @@ def usage() -> str:
 
 #: Names under which eqmail acts as one tool straight away (a symlink
 #: /usr/sbin/sendmail -> eqmail makes it sendmail).
-ALIASES = {"sendmail": "sendmail", "mailq": "qread", "qmail-inject": "inject",
+ALIASES = {"sendmail": "sendmail", "checkpassword": "chkpw", "mailq": "qread", "qmail-inject": "inject",
            "qmail-queue": "queue", "qmail-qread": "qread", "qmail-qstat": "qstat",
            "qmail-smtpd": "smtpd", "qmail-newu": "newu"}
 

@@ -45,6 +45,11 @@ CONTROL FILES (default when missing)
                         the library's
     beforemote          none; one filter command line per line
     timeoutbeforemote   120 seconds a beforemote filter may run (eqmail's)
+    smtprules           none (everyone allowed); per-client rules, first match
+                        wins (see ClientRule)
+    concurrencyincoming 200 SMTP sessions at once (eqmail's; tcpserver -c)
+    concurrencyperip    100 sessions at once from one IP address (eqmail's)
+    tlsserverciphers    OpenSSL cipher list for STARTTLS, lines joined with ``:``
     conf-break          +  the extension delimiter (eQmail's conf-break; one
                         character; netqmail used -)
 
@@ -56,6 +61,7 @@ SECURITY
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Optional, Tuple
@@ -150,6 +156,73 @@ def parse_smtproute(path: str, lineno: int, text: str) -> SmtpRoute:
 
 
 @dataclass(frozen=True)
+class ClientRule:
+    """One control/smtprules line (eqmail's, after tcprules(1)):
+
+        PATTERN:allow[,VAR=VALUE...]      or      PATTERN:deny
+
+    PATTERN is an IPv4 or IPv6 address, a CIDR network (``10.0.0.0/8``,
+    ``2001:db8::/32``), tcprules' IPv4 prefix with a final dot
+    (``192.168.1.``), ``[::1]`` in brackets, or empty for everyone.
+    VALUE may be in double quotes; ``RELAYCLIENT=""`` sets it empty.
+    The variables become the session's environment (RELAYCLIENT,
+    TLSREQUIRED, DATABYTES, NOSPP, and anything plugins read).
+    """
+
+    pattern: str
+    allow: bool
+    env: Tuple[Tuple[str, str], ...] = ()
+    _net: object = field(default=None, compare=False, repr=False)
+
+    def matches(self, ip: str) -> bool:
+        if not self.pattern:
+            return True
+        if self.pattern.endswith(".") and ":" not in self.pattern:
+            return ip.startswith(self.pattern)
+        try:
+            import ipaddress
+            return ipaddress.ip_address(ip) in self._net
+        except ValueError:
+            return False
+
+
+_RULE = re.compile(r"^(.*):(allow|deny)((?:,.*)?)$")
+_VARNAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_smtprule(path: str, lineno: int, text: str) -> ClientRule:
+    """Parse one smtprules line.  Raises ConfigError naming the line."""
+    import ipaddress
+
+    m = _RULE.match(text)
+    if m is None:
+        raise ConfigError(path, lineno, "expected PATTERN:allow[,VAR=VALUE...] or PATTERN:deny")
+    pattern, action, rest = m.group(1).strip(), m.group(2), m.group(3)
+    if pattern.startswith("[") and pattern.endswith("]"):
+        pattern = pattern[1:-1]
+    net = None
+    if pattern and not (pattern.endswith(".") and ":" not in pattern):
+        try:
+            net = ipaddress.ip_network(pattern, strict=False)
+        except ValueError:
+            raise ConfigError(path, lineno, "not an address or network: %r" % pattern)
+    elif pattern and not all(p.isdigit() for p in pattern[:-1].split(".")):
+        raise ConfigError(path, lineno, "not an IPv4 prefix: %r" % pattern)
+    env = []
+    for item in rest[1:].split(",") if rest else []:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not _VARNAME.match(name):
+            raise ConfigError(path, lineno, "expected VAR=VALUE, got %r" % item)
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        env.append((name, value))
+    if action == "deny" and env:
+        raise ConfigError(path, lineno, "deny takes no variables")
+    return ClientRule(pattern, action == "allow", tuple(env), net)
+
+
+@dataclass(frozen=True)
 class Config:
     """One consistent snapshot of the control files.  Domains are lower case."""
 
@@ -187,6 +260,10 @@ class Config:
     tlsclientciphers: str = ""
     beforemote: Tuple[str, ...] = ()
     timeoutbeforemote: int = 120
+    smtprules: Tuple[ClientRule, ...] = ()
+    concurrencyincoming: int = 200
+    concurrencyperip: int = 100
+    tlsserverciphers: str = ""
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _route_map: Dict[str, SmtpRoute] = field(default_factory=dict, compare=False, repr=False)
 
@@ -213,6 +290,13 @@ class Config:
             if key in vmap:
                 return vmap[key]
         return vmap.get("")
+
+    def client_rule(self, ip: str) -> Optional[ClientRule]:
+        """The first smtprules line matching `ip` (None: no rule, allowed)."""
+        for rule in self.smtprules:
+            if rule.matches(ip):
+                return rule
+        return None
 
     def smtproute(self, domain: str) -> Optional[SmtpRoute]:
         """The smtproutes entry for `domain`: exact, then ``.suffix``
@@ -389,6 +473,11 @@ def load(home: str) -> Config:
     timeoutconnect = max(1, read_int(c("timeoutconnect"), 60))
     timeoutremote = max(1, read_int(c("timeoutremote"), 1200))
     timeoutbeforemote = max(1, read_int(c("timeoutbeforemote"), 120))
+    smtprules = tuple(parse_smtprule(c("smtprules"), n, text)
+                      for n, text in (read_list(c("smtprules")) or []))
+    incoming = max(1, read_int(c("concurrencyincoming"), 200))
+    perip = max(1, read_int(c("concurrencyperip"), 100))
+    server_ciphers = ":".join(text for _, text in (read_list(c("tlsserverciphers")) or []))
     break_char = read_line(c("conf-break"), "+")
     if len(break_char) != 1 or break_char.isalnum() or break_char in "@.:/":
         raise ConfigError(c("conf-break"), 1, "expected one delimiter character such "
@@ -429,6 +518,10 @@ def load(home: str) -> Config:
         tlsclientciphers=ciphers,
         beforemote=beforemote,
         timeoutbeforemote=timeoutbeforemote,
+        smtprules=smtprules,
+        concurrencyincoming=incoming,
+        concurrencyperip=perip,
+        tlsserverciphers=server_ciphers,
         _virtual_map=vmap,
         _route_map={r.key: r for r in reversed(routes)},  # the first line wins
     )

@@ -2,6 +2,7 @@
 
 SYNOPSIS
     eqmaild [--home DIR] [--foreground] [--pidfile FILE] [--smtp ADDR:PORT]...
+            [--submission ADDR:PORT]... [--smtps ADDR:PORT]... [--checkpassword CMD]
 
 DESCRIPTION
     Binds the SMTP listeners, then serves every connection with the same
@@ -10,8 +11,14 @@ DESCRIPTION
     and qmail-send).  A home without control/me gets the embedded default
     configuration (see `paths.init_home`).
 
-    Listeners: ``--smtp`` repeatable; ``[::1]:2525`` for IPv6.  Default:
-    127.0.0.1:2525 when not root; 0.0.0.0:25 and [::]:25 as root.
+    Listeners (each repeatable; ``[::1]:2525`` for IPv6): ``--smtp``,
+    ``--submission`` (AUTH before MAIL, TLSREQUIRED=1 by default) and
+    ``--smtps`` (TLS from the first byte).  Default when none is given:
+    SMTP on 127.0.0.1:2525 and submission on 127.0.0.1:2587 when not root;
+    0.0.0.0/[::] ports 25 and 587 as root.  control/smtprules decides per
+    client (deny, or environment such as RELAYCLIENT); concurrencyincoming
+    and concurrencyperip cap the sessions (421 beyond).  AUTH uses
+    ``--checkpassword`` (default: eqmail chkpw and HOME/users/passwd).
 
 SIGNALS
     SIGHUP   re-read the control files (the last good ones stay on error)
@@ -50,16 +57,15 @@ EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
-#: Most SMTP sessions served at once; more clients wait in the listen backlog.
-MAX_CONNECTIONS = 200
 #: Most local injections (eqmail sendmail/inject/queue) served at once.
 MAX_PICKUP = 50
 #: Seconds SIGTERM waits for sessions, then for deliveries in flight.
 SESSION_GRACE = 10
 DELIVERY_GRACE = 60
 
-DEFAULT_USER_LISTEN = ["127.0.0.1:2525"]
-DEFAULT_ROOT_LISTEN = ["0.0.0.0:25", "[::]:25"]
+DEFAULT_USER_LISTEN = {"smtp": ["127.0.0.1:2525"], "submission": ["127.0.0.1:2587"]}
+DEFAULT_ROOT_LISTEN = {"smtp": ["0.0.0.0:25", "[::]:25"],
+                       "submission": ["0.0.0.0:587", "[::]:587"]}
 
 
 def parse_listen(text: str) -> Tuple[int, str, int]:
@@ -117,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smtp", metavar="ADDR:PORT", action="append", default=None,
                    help="SMTP listener, repeatable; IPv6 as [::1]:2525 "
                         "(default 127.0.0.1:2525, or 0.0.0.0:25 and [::]:25 as root)")
+    p.add_argument("--submission", metavar="ADDR:PORT", action="append", default=None,
+                   help="submission listener (RFC 6409): AUTH before MAIL, TLSREQUIRED=1 "
+                        "by default; repeatable (default 127.0.0.1:2587, or 0.0.0.0:587 "
+                        "and [::]:587 as root)")
+    p.add_argument("--smtps", metavar="ADDR:PORT", action="append", default=None,
+                   help="implicit-TLS listener (port 465 style, RFC 8314), repeatable; "
+                        "needs control/servercert.pem (none by default)")
+    p.add_argument("--checkpassword", metavar="COMMAND",
+                   help="checkpassword program and subprogram for SMTP AUTH, as one "
+                        "string, e.g. '/usr/local/bin/checkpassword /bin/true' (default: "
+                        "eqmail chkpw with HOME/users/passwd; 'none' turns AUTH off)")
     p.add_argument("--version", action="version", version="eqmaild " + __version__)
     return p
 
@@ -169,12 +186,25 @@ def main(argv: List[str] = None) -> int:
     args = build_parser().parse_args(argv)
     home = resolve_home(args.home)
     is_root = os.geteuid() == 0
-    listen = args.smtp or (DEFAULT_ROOT_LISTEN if is_root else DEFAULT_USER_LISTEN)
-    for spec in listen:
+    given = {"smtp": args.smtp, "submission": args.submission, "smtps": args.smtps}
+    defaults = not any(given.values())
+    if defaults:
+        given = DEFAULT_ROOT_LISTEN if is_root else DEFAULT_USER_LISTEN
+    listen = [(kind, spec) for kind, specs in given.items() for spec in specs or ()]
+    for kind, spec in listen:
         try:
             parse_listen(spec)
         except ValueError as e:
-            return fatal(EX_USAGE, "--smtp: %s" % e)
+            return fatal(EX_USAGE, "--%s: %s" % (kind, e))
+    if args.checkpassword == "none":
+        checkpassword = None
+    elif args.checkpassword:
+        import shlex
+        checkpassword = shlex.split(args.checkpassword)
+        if len(checkpassword) == 1:
+            checkpassword.append("/bin/true")
+    else:
+        checkpassword = [sys.executable, "-m", "eqmail.chkpw", "--home", home, "/bin/true"]
     if args.pidfile:
         args.pidfile = os.path.abspath(args.pidfile)
         running = _pid_running(args.pidfile)
@@ -199,11 +229,11 @@ def main(argv: List[str] = None) -> int:
         return fatal(EX_CONFIG, "unable to read control files: %s" % e)
 
     sockets = []
-    for spec in listen:
+    for kind, spec in listen:
         try:
-            sockets.append((spec, bind(spec)))
+            sockets.append((kind, spec, bind(spec)))
         except OSError as e:
-            if spec.startswith("[::]") and args.smtp is None and e.errno in (
+            if spec.startswith("[::]") and defaults and e.errno in (
                     errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                 log.warning("no IPv6 on this host: not listening on %s" % spec)
                 continue
@@ -219,7 +249,7 @@ def main(argv: List[str] = None) -> int:
     if args.pidfile:
         write_pidfile(args.pidfile)
     try:
-        return serve(holder, sockets, created)
+        return serve(holder, sockets, created, checkpassword)
     finally:
         if args.pidfile:
             try:
@@ -230,7 +260,20 @@ def main(argv: List[str] = None) -> int:
                 pass
 
 
-def serve(holder, sockets, created: bool) -> int:
+def _say(sock, r) -> None:
+    """Send one reply before hanging up; never raises."""
+    try:
+        sock.settimeout(5)
+        sock.sendall(r.render())
+    except OSError:
+        pass
+
+
+LISTENER_NAMES = {"smtp": "SMTP", "smtps": "SMTP over TLS (smtps)",
+                  "submission": "submission"}
+
+
+def serve(holder, sockets, created: bool, checkpassword=None) -> int:
     """Run the listeners and the scheduler until SIGTERM/SIGINT."""
     import gevent
     import gevent.event
@@ -270,32 +313,82 @@ def serve(holder, sockets, created: bool) -> int:
     gevent.signal_handler(signal.SIGTERM, stop_event.set)
     gevent.signal_handler(signal.SIGINT, stop_event.set)
 
-    def handle(sock, addr):
-        try:
-            local = sock.getsockname()
-        except OSError:
-            sock.close()
-            return
-        env = {
-            "TCPREMOTEIP": _plain_ip(addr[0]),
-            "TCPLOCALIP": _plain_ip(local[0]),
-            "TCPLOCALPORT": str(local[1]),
-            "TCPLOCALHOST": holder.current.me,
-        }
-        try:
-            Session(holder.current, store, sock.recv, sock.sendall, env,
-                    stopping=lambda: state["stopping"]).run()
-        finally:
-            sock.close()
+    from .smtp import reply, tls
 
-    pool = gevent.pool.Pool(MAX_CONNECTIONS)
+    counts = {"total": 0}
+    per_ip: dict = {}
+
+    def handle(sock, addr, kind):
+        """One connection: rules, limits, TLS, then the SMTP session."""
+        config = holder.current
+        ip = _plain_ip(addr[0])
+        conn = {"sock": sock}
+        counts["total"] += 1
+        per_ip[ip] = per_ip.get(ip, 0) + 1
+        try:
+            rule = config.client_rule(ip)
+            if rule is not None and not rule.allow:
+                log.line("smtpd: denied by control/smtprules: %s" % ip)
+                _say(sock, reply.DENIED)
+                return
+            if counts["total"] > config.concurrencyincoming or \
+                    per_ip[ip] > config.concurrencyperip:
+                log.line("smtpd: too many connections (%d, %d from %s)"
+                         % (counts["total"], per_ip[ip], ip))
+                _say(sock, reply.TOO_MANY_CONNECTIONS)
+                return
+            local = sock.getsockname()
+            env = {"TCPREMOTEIP": ip, "TCPLOCALIP": _plain_ip(local[0]),
+                   "TCPLOCALPORT": str(local[1]), "TCPLOCALHOST": config.me}
+            if kind == "submission":
+                env["TLSREQUIRED"] = "1"  # the submission listener's default
+            env.update(rule.env if rule is not None else ())
+            ctx = tls.server_context(config.home, config.tlsserverciphers)
+            cipher = None
+            if kind == "smtps":
+                if ctx is None:
+                    log.alert("smtps: no usable control/servercert.pem; closing %s" % ip)
+                    return
+                try:
+                    with gevent.Timeout(config.timeoutsmtpd):
+                        conn["sock"] = ctx.wrap_socket(sock, server_side=True)
+                except BaseException as e:
+                    if isinstance(e, (KeyboardInterrupt, SystemExit, gevent.GreenletExit)):
+                        raise
+                    log.line("smtpd: TLS handshake with %s failed: %s" % (ip, log.clean(str(e))))
+                    return
+                cipher = tls.cipher_name(conn["sock"])
+
+            def starttls():
+                conn["sock"] = ctx.wrap_socket(conn["sock"], server_side=True)
+                return conn["sock"].recv, conn["sock"].sendall, tls.cipher_name(conn["sock"])
+
+            Session(config, store, conn["sock"].recv, conn["sock"].sendall, env,
+                    stopping=lambda: state["stopping"],
+                    starttls=starttls if ctx is not None and kind != "smtps" else None,
+                    tls_cipher=cipher, checkpassword=checkpassword,
+                    submission=kind == "submission").run()
+        except OSError:
+            pass
+        finally:
+            counts["total"] -= 1
+            per_ip[ip] -= 1
+            if not per_ip[ip]:
+                del per_ip[ip]
+            try:
+                conn["sock"].close()
+            except OSError:
+                pass
+
+    pool = gevent.pool.Pool(2 * config.concurrencyincoming + 50)
     servers = []
-    for spec, s in sockets:
+    for kind, spec, s in sockets:
         gs = gevent.socket.socket(s.family, s.type, fileno=s.detach())
-        server = gevent.server.StreamServer(gs, handle, spawn=pool)
+        server = gevent.server.StreamServer(
+            gs, lambda sock, addr, kind=kind: handle(sock, addr, kind), spawn=pool)
         server.start()
         servers.append(server)
-        log.status("listening for SMTP on %s" % spec)
+        log.status("listening for %s on %s" % (LISTENER_NAMES[kind], spec))
 
     from .queue import pickup
 

@@ -48,7 +48,13 @@ def init_home(home: str, fqdn: Optional[str] = None) -> bool:
     created = not os.path.exists(os.path.join(home, "control", "me"))
     os.makedirs(home, mode=0o755, exist_ok=True)
     if created:
-        control.config_fast(home, fqdn or control.host_fqdn(), extra_locals=["localhost"])
+        name = fqdn or control.host_fqdn()
+        control.config_fast(home, name, extra_locals=["localhost"])
+        try:  # STARTTLS from the start, so submission can take passwords
+            from .smtp.tls import make_self_signed
+            make_self_signed(home, name)
+        except (OSError, RuntimeError):
+            pass  # no openssl: STARTTLS stays off until eqmail mkservercert
     os.makedirs(os.path.join(home, "users"), mode=0o755, exist_ok=True)
     alias = os.path.join(home, "alias")
     if not os.path.isdir(alias):

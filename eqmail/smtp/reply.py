@@ -30,6 +30,7 @@ class Reply:
     status: Optional[str]
     lines: Tuple[str, ...]
     close: bool = False
+    cont: bool = False   # a lone continuation line (``250-...``) from a plugin
 
     @classmethod
     def of(cls, code: int, status: Optional[str], text: str, close: bool = False) -> "Reply":
@@ -48,7 +49,7 @@ class Reply:
         out = []
         last = len(self.lines) - 1
         for i, text in enumerate(self.lines):
-            sep = " " if i == last else "-"
+            sep = " " if i == last and not self.cont else "-"
             if enhanced and self.status and self.code >= 200 and self.code != 220:
                 text = "%s %s" % (self.status, text)
             out.append("%d%s%s\r\n" % (self.code, sep, text))
@@ -87,6 +88,55 @@ BADMAILFROM = R(553, "5.7.1", "sorry, your envelope sender is in my badmailfrom 
 NOGATEWAY = R(553, "5.7.1", "sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)")
 TOO_BIG = R(552, "5.3.4", "sorry, that message size exceeds my databytes limit (#5.3.4)")
 LOOPING = R(554, "5.4.6", "too many hops, this message is looping (#5.4.6)")
+
+
+# AUTH (qmail-smtpd-auth's texts; RFC 4954 codes)
+AUTH_NOT_AVAILABLE = R(503, "5.3.3", "auth not available (#5.3.3)")
+AUTH_ALREADY = R(503, "5.5.1", "you're already authenticated (#5.5.0)")
+AUTH_IN_MAIL = R(503, "5.5.1", "no auth during mail transaction (#5.5.0)")
+AUTH_TLS_REQUIRED = R(538, "5.7.11", "AUTH PLAIN/LOGIN not available without TLS (#5.3.3)")
+AUTH_UNIMPLEMENTED = R(504, "5.5.4", "auth type unimplemented (#5.5.1)")
+AUTH_CANCELED = R(501, "5.0.0", "auth exchange canceled (#5.0.0)")
+AUTH_MALFORMED = R(501, "5.5.2", "malformed auth input (#5.5.4)")
+AUTH_FAILED = R(535, "5.7.8", "authentication failed (#5.7.1)")
+AUTH_CHILD = R(454, "4.3.0", "oops, problem with child and I can't auth (#4.3.0)")
+AUTH_REQUIRED = R(530, "5.7.0", "Authorization required (#5.7.1)")
+AUTH_TOO_MANY = R(421, "4.7.0", "too many failed authentications, closing (#4.7.0)",
+                  close=True)
+# STARTTLS (eQmail's TLS patch; RFC 3207)
+TLS_READY = R(220, "2.0.0", "ready for tls")
+TLS_PARAMS = R(501, "5.5.4", "Syntax error (no parameters allowed) (#5.5.4)")
+TLS_AGAIN = R(502, "5.5.1", "unimplemented (#5.5.1)")
+TLS_UNAVAILABLE = R(454, "4.7.0", "TLS not available (#4.3.0)")
+# per-client rules and limits
+DENIED = R(554, None, "sorry, your address is not allowed to use this service (#5.7.1)",
+           close=True)
+TOO_MANY_CONNECTIONS = R(421, None, "too many connections, try again later (#4.7.0)",
+                         close=True)
+SPP_UNREADABLE = R(451, None, "qmail-spp failure: unable to read control/smtpplugins "
+                   "(#4.3.0)", close=True)
+
+
+def auth_ok(user: str) -> Reply:
+    """``235 ok, <user>, go ahead (#2.0.0)``."""
+    return R(235, "2.7.0", "ok, %s, go ahead (#2.0.0)" % user)
+
+
+def challenge(text: str) -> Reply:
+    """An AUTH continuation, ``334 <base64>``."""
+    return R(334, None, text)
+
+
+def raw(text: str, close: bool = False) -> Reply:
+    """A reply a plugin wrote (``554 go away``), sent as written.  A line
+    that does not start with a reply code gets ``451 ``."""
+    text = text.replace("\r", "").replace("\n", "")[:1000]
+    if len(text) >= 3 and text[:3].isdigit() and text[0] in "2345" and text[3:4] in ("", " ", "-"):
+        code, sep, rest = text[:3], text[3:4], text[4:]
+        if sep == "-":  # a plugin's continuation line: keep it as one line
+            return Reply(int(code), None, (rest,), close, cont=True)
+        return Reply(int(code), None, (rest,), close)
+    return Reply(451, None, (text,), close)
 
 
 def greeting(text: str) -> Reply:

@@ -39,8 +39,10 @@ LIMITS
 """
 from __future__ import annotations
 
+import base64
+import os
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import gevent
 
@@ -55,6 +57,12 @@ MAX_RCPT = 1000
 MAX_ERRORS = 20
 MAX_HOPS = 100
 DATA_CHUNK = 8192
+#: AUTH responses may be longer than commands (RFC 4954 section 4: 12288).
+MAX_AUTH_LINE = 12288
+#: Seconds before a failed AUTH is answered (qmail-smtpd-auth: 5), and the
+#: failures after which the connection is closed.
+AUTH_FAIL_DELAY = 5
+MAX_AUTH_FAILURES = 3
 
 #: Verbs that show the client is not an SMTP client at all (chasquid's idea).
 _NOT_SMTP = frozenset(["GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"])
@@ -97,6 +105,10 @@ def received_line(remote_host: str, helo: Optional[str], remoteinfo: Optional[st
 
 class Disconnect(Exception):
     """The client went away (EOF or a reset connection)."""
+
+
+class _Canceled(Exception):
+    """The client answered ``*`` to an AUTH challenge."""
 
 
 class LineReader:
@@ -162,8 +174,13 @@ class Session:
 
     def __init__(self, config: Config, store: Store, recv, send,
                  env: Optional[Dict[str, str]] = None,
-                 stopping: Optional[Callable[[], bool]] = None):
-        env = env or {}
+                 stopping: Optional[Callable[[], bool]] = None,
+                 starttls: Optional[Callable[[], tuple]] = None,
+                 tls_cipher: Optional[str] = None,
+                 checkpassword: Optional[Sequence[str]] = None,
+                 submission: bool = False):
+        self.env: Dict[str, str] = dict(env or {})
+        env = self.env
         self.config = config
         self.store = store
         self.reader = LineReader(recv)
@@ -175,26 +192,53 @@ class Session:
         self.remoteinfo = env.get("TCPREMOTEINFO") or None
         self.local_ip = env.get("TCPLOCALIP") or None
         self.local_host = env.get("TCPLOCALHOST") or config.me
-        self.relayclient = env.get("RELAYCLIENT")
         self.databytes = config.databytes
         databytes = (env.get("DATABYTES") or "").strip()
         if databytes.isascii() and databytes.isdigit():
             self.databytes = int(databytes)
         self.timeout = config.timeoutsmtpd
         self.greeting = config.smtpgreeting
+        self.starttls = starttls          # None: STARTTLS not offered
+        self.tls_cipher = tls_cipher      # set once TLS is on
+        self.checkpassword = list(checkpassword) if checkpassword else None
+        self.submission = submission
+        self.auth_user: Optional[str] = None
+        self.auth_method: Optional[str] = None
+        self.auth_failures = 0
+        self._relay_from_auth = False
         self.helo_host: Optional[str] = None
         self.esmtp = False
         self.errors = 0
         self.messages = 0
+        self.plugins = None               # spp.Plugins while qmail-spp is on
+        self.rcpt_count_all = 0
+        self.later: Dict[str, str] = {}   # LM/LR/LD texts from plugins
         self._reset()
+
+    @property
+    def relayclient(self) -> Optional[str]:
+        """RELAYCLIENT as it stands now (per-client rules, AUTH, plugins)."""
+        return self.env.get("RELAYCLIENT")
+
+    @property
+    def tls_required(self) -> bool:
+        return self.env.get("TLSREQUIRED") == "1"
 
     # -- plumbing ---------------------------------------------------------------
 
     def _reset(self) -> None:
+        """RSET, HELO, EHLO and the end of DATA: a new transaction, and the
+        plugins' H and L* texts are forgotten."""
+        self._new_transaction()
+        self.spp_headers: list = []
+        self.later = {}
+
+    def _new_transaction(self) -> None:
         self.mailfrom: Optional[str] = None
         self.bad_mail = False
         self.rcpts: list = []
         self.last_rcpt: Optional[str] = None
+        self.rcpt_count_all = 0
 
     def send(self, r: Reply) -> None:
         self._out.append(r.render(self.esmtp))
@@ -226,7 +270,9 @@ class Session:
         """Greet, then serve commands until QUIT, EOF, a timeout or a fatal
         reply.  Never raises for client behaviour."""
         try:
-            self.send(reply.greeting(self.greeting))
+            if not self._open():
+                self.flush()
+                return
             while True:
                 try:
                     line = self._read(MAX_LINE)
@@ -267,6 +313,69 @@ class Session:
             except Exception:
                 pass
 
+    def _open(self) -> bool:
+        """Load the plugins, run [connection], greet.  False: hang up."""
+        try:
+            from . import spp
+            self.plugins = spp.Plugins.load(self.config.home, self.env)
+            if self.plugins is not None and not any(self.plugins.sections.values()):
+                self.plugins = None  # config-fast's empty sections: nothing to run
+        except Exception as e:  # spp.SppConfigError, or worse: never a crash
+            log.alert("smtpd: unable to read control/smtpplugins: %s" % e)
+            self.send(reply.SPP_UNREADABLE)
+            return False
+        refusal = self._spp_refusal(self._spp("connection"))
+        if refusal is None:
+            self.send(reply.greeting(self.greeting))
+            return True
+        self.send(refusal)  # an E text replaces the greeting, the session goes on
+        return not refusal.close
+
+    # -- qmail-spp ------------------------------------------------------------------
+
+    def _spp(self, section: str):
+        """Run the plugins of `section` (None when qmail-spp is off) and apply
+        their environment changes, P lines, H lines and L texts."""
+        if self.plugins is None:
+            return None
+        from . import spp
+
+        out = spp.run_section(self.plugins, section, self.config.home, self._child_env())
+        for text in out.logs:
+            log.line("smtpd: spp %s: %s" % (section, log.clean(text)))
+        for name, value in out.set_env.items():
+            self.env[name] = value
+        for name in out.unset_env:
+            self.env.pop(name, None)
+        for text in out.partial:
+            self.send(reply.raw(text))
+        self.spp_headers += out.headers
+        self.later.update(out.later)
+        if out.verdict == "accept":
+            self.plugins = None  # A: accepted, and qmail-spp is off from now on
+        return out
+
+    @staticmethod
+    def _spp_refusal(out) -> Optional[Reply]:
+        if out is None:
+            return None
+        if out.verdict == "reject":
+            return reply.raw(out.reply or "")
+        if out.verdict == "close":
+            return reply.raw(out.reply or "", close=True)
+        if out.verdict == "drop":
+            return Reply(0, None, (), close=True)
+        return None
+
+    def _child_env(self) -> Dict[str, str]:
+        """The environment plugins and checkpassword programs see."""
+        env = dict(self.env)
+        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        env["EQMAIL_HOME"] = self.config.home
+        env.setdefault("TCPREMOTEIP", self.remote_ip)
+        env.setdefault("TCPLOCALHOST", self.local_host)
+        return env
+
     def _skip_long_line(self) -> None:
         """Read and drop the rest of an over-long line.  Raises TimeoutError."""
         while True:
@@ -302,21 +411,158 @@ class Session:
     # -- verbs ----------------------------------------------------------------------
 
     def smtp_HELO(self, arg: str) -> Reply:
-        self.helo_host = arg
-        self.esmtp = False
-        self._reset()
-        return reply.helo(self.greeting)
+        return self._helo(arg, False) or reply.helo(self.greeting)
 
     def smtp_EHLO(self, arg: str) -> Reply:
-        self.helo_host = arg
-        self.esmtp = True
+        return self._helo(arg, True) or reply.ehlo(self.greeting, self.extensions())
+
+    def _helo(self, arg: str, esmtp: bool) -> Optional[Reply]:
         self._reset()
-        return reply.ehlo(self.greeting, self.extensions())
+        self.env["SMTPHELOHOST"] = arg
+        refusal = self._spp_refusal(self._spp("helo"))
+        if refusal is not None:
+            return refusal  # no 250, and the name is not taken
+        self.helo_host = arg
+        self.esmtp = esmtp
+        return None
 
     def extensions(self):
         """The EHLO keywords (RFC 5321 section 4.1.1.1)."""
-        return ["PIPELINING", "8BITMIME", "SIZE %d" % self.databytes,
-                "ENHANCEDSTATUSCODES"]
+        ext = []
+        if self.starttls is not None and self.tls_cipher is None:
+            ext.append("STARTTLS")
+        ext += ["PIPELINING", "8BITMIME", "SIZE %d" % self.databytes, "ENHANCEDSTATUSCODES"]
+        if self.checkpassword and self.auth_user is None:
+            if self.tls_required and self.tls_cipher is None:
+                ext.append("AUTH CRAM-MD5")
+            else:
+                ext.append("AUTH LOGIN PLAIN CRAM-MD5")
+        return ext
+
+    def proto(self) -> str:
+        """The ``with`` protocol of the Received line (RFC 3848)."""
+        if self.tls_cipher:
+            return "%s (%s encrypted)" % ("ESMTPSA" if self.auth_user else "ESMTPS",
+                                          self.tls_cipher)
+        return "ESMTPA" if self.auth_user else "SMTP"
+
+    # -- STARTTLS (RFC 3207) -------------------------------------------------------------
+
+    def smtp_STARTTLS(self, arg: str) -> Optional[Reply]:
+        if self.tls_cipher is not None:
+            return reply.TLS_AGAIN
+        if self.starttls is None:
+            return reply.UNRECOGNISED
+        if arg.strip():
+            return reply.TLS_PARAMS
+        self.send(reply.TLS_READY)
+        self.flush()
+        try:
+            with gevent.Timeout(self.timeout):
+                recv, send, cipher = self.starttls()
+        except BaseException as e:  # gevent.Timeout too: a failed handshake ends it
+            if isinstance(e, (KeyboardInterrupt, SystemExit, gevent.GreenletExit)):
+                raise
+            log.line("smtpd: TLS handshake with %s failed: %s"
+                     % (self.remote_ip, log.clean(str(e))))
+            raise Disconnect("TLS handshake failed")
+        # whatever the client pipelined in plain text is thrown away, and all
+        # that was learnt before TLS is forgotten (RFC 3207 section 4.2)
+        self.reader = LineReader(recv)
+        self._send = send
+        self.tls_cipher = cipher
+        self.helo_host = None
+        self.esmtp = False
+        if self.auth_user is not None:  # AUTH before TLS is forgotten too
+            if self._relay_from_auth:
+                self.env.pop("RELAYCLIENT", None)
+            for name in ("SMTPAUTHUSER", "SMTPAUTHMETHOD", "TCPREMOTEINFO"):
+                self.env.pop(name, None)
+            self.auth_user = self.auth_method = self.remoteinfo = None
+        self._reset()
+        return None
+
+    # -- AUTH (RFC 4954) -------------------------------------------------------------------
+
+    def smtp_AUTH(self, arg: str) -> Reply:
+        if self.auth_user is not None:
+            return reply.AUTH_ALREADY
+        if self.mailfrom is not None:
+            return reply.AUTH_IN_MAIL
+        if not self.checkpassword:
+            return reply.AUTH_NOT_AVAILABLE
+        mech, _, initial = arg.strip().partition(" ")
+        mech = mech.upper()
+        if mech not in ("PLAIN", "LOGIN", "CRAM-MD5"):
+            return reply.AUTH_UNIMPLEMENTED
+        # TLSREQUIRED=1: PLAIN and LOGIN only inside TLS; CRAM-MD5 whatever
+        # its spelling (eQmail only let the lower-case form through)
+        if self.tls_required and self.tls_cipher is None and mech != "CRAM-MD5":
+            return reply.AUTH_TLS_REQUIRED
+        from . import auth
+
+        challenge = ""
+        try:
+            if mech == "PLAIN":
+                user, secret = auth.decode_plain(initial.strip() or
+                                                 self._auth_read(reply.challenge("")))
+            elif mech == "LOGIN":
+                user = auth.decode_b64_line(initial.strip() or
+                                            self._auth_read(reply.challenge("VXNlcm5hbWU6")))
+                secret = auth.decode_b64_line(self._auth_read(reply.challenge("UGFzc3dvcmQ6")))
+            else:
+                challenge = auth.cram_challenge(self.local_host, os.getpid(), time.time())
+                user, secret = auth.decode_cram(self._auth_read(reply.challenge(
+                    base64.b64encode(challenge.encode("utf-8")).decode("ascii"))))
+        except _Canceled:
+            return reply.AUTH_CANCELED
+        except TimeoutError:
+            self._log("timeout")
+            return reply.TIMEOUT
+        except auth.AuthSyntax:
+            return reply.AUTH_MALFORMED
+        verdict = auth.check(self.checkpassword, user, secret, challenge, env=self._child_env())
+        if verdict == "ok":
+            self.env["SMTPAUTHUSER"] = user
+            self.env["SMTPAUTHMETHOD"] = mech.lower()
+            refusal = self._spp_refusal(self._spp("auth"))
+            if refusal is not None:  # an [auth] plugin said no: not authenticated
+                self.env.pop("SMTPAUTHUSER", None)
+                self.env.pop("SMTPAUTHMETHOD", None)
+                return refusal
+            self.auth_user = user
+            self.auth_method = mech.lower()
+            self.remoteinfo = user
+            self.env["TCPREMOTEINFO"] = user
+            self._relay_from_auth = "RELAYCLIENT" not in self.env
+            self.env["RELAYCLIENT"] = ""
+            log.line("smtpd: auth %s: user %s from %s"
+                     % (mech.lower(), log.clean(user, 100), log.clean(self.remote_ip)))
+            return reply.auth_ok(user)
+        if verdict == "crash":
+            return reply.AUTH_CHILD
+        self.auth_failures += 1
+        log.line("smtpd: auth %s failed: user %s from %s"
+                 % (mech.lower(), log.clean(user, 100), log.clean(self.remote_ip)))
+        self.flush()
+        gevent.sleep(AUTH_FAIL_DELAY)  # only this session waits
+        if self.auth_failures >= MAX_AUTH_FAILURES:
+            return reply.AUTH_TOO_MANY
+        return reply.AUTH_FAILED
+
+    def _auth_read(self, prompt: Reply) -> str:
+        """Send an AUTH continuation and read the client's line.  Raises
+        _Canceled for ``*``, TimeoutError, Disconnect."""
+        self.send(prompt)
+        line = self._read(MAX_AUTH_LINE)
+        if not line:
+            raise Disconnect("EOF in AUTH")
+        if not line.endswith(b"\n"):
+            raise Disconnect("AUTH line too long")
+        text = line.rstrip(b"\r\n").decode("ascii", "replace")
+        if text.strip() == "*":
+            raise _Canceled()
+        return text
 
     def smtp_NOOP(self, arg: str) -> Reply:
         return reply.NOOP
@@ -335,6 +581,10 @@ class Session:
         return reply.quit(self.greeting)
 
     def smtp_MAIL(self, arg: str) -> Reply:
+        if self.submission and self.auth_user is None:
+            return reply.AUTH_REQUIRED
+        if "mail" in self.later:
+            return reply.raw(self.later.pop("mail"))
         # qmail-smtpd: a second MAIL simply starts a new transaction.
         try:
             sender, rest = address.parse_path(arg)
@@ -344,14 +594,30 @@ class Session:
         refusal = policy.check_size(self.databytes, params)
         if refusal is not None:
             return refusal
-        self._reset()
+        # AUTH=<...> is ignored: eQmail let unauthenticated clients put any
+        # identity into the Received line with it.
+        self._new_transaction()
+        override = False
+        if self.plugins is not None:
+            self.env["SMTPMAILFROM"] = sender
+            out = self._spp("mail")
+            refusal = self._spp_refusal(out)
+            if refusal is not None:
+                return refusal
+            if out is not None and out.change_address is not None:
+                sender = out.change_address
+                self.env["SMTPMAILFROM"] = sender
+            override = out is not None and out.verdict == "override"
         self.mailfrom = sender
-        self.bad_mail = policy.mail_is_bad(self.config, sender)
+        # an O answer skips badmailfrom, never the relay check
+        self.bad_mail = not override and policy.mail_is_bad(self.config, sender)
         return reply.OK_MAIL
 
     def smtp_RCPT(self, arg: str) -> Reply:
         if self.mailfrom is None:
             return reply.MAIL_FIRST
+        if "rcpt" in self.later:
+            return reply.raw(self.later["rcpt"])
         try:
             rcpt, _ = address.parse_path(arg)
         except address.AddressError:
@@ -361,6 +627,24 @@ class Session:
         self.last_rcpt = rcpt
         if len(self.rcpts) >= MAX_RCPT:
             return reply.TOO_MANY_RCPT
+        self.rcpt_count_all += 1
+        if self.plugins is not None:
+            # eQmail never ran [rcpt] plugins; eqmail does, after computing
+            # what the relay check would say
+            rewritten = policy.rewrite_literal(self.config, rcpt, self.local_ip)
+            hostsok = self.relayclient is not None or address.in_rcpthosts(
+                rewritten, self.config.rcpthosts, self.config.morercpthosts)
+            self.env.update({"SMTPRCPTTO": rcpt, "SMTPRCPTCOUNT": str(len(self.rcpts)),
+                             "SMTPRCPTCOUNTALL": str(self.rcpt_count_all),
+                             "SMTPRCPTHOSTSOK": "1" if hostsok else "0"})
+            out = self._spp("rcpt")
+            refusal = self._spp_refusal(out)
+            if refusal is not None:
+                return refusal
+            if out is not None and out.change_address is not None:
+                rcpt = out.change_address
+        # the relay check always runs; a plugin can only open it by setting
+        # RELAYCLIENT (S), which is read here
         refusal, rcpt = policy.check_rcpt(self.config, rcpt, self.bad_mail,
                                           self.relayclient, self.local_ip)
         if refusal is not None:
@@ -373,6 +657,13 @@ class Session:
             return reply.MAIL_FIRST
         if not self.rcpts:
             return reply.RCPT_FIRST
+        if "data" in self.later:
+            text = self.later.pop("data")
+            self._reset()
+            return reply.raw(text)
+        refusal = self._spp_refusal(self._spp("data"))
+        if refusal is not None:
+            return refusal
         try:
             draft = self.store.draft()
         except QueueError as e:
@@ -387,9 +678,10 @@ class Session:
     def _data(self, draft) -> Optional[Reply]:
         """Stream the message into `draft`; behaviour reference section 2.4."""
         self.send(reply.GO_AHEAD)
-        proto = "SMTP"
         draft.write(received_line(self.remote_host, self.helo_host, self.remoteinfo,
-                                  self.remote_ip, self.local_host, proto))
+                                  self.remote_ip, self.local_host, self.proto()))
+        for header in self.spp_headers:  # plugins' H lines, under Received
+            draft.write(header.encode("utf-8", "surrogateescape") + b"\n")
         limit = self.databytes
         size = 0
         too_big = False
