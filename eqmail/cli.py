@@ -112,6 +112,8 @@ def cmd_smtpd(argv: List[str]) -> int:
     Session(config, store, recv, send_, env,
             starttls=starttls if ctx is not None and sock is not None else None,
             checkpassword=checkpassword, submission=submission).run()
+    if conn["sock"] is not None:
+        tls.close(conn["sock"])
     return 0
 
 

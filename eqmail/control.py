@@ -50,6 +50,7 @@ CONTROL FILES (default when missing)
     concurrencyincoming 200 SMTP sessions at once (eqmail's; tcpserver -c)
     concurrencyperip    100 sessions at once from one IP address (eqmail's)
     tlsserverciphers    OpenSSL cipher list for STARTTLS, lines joined with ``:``
+    timeoutplugins      60 seconds a qmail-spp plugin may run (eqmail's)
     conf-break          +  the extension delimiter (eQmail's conf-break; one
                         character; netqmail used -)
 
@@ -264,6 +265,7 @@ class Config:
     concurrencyincoming: int = 200
     concurrencyperip: int = 100
     tlsserverciphers: str = ""
+    timeoutplugins: int = 60
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _route_map: Dict[str, SmtpRoute] = field(default_factory=dict, compare=False, repr=False)
 
@@ -478,6 +480,7 @@ def load(home: str) -> Config:
     incoming = max(1, read_int(c("concurrencyincoming"), 200))
     perip = max(1, read_int(c("concurrencyperip"), 100))
     server_ciphers = ":".join(text for _, text in (read_list(c("tlsserverciphers")) or []))
+    timeoutplugins = max(1, read_int(c("timeoutplugins"), 60))
     break_char = read_line(c("conf-break"), "+")
     if len(break_char) != 1 or break_char.isalnum() or break_char in "@.:/":
         raise ConfigError(c("conf-break"), 1, "expected one delimiter character such "
@@ -522,6 +525,7 @@ def load(home: str) -> Config:
         concurrencyincoming=incoming,
         concurrencyperip=perip,
         tlsserverciphers=server_ciphers,
+        timeoutplugins=timeoutplugins,
         _virtual_map=vmap,
         _route_map={r.key: r for r in reversed(routes)},  # the first line wins
     )

@@ -375,10 +375,7 @@ def serve(holder, sockets, created: bool, checkpassword=None) -> int:
             per_ip[ip] -= 1
             if not per_ip[ip]:
                 del per_ip[ip]
-            try:
-                conn["sock"].close()
-            except OSError:
-                pass
+            tls.close(conn["sock"])
 
     pool = gevent.pool.Pool(2 * config.concurrencyincoming + 50)
     servers = []

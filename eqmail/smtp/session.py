@@ -340,7 +340,8 @@ class Session:
             return None
         from . import spp
 
-        out = spp.run_section(self.plugins, section, self.config.home, self._child_env())
+        out = spp.run_section(self.plugins, section, self.config.home, self._child_env(),
+                              timeout=self.config.timeoutplugins)
         for text in out.logs:
             log.line("smtpd: spp %s: %s" % (section, log.clean(text)))
         for name, value in out.set_env.items():
