@@ -69,6 +69,7 @@ from typing import BinaryIO, List, Optional, Tuple
 from . import Result, deferred, delivered, failed, FAILURE, DEFERRAL, SUCCESS
 from ..control import Config
 from .users import Target
+from ..durable import fsync_dir
 
 _seq = itertools.count(1)
 _COPY = 65536
@@ -173,11 +174,7 @@ def deliver_maildir(maildir: str, msgfile: BinaryIO, prefix: bytes) -> Result:
         finally:
             os.close(fd)
         os.link(tmp, new)
-        dfd = os.open(os.path.join(maildir, "new"), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(os.path.join(maildir, "new"))  # shared with concurrent deliveries
     except OSError as e:
         try:
             os.unlink(tmp)

@@ -47,7 +47,8 @@ SECURITY
 
 GEVENT
     Every write that may wait on the disk (chunks of message data, fsync,
-    rename) runs in gevent's threadpool, never on the hub.
+    rename) runs in gevent's threadpool, never on the hub.  Directory
+    fsyncs are shared by concurrent commits (eqmail.durable: group commit).
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence
 
 from .. import log
+from ..durable import fsync_dir
 
 #: Message data is written to disk in chunks of this many bytes.
 CHUNK = 65536
@@ -89,14 +91,6 @@ def _offload(func, *args):
     from ..threads import run
 
     return run(func, *args)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -480,7 +474,7 @@ class Draft:
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
-            _fsync_dir(store.mess)
+            fsync_dir(store.mess)  # shared with concurrent commits
             tmp = os.path.join(store.tmp, self.id)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
@@ -489,7 +483,7 @@ class Draft:
             finally:
                 os.close(fd)
             os.rename(tmp, os.path.join(store.envelope, self.id))
-            _fsync_dir(store.envelope)
+            fsync_dir(store.envelope)
 
         try:
             _offload(work)

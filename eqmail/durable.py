@@ -1,0 +1,78 @@
+"""durable -- directory fsyncs shared between concurrent writers (group commit).
+
+SUMMARY
+    Making a new file's name durable takes an fsync of its directory.  When
+    many sessions commit at once, one fsync that starts after all of their
+    names exist covers them all.  `fsync_dir(path)` returns once an fsync of
+    `path` that began after the call has completed: either one it ran
+    itself, or one another thread ran meanwhile.  Callers are threadpool
+    threads (it blocks); the hub never calls it.
+
+CORRECTNESS
+    A caller's directory entry exists before it calls; it waits for an
+    fsync that *starts* after its call, so that fsync covers the entry.  A
+    failed fsync is raised in the thread that ran it and counts for nobody
+    else: the waiters run their own.
+
+STANDARDS
+    The durability rules of ARCHITECTURE.md; POSIX fsync(2) on a directory
+    (Linux: makes its entries durable).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Dict
+
+
+class _Group:
+    __slots__ = ("started", "completed", "running", "cond")
+
+    def __init__(self):
+        self.started = 0      # generations begun
+        self.completed = 0    # highest generation finished without error
+        self.running = False
+        self.cond = threading.Condition(threading.Lock())
+
+
+_groups: Dict[str, _Group] = {}
+_groups_lock = threading.Lock()
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory `path` that exist now durable.
+    Blocking; raises OSError from the fsync this thread ran."""
+    with _groups_lock:
+        group = _groups.get(path)
+        if group is None:
+            group = _groups[path] = _Group()
+    cond = group.cond
+    with cond:
+        need = group.started + 1  # an fsync that begins after this point
+        while True:
+            if group.completed >= need:
+                return
+            if not group.running:
+                group.running = True
+                group.started += 1
+                mine = group.started
+                break
+            cond.wait()
+    ok = False
+    try:
+        _fsync(path)
+        ok = True
+    finally:
+        with cond:
+            group.running = False
+            if ok:
+                group.completed = max(group.completed, mine)
+            cond.notify_all()
