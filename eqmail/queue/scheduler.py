@@ -53,9 +53,8 @@ import gevent.event
 from .. import log
 from ..control import ConfigHolder
 from ..delivery import DEFERRAL, FAILURE, SUCCESS, Result, deferred
-from ..delivery import beforemote, lspawn, remote, users
+from ..delivery import lspawn, users
 from ..delivery.route import LOCAL, REMOTE, route
-from . import bounce
 from .store import Item, QueueError, Store
 from ..threads import run
 
@@ -321,6 +320,8 @@ class Scheduler:
 
     def _remote(self, config, item: Item, idxs: List[int]) -> List[Result]:
         """beforemote filters, then one SMTP transaction for these recipients."""
+        from ..delivery import beforemote, remote  # loaded with the first remote delivery
+
         recipients = [item.recipients[i] for i in idxs]
         domain = recipients[0].rpartition("@")[2]
         msgpath = self.store.message_path(item.id)
@@ -397,6 +398,7 @@ class Scheduler:
         failures = run(self.store.failures, item.id)
         if not failures:
             return True
+        from . import bounce  # the email package, only when there is a bounce
         config = self.holder.current
         envelope = bounce.bounce_envelope(config, item.sender)
         if envelope is None:
