@@ -95,9 +95,21 @@ def set_prefix(prefix: str) -> None:
     _prefix = prefix
 
 
+_stamp = [0, ""]
+
+
+def _now() -> str:
+    """The timestamp, formatted once per second."""
+    t = int(time.time())
+    if t != _stamp[0]:
+        _stamp[0] = t
+        _stamp[1] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    return _stamp[1]
+
+
 def line(text: str) -> None:
     """Write one already-sanitised line.  Never raises."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    stamp = _now()
     try:
         if _sink is None:
             sys.stderr.write("%s %s%s\n" % (stamp, _prefix, text))

@@ -52,6 +52,30 @@ def _deliver_path(config, msgpath, sender, local, domain, target) -> LocalResult
         return deliver(config, f, sender, local, domain, target, confined=True)
 
 
+def _resolve_and_deliver(config, msgpath, sender, local, domain):
+    """In a threadpool thread: find the target and, when it is eqmaild's own
+    uid, deliver right away (one thread hop for the common case).  Returns
+    a LocalResult, or the Target when another uid must deliver."""
+    from .users import UsersError, resolve
+
+    try:
+        target = resolve(config, local)
+    except UsersError as e:
+        return LocalResult(deferred("%s (#4.3.0)" % e))
+    if target.uid != 0 and target.uid == os.geteuid():
+        return _deliver_path(config, msgpath, sender, local, domain, target)
+    return target
+
+
+def deliver_local(config, msgpath: str, sender: str, local: str, domain: str) -> LocalResult:
+    """qmail-lspawn for one local recipient: resolve it (delivery.users),
+    then deliver with its uid.  Cooperative."""
+    got = run(_resolve_and_deliver, config, msgpath, sender, local, domain)
+    if isinstance(got, LocalResult):
+        return got
+    return spawn(config, msgpath, sender, local, domain, got)
+
+
 def spawn(config, msgpath: str, sender: str, local: str, domain: str,
           target: Target) -> LocalResult:
     """Deliver as `target`'s uid (see the module docstring).  Cooperative:

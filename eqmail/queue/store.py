@@ -283,14 +283,19 @@ class Store:
         item.done[index] = True
 
     def remove(self, item: Item) -> None:
-        """Remove a finished message: envelope first, then the data."""
+        """Remove a finished message: envelope first, made durable (the
+        scheduler skips the done mark of a message's last recipients and
+        relies on this), then the data."""
         def work():
-            for path in (os.path.join(self.envelope, item.id),
-                         os.path.join(self.mess, item.id)):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            try:
+                os.unlink(os.path.join(self.envelope, item.id))
+            except FileNotFoundError:
+                pass
+            fsync_dir(self.envelope)  # shared with concurrent commits/removals
+            try:
+                os.unlink(os.path.join(self.mess, item.id))
+            except FileNotFoundError:
+                pass
 
         _offload(work)
 

@@ -213,6 +213,7 @@ class Session:
         self.plugins = None               # spp.Plugins while qmail-spp is on
         self.rcpt_count_all = 0
         self.later: Dict[str, str] = {}   # LM/LR/LD texts from plugins
+        self._timer = None
         self._reset()
 
     @property
@@ -257,9 +258,20 @@ class Session:
     def _read(self, limit: int) -> bytes:
         if not self.reader.has_line():
             self.flush()
-        with gevent.Timeout(self.timeout, False):
-            return self.reader.readline(limit)
-        raise TimeoutError()
+            # one timer per session, started and cancelled around each read
+            timer = self._timer
+            if timer is None:
+                timer = self._timer = gevent.Timeout(self.timeout)
+            timer.start()
+            try:
+                return self.reader.readline(limit)
+            except gevent.Timeout as t:
+                if t is not timer:
+                    raise
+                raise TimeoutError()
+            finally:
+                timer.cancel()
+        return self.reader.readline(limit)  # a whole line is buffered: no wait
 
     def _log(self, event: str) -> None:
         log.smtpd(event, self.mailfrom, self.remote_ip, self.last_rcpt, self.helo_host)

@@ -202,6 +202,24 @@ class Plugins:
         if "NOSPP" in env:
             return None
         path = path_of(home, env)
+        # parsed once per version of the file (mtime, size, inode); a session
+        # costs a stat, not a read and a parse
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise SppConfigError("%s: cannot read: %s" % (path, e.strerror or e)) from None
+        stamp = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+        cached = _loaded.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        plugins = cls._parse(path)
+        _loaded[path] = (stamp, plugins)
+        return plugins
+
+    @classmethod
+    def _parse(cls, path: str) -> Optional["Plugins"]:
         try:
             entries = read_list(path)
         except ConfigError as e:
@@ -224,6 +242,9 @@ class Plugins:
     def get(self, section: str) -> Tuple[Plugin, ...]:
         """The plugins of `section` (empty for an unknown name)."""
         return self.sections.get(section, ())
+
+
+_loaded: Dict[str, tuple] = {}
 
 
 def path_of(home: str, env: Mapping[str, str]) -> str:
