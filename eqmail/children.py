@@ -114,14 +114,14 @@ def run(argv: Sequence[str], stdin: bytes = b"", timeout: float = 60.0,
             gevent.spawn(drain, stderr_fd, "stderr")]
     if extra_w is not None:
         jobs.append(gevent.spawn(feed, extra_w, extra_data))
-    status = _wait(pid, deadline)
+    status = wait(pid, deadline)
     timed_out = status is None
     if timed_out:
         try:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
-        status = _wait(pid, time.time() + 5)
+        status = wait(pid, time.time() + 5)
     gevent.joinall(jobs, timeout=2)
     for g in jobs:
         g.kill(block=False)
@@ -135,7 +135,7 @@ def run(argv: Sequence[str], stdin: bytes = b"", timeout: float = 60.0,
     return Finished(code, bytes(out["stdout"]), bytes(out["stderr"]), timed_out)
 
 
-def _wait(pid: int, deadline: float) -> Optional[int]:
+def wait(pid: int, deadline: float) -> Optional[int]:
     """The wait status of `pid`, or None at the deadline.  Cooperative."""
     import gevent
 

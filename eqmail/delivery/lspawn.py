@@ -137,26 +137,18 @@ def _fork_as(config, msgpath, sender, local, domain, target) -> LocalResult:
 
 
 def _reap(pid: int, deadline: float):
-    """Wait for the child without blocking the hub; kill it after `deadline`."""
-    import gevent
+    """Wait for the child without blocking the hub; kill it after `deadline`.
+    Returns its wait status, or None when it had to be killed."""
+    from ..children import wait
 
-    delay = 0.001
-    while True:
+    status = wait(pid, deadline)
+    if status is None:
         try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return 0
-        if done:
-            return status
-        if time.time() > deadline:
-            try:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-            except OSError:
-                pass
-            return None
-        gevent.sleep(delay)
-        delay = min(delay * 2, 0.1)
+            os.kill(pid, 9)
+        except OSError:
+            pass
+        wait(pid, time.time() + 5)
+    return status
 
 
 def _child(config, msgfd: int, w: int, sender, local, domain, target: Target) -> None:
