@@ -286,6 +286,27 @@ def cmd_sendmail(argv: List[str]) -> int:
     return run(argv)
 
 
+@tool("mkusers", "create the eqmail and alias users (root)")
+def cmd_mkusers(argv: List[str]) -> int:
+    p = _parser("mkusers", "Create the service user `eqmail` (and its group) and qmail's "
+                "`alias` user with useradd, or busybox adduser on OpenWrt, when they are "
+                "missing. eqmaild started as root runs as `eqmail`; `alias` owns HOME/alias "
+                "and receives the alias user's mail.")
+    args = p.parse_args(argv)
+    from .privsep import mkusers
+
+    if os.geteuid() != 0:
+        sys.stderr.write("eqmail mkusers: fatal: must be run as root\n")
+        return 100
+    try:
+        made = mkusers(resolve_home(args.home))
+    except RuntimeError as e:
+        sys.stderr.write("eqmail mkusers: fatal: %s\n" % e)
+        return 111
+    print("created: %s" % (", ".join(made) if made else "nothing (the users exist)"))
+    return 0
+
+
 @tool("chkpw", "checkpassword-compatible program over HOME/users/passwd (SMTP AUTH)")
 def cmd_chkpw(argv: List[str]) -> int:
     from .chkpw import cmd_chkpw as run

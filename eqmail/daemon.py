@@ -28,14 +28,15 @@ SIGNALS
              a mail transaction; deliveries in flight finish (bounded); exit 0
 
 EXIT CODES (sysexits.h)
-    0 clean stop; 64 bad usage; 66 home missing or unusable; 69 an address
-    cannot be bound (port in use); 78 bad control file; 75 pidfile names a
-    running eqmaild.
+    0 clean stop; 64 bad usage; 66 home missing or unusable; 67 --user
+    names no user; 69 an address cannot be bound (port in use); 75 pidfile
+    names a running eqmaild; 77 privileges cannot be dropped; 78 bad
+    control file.
 
 SECURITY
-    Started as root, eqmaild still runs everything as root in this release
-    and says so in the log; privilege separation (binding as root, then the
-    unprivileged qmail users) is the next step of the installation work.
+    Started as root, eqmaild binds, forks the root delivery helper and runs
+    as the service user (--user, default ``eqmail`` when it exists; see
+    eqmail.privsep).  Without such a user it keeps root and says so.
 """
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ EX_OK = 0
 EX_USAGE = 64
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
+EX_NOUSER = 67
 EX_TEMPFAIL = 75
+EX_NOPERM = 77
 EX_CONFIG = 78
 
 #: Most local injections (eqmail sendmail/inject/queue) served at once.
@@ -134,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpassword program and subprogram for SMTP AUTH, as one "
                         "string, e.g. '/usr/local/bin/checkpassword /bin/true' (default: "
                         "eqmail chkpw with HOME/users/passwd; 'none' turns AUTH off)")
+    p.add_argument("--user", metavar="USER",
+                   help="started as root: bind, then run as USER (default: eqmail, when "
+                        "that user exists; `eqmail mkusers` creates it); deliveries to other "
+                        "users go through a small root helper")
     p.add_argument("--version", action="version", version="eqmaild " + __version__)
     return p
 
@@ -205,6 +212,20 @@ def main(argv: List[str] = None) -> int:
             checkpassword.append("/bin/true")
     else:
         checkpassword = [sys.executable, "-m", "eqmail.chkpw", "--home", home, "/bin/true"]
+    run_as = None
+    if is_root:
+        from .privsep import SERVICE_USER, lookup
+
+        try:
+            run_as = lookup(args.user or SERVICE_USER)
+        except KeyError:
+            if args.user:
+                return fatal(EX_NOUSER, "no user %s (eqmail mkusers creates the users)"
+                             % args.user)
+        if run_as is not None and run_as.pw_uid == 0:
+            run_as = None
+    elif args.user:
+        return fatal(EX_USAGE, "--user needs eqmaild to be started as root")
     if args.pidfile:
         args.pidfile = os.path.abspath(args.pidfile)
         running = _pid_running(args.pidfile)
@@ -248,6 +269,29 @@ def main(argv: List[str] = None) -> int:
             log.to_file(os.path.join(home, "log", "eqmaild.log"))
     if args.pidfile:
         write_pidfile(args.pidfile)
+    if run_as is not None:
+        # bound as root; now the root helper for deliveries, then nobody
+        # reading the network keeps root (eqmail.privsep)
+        from .delivery import lspawn
+        from .privsep import drop, prepare_home, start_helper
+        # what every session needs is imported while root can still read it
+        # (the service user must be able to read the Python installation for
+        # what loads later, e.g. dnspython at the first remote delivery)
+        import importlib
+        for name in ("gevent.pool", "gevent.server", "gevent.ssl", "eqmail.queue.pickup",
+                     "eqmail.queue.scheduler", "eqmail.smtp.session", "eqmail.smtp.spp",
+                     "eqmail.smtp.tls", "eqmail.smtp.auth", "eqmail.children"):
+            importlib.import_module(name)
+
+        try:
+            prepare_home(home, run_as, log.status)
+            lspawn.HELPER = start_helper(home, args.pidfile)
+            drop(run_as)
+        except OSError as e:
+            return fatal(EX_NOPERM, "unable to drop privileges to %s: %s"
+                         % (run_as.pw_name, e))
+        log.status("running as user %s; deliveries to other users through the "
+                   "root helper" % run_as.pw_name)
     try:
         return serve(holder, sockets, created, checkpassword)
     finally:
@@ -291,7 +335,8 @@ def serve(holder, sockets, created: bool, checkpassword=None) -> int:
     if created:
         log.status("created the embedded default configuration in %s" % holder.home)
     if os.geteuid() == 0:
-        log.warning("running as root: privilege separation is not implemented yet")
+        log.warning("running as root: no eqmail user (eqmail mkusers creates it, or "
+                    "give --user): the SMTP service keeps root")
         try:
             if os.stat(os.path.join(holder.home, "alias")).st_uid == 0:
                 log.warning("alias/ belongs to root: deliveries to the alias user are "

@@ -87,10 +87,49 @@ def spawn(config, msgpath: str, sender: str, local: str, domain: str,
     if target.uid == me:
         return run(_deliver_path, config, msgpath, sender, local, domain, target)
     if me != 0:
+        if HELPER is not None:
+            return _via_helper(msgpath, sender, local, domain)
         return LocalResult(deferred(
             "Unable to deliver as uid %d: eqmaild runs as uid %d, not root. (#4.3.0)"
             % (target.uid, me)))
     return _fork_as(config, msgpath, sender, local, domain, target)
+
+
+#: The privileged helper's request socket, when eqmaild dropped root
+#: (eqmail.privsep); deliveries for other users go through it.
+HELPER = None
+
+
+def _via_helper(msgpath: str, sender: str, local: str, domain: str) -> LocalResult:
+    import gevent
+    import gevent.socket
+
+    from ..privsep import request
+
+    try:
+        answer = request(HELPER, os.path.basename(msgpath), sender, local, domain)
+    except OSError as e:
+        return LocalResult(deferred("Unable to reach the delivery helper: %s. (#4.3.0)"
+                                    % e.strerror))
+    sock = gevent.socket.socket(fileno=answer.detach())
+    data = b""
+    try:
+        with gevent.Timeout(CHILD_TIMEOUT, False):
+            while len(data) <= MAX_REPORT:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    finally:
+        sock.close()
+    if not data:
+        return LocalResult(deferred("Unable to deliver: the delivery helper's child "
+                                    "crashed or timed out. (#4.3.0)"))
+    try:
+        return LocalResult.from_dict(json.loads(data.decode("utf-8", "surrogateescape")))
+    except (ValueError, AttributeError):
+        return LocalResult(deferred("Unable to deliver: bad report from the delivery "
+                                    "helper. (#4.3.0)"))
 
 
 def _fork_as(config, msgpath, sender, local, domain, target) -> LocalResult:
@@ -154,8 +193,9 @@ def _reap(pid: int, deadline: float):
 def _child(config, msgfd: int, w: int, sender, local, domain, target: Target) -> None:
     import signal
 
-    for sig in (signal.SIGHUP, signal.SIGALRM, signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)  # the daemon's handlers are not ours
+    for sig in (signal.SIGHUP, signal.SIGALRM, signal.SIGTERM, signal.SIGINT,
+                signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)  # the daemon's (or helper's) are not ours
     keep = {0, 1, 2, msgfd, w}
     top = max(keep)
     for fd in range(3, top):
