@@ -65,7 +65,7 @@ def cmd_smtpd(argv: List[str]) -> int:
 
     from . import log
     from .control import ConfigError, load
-    from .queue.store import Store
+    from .queue.pickup import queue_for
     from .smtp import reply, tls
     from .smtp.session import Session
 
@@ -87,7 +87,9 @@ def cmd_smtpd(argv: List[str]) -> int:
 
     try:
         config = load(home)
-        store = Store.open(home, create=False)
+        # the queue itself, or eqmaild's pickup socket for a user who cannot
+        # write it (xinetd's service user)
+        store = queue_for(home)
     except (ConfigError, OSError) as e:
         log.alert("unable to read controls or queue in %s: %s" % (home, e))
         send(reply.CONTROLS.render())

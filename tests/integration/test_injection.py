@@ -119,3 +119,22 @@ def test_sendmail_bad_usage_is_permanent(home, sendmail_link):
                         "-t"], b"Subject: no recipients\n\nx\n")
     assert out.returncode == 100
     assert b"no recipients" in out.stderr
+
+
+def test_smtpd_as_a_user_who_cannot_write_the_queue_uses_the_pickup_socket(daemon, home):
+    """`eqmail smtpd` under xinetd runs as a service user; the queue stays
+    private to eqmaild's user and the message goes through eqmaild."""
+    uid, _, _ = other_user()
+    dialogue = (b"HELO xinetd.example\r\nMAIL FROM:<x@example.com>\r\n"
+                b"RCPT TO:<viapickup@localhost>\r\nDATA\r\nSubject: pickup\r\n\r\nbody\r\n.\r\n"
+                b"QUIT\r\n")
+    out = run_as_other([sys.executable, "-m", "eqmail", "smtpd", "--home", home.path],
+                       dialogue, env={"TCPREMOTEIP": "192.0.2.9"})
+    assert b"\r\n250 ok " in out.stdout, out
+    msgs = home.wait_messages(1)
+    assert len(msgs) == 1, daemon.log()
+    head = msgs[0].split(b"\n\n")[0]
+    if ROOT:
+        assert b"invoked by uid %d)" % uid in head  # it came through the socket
+    assert b"Received: from unknown (HELO xinetd.example) (192.0.2.9)" in head
+    assert msgs[0].endswith(b"Subject: pickup\n\nbody\n")
