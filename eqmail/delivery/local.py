@@ -459,7 +459,10 @@ def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: 
             continue
         if line.startswith("/") or line.startswith("."):
             path = line if line.startswith("/") else os.path.join(target.home, line)
-            if outside_home(line, target.home, confined):
+            if outside_home(line, target.home, confined) or (
+                    confined and line.endswith("/") and any(
+                        outside_home(os.path.join(path, sub), target.home, True)
+                        for sub in ("tmp", "new"))):
                 return LocalResult(deferred("Uh-oh: .qmail file line %s leads out of the "
                                             "home directory. (#4.7.0)" % line, "4.7.0"))
             if line.endswith("/"):

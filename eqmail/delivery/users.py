@@ -99,6 +99,8 @@ class Assignments:
                 break
             if not line:
                 continue
+            if any(ch < " " or ch == "\x7f" for ch in line):
+                raise ConfigError(path, n, "control characters in line")
             fields = line[1:].split(":")
             if len(fields) < 7:
                 raise ConfigError(path, n, "expected 7 ':'-separated fields")

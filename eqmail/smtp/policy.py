@@ -85,6 +85,16 @@ def check_rcpt(config: Config, rcpt: str, bad_mail: bool,
     rcpt = rewrite_literal(config, rcpt, local_ip)
     if relayclient is not None:
         return None, rcpt + relayclient
-    if not address.in_rcpthosts(rcpt, config.rcpthosts, config.morercpthosts):
-        return reply.NOGATEWAY, rcpt
-    return None, rcpt
+    # the address as delivery will see it: percenthack turns user%host@local
+    # into user@host, which must be acceptable too (qmail checks only the
+    # first form, and relays)
+    check = rcpt
+    while True:
+        if not address.in_rcpthosts(check, config.rcpthosts, config.morercpthosts):
+            return reply.NOGATEWAY, rcpt
+        local, domain = address.split(check)
+        if domain.lower() in config.percenthack and "%" in local:
+            i = local.rfind("%")
+            check = "%s@%s" % (local[:i], local[i + 1:])
+            continue
+        return None, rcpt
