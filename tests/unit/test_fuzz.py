@@ -17,7 +17,6 @@ import os
 import shutil
 import tempfile
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
