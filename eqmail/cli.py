@@ -51,8 +51,8 @@ def cmd_smtpd(argv: List[str]) -> int:
                 "TLSREQUIRED, NOSPP, SPPCONFFILE and SUBMISSIONPORT (default 587: AUTH "
                 "required before MAIL when TCPLOCALPORT equals it) are read as qmail-smtpd "
                 "reads them. STARTTLS is offered when stdin is a socket and "
-                "control/servercert.pem exists. Log lines go to stderr: under xinetd send "
-                "stderr away from the socket.")
+                "control/servercert.pem exists. Log lines go to stderr, or to syslog when "
+                "stderr is the client's socket (inetd), never to the client.")
     p.add_argument("auth", nargs="*", metavar="HOST CHECKPROGRAM SUBPROGRAM",
                    help="qmail-smtpd-auth's arguments")
     args = p.parse_args(argv)
@@ -70,6 +70,13 @@ def cmd_smtpd(argv: List[str]) -> int:
     from .smtp.session import Session
 
     log.set_prefix("eqmail-smtpd[%d]: " % os.getpid())
+    if stat.S_ISSOCK(os.fstat(2).st_mode):
+        # under inetd/xinetd stderr is the client's socket (eQmail's bug 13):
+        # log lines go to syslog instead, or nowhere
+        if os.path.exists("/dev/log"):
+            log.to_syslog("eqmail-smtpd")
+        else:
+            log.to_null()
     env = dict(os.environ)
     if not env.get("TCPREMOTEIP") and env.get("REMOTE_HOST"):
         env["TCPREMOTEIP"] = env["REMOTE_HOST"]

@@ -76,6 +76,12 @@ def to_file(path: str) -> None:
     _sink = write
 
 
+def to_null() -> None:
+    """Drop log lines (when no destination is safe)."""
+    global _sink
+    _sink = lambda line: None  # noqa: E731
+
+
 def to_syslog(ident: str = "eqmaild") -> None:
     """Send log lines to syslog, facility mail, level info."""
     global _sink
