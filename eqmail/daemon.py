@@ -191,6 +191,9 @@ def detach() -> None:
 
 def main(argv: List[str] = None) -> int:
     args = build_parser().parse_args(argv)
+    # a reload or flush that comes before the handlers exist must not kill us
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
     home = resolve_home(args.home)
     is_root = os.geteuid() == 0
     given = {"smtp": args.smtp, "submission": args.submission, "smtps": args.smtps}
