@@ -140,6 +140,19 @@ def submit(home: str, sender: str, recipients: Sequence[str], header: bytes,
     return _via_socket(home, sender, recipients, header, body)
 
 
+def _chunks(body: BinaryIO):
+    """The rest of `body` in pieces of at most MAX_CHUNK bytes.  Raises
+    SubmitError(54) for a read error (qmail-queue's "qq read error")."""
+    while True:
+        try:
+            chunk = body.read(MAX_CHUNK)
+        except OSError:
+            raise SubmitError(54)
+        if not chunk:
+            return
+        yield chunk
+
+
 def _commit_direct(home, sender, recipients, header, body) -> str:
     try:
         store = Store.open(home, create=False)
@@ -149,13 +162,7 @@ def _commit_direct(home, sender, recipients, header, body) -> str:
     try:
         draft.write(received_line(os.getpid(), os.getuid()))
         draft.write(header)
-        while True:
-            try:
-                chunk = body.read(MAX_CHUNK)
-            except OSError:
-                raise SubmitError(54)
-            if not chunk:
-                break
+        for chunk in _chunks(body):
             draft.write(chunk)
         item = draft.commit(sender, list(recipients))
     except QueueError as e:
@@ -178,13 +185,7 @@ def _via_socket(home, sender, recipients, header, body) -> str:
         try:
             if header:
                 s.sendall(b"%d:%s," % (len(header), header))
-            while True:
-                try:
-                    chunk = body.read(MAX_CHUNK)
-                except OSError:
-                    raise SubmitError(54)
-                if not chunk:
-                    break
+            for chunk in _chunks(body):
                 s.sendall(b"%d:%s," % (len(chunk), chunk))
             env = encode_envelope(sender, recipients)
             s.sendall(b"0:," + b"%d:%s," % (len(env), env))
