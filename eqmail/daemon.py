@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fatal(code: int, text: str) -> int:
+    log.flush()  # batched lines first (no-op when not batching)
     sys.stderr.write("eqmaild: fatal: %s\n" % text)
     return code
 
@@ -298,6 +299,7 @@ def main(argv: List[str] = None) -> int:
     try:
         return serve(holder, sockets, created, checkpassword)
     finally:
+        log.flush()
         if args.pidfile:
             try:
                 with open(args.pidfile) as f:
@@ -335,6 +337,7 @@ def serve(holder, sockets, created: bool, checkpassword=None) -> int:
     config = holder.current
     hub = gevent.get_hub()
     hub.threadpool.maxsize = max(20, config.concurrencylocal + 10)
+    log.start_batching()  # one write per loop iteration, from a writer thread
     if created:
         log.status("created the embedded default configuration in %s" % holder.home)
     if os.geteuid() == 0:
@@ -461,6 +464,7 @@ def serve(holder, sockets, created: bool, checkpassword=None) -> int:
     if not scheduler.stop(DELIVERY_GRACE):
         log.warning("deliveries still running after %d s; exiting anyway" % DELIVERY_GRACE)
     log.status("exiting")
+    log.flush()
     return EX_OK
 
 

@@ -123,7 +123,7 @@ class Home:
         return self.messages()
 
     def queued(self):
-        d = os.path.join(self.path, "queue", "envelope")
+        d = os.path.join(self.path, "queue", "mess")
         return sorted(os.listdir(d)) if os.path.isdir(d) else []
 
     def remove(self):

@@ -261,13 +261,28 @@ def _write_all(fd: int, data: bytes) -> None:
 def run_program(command: str, home: str, msgfile: BinaryIO, env: dict) -> Tuple[Result, int]:
     """Run ``/bin/sh -c command`` in `home` with the message on stdin.
     Returns the Result and the exit code (-1 when it did not exit)."""
-    rewind(msgfile)
+    stdin = msgfile
     try:
-        proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=home, env=env,
-                                stdin=msgfile, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    except OSError as e:
-        return deferred("Unable to run /bin/sh: %s. (#4.3.0)" % e.strerror), -1
+        msgfile.fileno()
+    except (OSError, ValueError):  # a queue file: the program gets a copy it may rewind
+        from ..queue.store import data_copy
+
+        try:
+            stdin = data_copy(msgfile)
+        except OSError as e:
+            return deferred("Unable to copy the message for a program: %s. (#4.3.0)"
+                            % e.strerror), -1
+    try:
+        rewind(stdin)
+        try:
+            proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=home, env=env,
+                                    stdin=stdin, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            return deferred("Unable to run /bin/sh: %s. (#4.3.0)" % e.strerror), -1
+    finally:
+        if stdin is not msgfile:
+            stdin.close()
     try:
         out, _ = proc.communicate(timeout=PROGRAM_TIMEOUT)
     except subprocess.TimeoutExpired:

@@ -43,11 +43,13 @@ MAX_REPORT = 1 << 20
 
 def _deliver_path(config, msgpath, sender, local, domain, target) -> LocalResult:
     """In-process delivery (eqmaild's own uid): confined to the home."""
+    from ..queue.store import open_message
+
     try:
-        f = open(msgpath, "rb")
-    except OSError as e:
+        f = open_message(msgpath)
+    except (OSError, ValueError) as e:
         return LocalResult(deferred("Unable to open the queued message: %s. (#4.3.0)"
-                                    % e.strerror))
+                                    % (getattr(e, "strerror", None) or e)))
     with f:
         return deliver(config, f, sender, local, domain, target, confined=True)
 
@@ -209,8 +211,15 @@ def _child(config, msgfd: int, w: int, sender, local, domain, target: Target) ->
     os.setgid(target.gid)
     os.setuid(target.uid)
     os.chdir("/")
-    with os.fdopen(msgfd, "rb") as f:
-        result = deliver(config, f, sender, local, domain, target)
+    from ..queue.store import message_window
+
+    try:
+        f = message_window(msgfd)
+    except (OSError, ValueError) as e:
+        result = LocalResult(deferred("Unable to open the queued message: %s. (#4.3.0)" % e))
+    else:
+        with f:
+            result = deliver(config, f, sender, local, domain, target)
     payload = json.dumps(result.to_dict()).encode("utf-8", "surrogateescape")
     view = memoryview(payload)
     while view:

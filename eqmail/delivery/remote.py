@@ -2,7 +2,7 @@
 
 SUMMARY
     `deliver(config, msgpath, sender, recipients, domain)` sends one queued
-    message to all of its recipients at one domain in one SMTP
+    message (a queue file, or with ``queued=False`` a plain file of data) to all of its recipients at one domain in one SMTP
     transaction and returns one Result per recipient: delivered (2xx),
     deferred (4xx, no connection, DNS trouble) or failed (5xx).
 
@@ -245,10 +245,12 @@ class Connection:
         self.extensions = {}
         return r
 
-    def send_body(self, path: str) -> None:
-        """The message as DATA: CRLF line ends, dots doubled, final CRLF."""
+    def send_body(self, path: str, queued: bool = True) -> None:
+        """The message as DATA: CRLF line ends, dots doubled, final CRLF.
+        `path` is a queue file (its data is sent), or a plain file."""
+        from ..queue.store import open_message
 
-        f = run(open, path, "rb")
+        f = run(open_message, path) if queued else run(open, path, "rb")
         try:
             last = b"\n"
             while True:
@@ -334,7 +336,7 @@ def _connect(config: Config, host: str, ip: str, port: int):
 
 
 def _session(config: Config, conn: Connection, host: str, ip: str, port: int,
-             route: Optional[SmtpRoute], msgpath: str, size: int, sender: str,
+             route: Optional[SmtpRoute], msgpath: str, queued: bool, size: int, sender: str,
              recipients: Sequence[str]) -> List[Result]:
     """One SMTP transaction on an open connection.  Raises Retry,
     TempError, PermError, ConnectionError/OSError."""
@@ -398,7 +400,7 @@ def _session(config: Config, conn: Connection, host: str, ip: str, port: int,
             "Connected to %s but it refused DATA.\n%s" % (ip, r.said()), _status(r, "4.0.0"))
         return [x if x is not None else res for x in results]
     try:
-        conn.send_body(msgpath)
+        conn.send_body(msgpath, queued)
         r = conn.reply()
     except (OSError, ConnectionError):
         res = deferred("Connected to %s but connection died. Possible duplicate! (#4.4.2)"
@@ -431,21 +433,35 @@ def _quit(conn: Connection) -> None:
         pass
 
 
+def _data_size(path: str) -> int:
+    """The size in bytes of the data in the queue file at `path`.  Raises
+    OSError, or ValueError when it is not a queue file."""
+    from ..queue.store import data_size_of
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return data_size_of(fd)
+    finally:
+        os.close(fd)
+
+
 def deliver(config: Config, msgpath: str, sender: str, recipients: Sequence[str],
-            domain: str) -> List[Result]:
-    """Deliver to `recipients` (all at `domain`).  One Result per recipient,
-    in order.  Cooperative (gevent sockets; DNS in the threadpool); never
-    raises for delivery problems."""
+            domain: str, queued: bool = True) -> List[Result]:
+    """Deliver the message at `msgpath` (a queue file; with `queued` false,
+    a plain file holding only the data) to `recipients` (all at `domain`).
+    One Result per recipient, in order.  Cooperative (gevent sockets; DNS
+    in the threadpool); never raises for delivery problems."""
     n = len(recipients)
     try:
         targets, route = run(plan, config, domain)
-        size = os.path.getsize(msgpath)
+        size = run(_data_size, msgpath) if queued else os.path.getsize(msgpath)
     except PermError as e:
         return [failed(str(e), e.status)] * n
     except TempError as e:
         return [deferred(str(e), "4.4.3")] * n
-    except OSError as e:
-        return [deferred("Unable to read the queued message: %s. (#4.3.0)" % e.strerror)] * n
+    except (OSError, ValueError) as e:
+        return [deferred("Unable to read the queued message: %s. (#4.3.0)"
+                         % (getattr(e, "strerror", None) or e))] * n
     tried = []
     for host, ip, port in targets:
         try:
@@ -454,8 +470,8 @@ def deliver(config: Config, msgpath: str, sender: str, recipients: Sequence[str]
             tried.append(str(e))
             continue
         try:
-            results = _session(config, conn, host, ip, port, route, msgpath, size, sender,
-                               recipients)
+            results = _session(config, conn, host, ip, port, route, msgpath, queued, size,
+                               sender, recipients)
             return [_with_host(r, host) for r in results]
         except Retry as e:
             tried.append(str(e))

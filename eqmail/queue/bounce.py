@@ -278,7 +278,9 @@ def _read_header(path: str) -> str:
     """The header of the queue file `path`: up to the first empty line, at
     most HEADER_LIMIT octets, cut after the last whole line; CR and NUL
     dropped."""
-    with open(path, "rb") as f:
+    from .store import open_message
+
+    with open_message(path) as f:
         data = f.read(HEADER_LIMIT + 1)
     at_eof = len(data) <= HEADER_LIMIT
     end = 0

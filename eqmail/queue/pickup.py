@@ -119,7 +119,7 @@ def received_line(pid: int, uid: int, when: Optional[float] = None) -> bytes:
 def _can_write_queue(home: str) -> bool:
     q = os.path.join(home, "queue")
     return all(os.access(os.path.join(q, d), os.W_OK | os.X_OK)
-               for d in ("mess", "tmp", "envelope"))
+               for d in ("mess", "tmp"))
 
 
 def submit(home: str, sender: str, recipients: Sequence[str], header: bytes,

@@ -348,12 +348,21 @@ class Scheduler:
         domain = recipients[0].rpartition("@")[2]
         msgpath = self.store.message_path(item.id)
         made: List[str] = []
-        if config.beforemote:
-            msgpath, made = run(beforemote.run_filters, config.beforemote, msgpath,
-                                self.store.tmp, config.home, item.sender, recipients,
-                                domain, log.warning, config.timeoutbeforemote)
+        queued = True
         try:
-            return remote.deliver(config, msgpath, item.sender, recipients, domain)
+            if config.beforemote:  # filters read and write plain files of data
+                try:
+                    plain = run(self.store.plain_copy, item.id)
+                except (OSError, ValueError) as e:
+                    return [deferred("Unable to read the queued message: %s. (#4.3.0)"
+                                     % (getattr(e, "strerror", None) or e))] * len(idxs)
+                made.append(plain)
+                msgpath, more = run(beforemote.run_filters, config.beforemote, plain,
+                                    self.store.tmp, config.home, item.sender, recipients,
+                                    domain, log.warning, config.timeoutbeforemote)
+                made += more
+                queued = False
+            return remote.deliver(config, msgpath, item.sender, recipients, domain, queued)
         finally:
             for path in made:
                 try:
@@ -430,7 +439,7 @@ class Scheduler:
                 data = run(bounce.build_bounce, config, item.sender, item.id, item.birth,
                            records, self.store.message_path(item.id))
                 b = self.store.commit_bytes(data, envelope[0], envelope[1])
-            except (QueueError, OSError) as e:
+            except (QueueError, OSError, ValueError) as e:
                 log.alert("unable to queue the bounce for msg %s: %s" % (item.id, e))
                 return False
             log.line("bounce msg %s qp %s" % (item.id, b.id))

@@ -8,37 +8,45 @@ SUMMARY
     with `mark_done()` and removes finished messages with `remove()`.
 
 LAYOUT (under HOME/queue, one filesystem)
-    mess/ID        the message: the Received line, then the data, LF line ends
-    tmp/ID         an envelope being written
-    envelope/ID    the committed envelope and the per-recipient progress
+    tmp/ID         a message being written
+    mess/ID        a committed message: the Received line and the data (LF
+                   line ends), then its envelope, then a 32-byte trailer
     bounce/ID      permanent failures waiting for the bounce: one JSON object
                    a line (recipient, status, text, remote_mta, diagnostic)
     lock/trigger   a FIFO; one byte written there wakes the daemon's scheduler
     ID = <unix time>.<pid of the writer>.<sequence>, created exclusively.
+    One file per message, so that committing it takes one file fsync and
+    one (shared) directory fsync: the envelope travels with the data.
 
-ENVELOPE FORMAT (version 1; readers skip record types they do not know)
-    NUL-terminated records, each one type byte and a value:
-    ``V1`` version, ``B<unix seconds>`` birth, ``u<uid>``, ``p<pid>`` of the
-    writer, ``F<sender>``, then one record per recipient: ``T<address>``
-    while pending, ``D<address>`` when done.  Marking a recipient done
-    overwrites its one type byte in place and fsyncs, as qmail-send does
-    with its local/remote files.
+QUEUE FILE FORMAT (version 2)
+    data | envelope | trailer.  The trailer is the last 32 bytes:
+    ``\nEQMAIL-QUEUE-2 `` and the envelope's offset (= the size of the
+    data) as 15 decimal digits, then LF.  The envelope is NUL-terminated
+    records, each one type byte and a value (readers skip types they do not
+    know): ``V2`` version, ``B<unix seconds>`` birth, ``u<uid>``, ``p<pid>``
+    of the writer, ``F<sender>``, then one record per recipient:
+    ``T<address>`` while pending, ``D<address>`` when done.  Marking a
+    recipient done overwrites its one type byte in place and fsyncs, as
+    qmail-send does with its local/remote files.  Readers of the message
+    see only the data (`open_message`); programs get a copy (`data_copy`)
+    because they may rewind their stdin.  Version 1 (mess/ID data plus
+    envelope/ID) is converted when the queue is opened (`Store.open`).
 
 STATES (after a crash at any instant; compare qmail's INTERNALS S1-S5)
     1. nothing                               clean
-    2. mess/ID only (partial or complete)    junk: recovery removes it
-    3. mess/ID + tmp/ID                      junk: recovery removes both
-    4. mess/ID + envelope/ID                 COMMITTED: delivered at start
-    5. envelope/ID with some D records       committed, partly delivered
-    6. mess/ID alone after envelope/ID went  junk (message finished)
-    Commit goes 1 -> 2 -> 3 -> 4: write and fsync mess/ID, fsync mess/;
-    write and fsync tmp/ID; rename tmp/ID to envelope/ID; fsync envelope/.
-    A permanent failure is appended to bounce/ID and fsync'd before its
-    recipient is marked done.  Finishing goes 5 -> 6 -> 1: the bounce (if
-    bounce/ID exists) is committed as a new message, bounce/ID is unlinked,
-    then envelope/ID, then mess/ID.  bounce/ID without envelope/ID is junk.
-    A recipient whose delivery was in flight at the crash is delivered again
-    (at least once); one marked D never is.
+    2. tmp/ID (partial or complete)          junk: recovery removes it
+    3. mess/ID (and maybe tmp/ID, same file) COMMITTED: delivered at start
+    4. mess/ID with some D records           committed, partly delivered
+    Commit goes 1 -> 2 -> 3: write data, envelope and trailer to tmp/ID and
+    fsync it; link it as mess/ID (never replacing a file); unlink tmp/ID;
+    fsync mess/.  A permanent failure is appended to bounce/ID and fsync'd
+    before its recipient is marked done.  Finishing goes 4 -> 1: the bounce
+    (if bounce/ID exists) is committed as a new message, bounce/ID is
+    unlinked, then mess/ID, and mess/ is fsync'd (the scheduler does not
+    mark a message's last recipients done; this removal records them).
+    bounce/ID without mess/ID is junk.  A recipient whose delivery was in
+    flight at the crash is delivered again (at least once); one marked D
+    never is.
 
 SECURITY
     The queue is owned by the daemon's user, mode 0700 dirs and 0600 files;
@@ -53,12 +61,13 @@ GEVENT
 from __future__ import annotations
 
 import errno
+import io
 import itertools
 import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from .. import log
 from ..durable import fsync_dir
@@ -70,7 +79,12 @@ CHUNK = 65536
 #: (qmail-send's 36 hours).
 JUNK_AGE = 36 * 3600
 
-ENVELOPE_VERSION = b"V1"
+ENVELOPE_VERSION = b"V2"
+_V1 = b"V1"
+
+#: The queue file's trailer: this, 15 digits (the envelope's offset), LF.
+TRAILER_MAGIC = b"\nEQMAIL-QUEUE-2 "
+TRAILER_SIZE = 32
 
 
 class QueueError(Exception):
@@ -113,9 +127,9 @@ class Item:
 
 
 def encode_envelope(birth: int, uid: int, pid: int, sender: str,
-                    recipients: Sequence[str]):
-    """Return (bytes, offsets of each recipient's type byte)."""
-    parts = [ENVELOPE_VERSION, b"B%d" % birth, b"u%d" % uid, b"p%d" % pid,
+                    recipients: Sequence[str], version: bytes = ENVELOPE_VERSION):
+    """Return (bytes, offsets of each recipient's type byte in them)."""
+    parts = [version, b"B%d" % birth, b"u%d" % uid, b"p%d" % pid,
              b"F" + sender.encode("utf-8", "surrogateescape")]
     data = bytearray(b"\0".join(parts) + b"\0")
     offsets = []
@@ -125,10 +139,24 @@ def encode_envelope(birth: int, uid: int, pid: int, sender: str,
     return bytes(data), offsets
 
 
-def decode_envelope(msgid: str, data: bytes) -> Item:
-    """Parse an envelope file.  Raises ValueError when it is malformed."""
-    if not data.startswith(ENVELOPE_VERSION + b"\0"):
-        raise ValueError("not a version 1 envelope")
+def encode_trailer(data_size: int) -> bytes:
+    """The 32-byte trailer of a queue file whose data is `data_size` bytes."""
+    return TRAILER_MAGIC + b"%015d\n" % data_size
+
+
+def encode_queue_file(data: bytes, birth: int, uid: int, pid: int, sender: str,
+                      recipients: Sequence[str]) -> bytes:
+    """A whole queue file (data, envelope, trailer) in memory (tests, tools)."""
+    env, _ = encode_envelope(birth, uid, pid, sender, recipients)
+    return data + env + encode_trailer(len(data))
+
+
+def decode_envelope(msgid: str, data: bytes, base: int = 0,
+                    version: bytes = ENVELOPE_VERSION) -> Item:
+    """Parse envelope records (`data`, found at file offset `base`).
+    Raises ValueError when they are malformed."""
+    if not data.startswith(version + b"\0"):
+        raise ValueError("not a version %s envelope" % version[1:].decode())
     birth, uid, pid, sender = None, -1, -1, None
     recipients, done, offsets = [], [], []
     pos = 0
@@ -149,11 +177,132 @@ def decode_envelope(msgid: str, data: bytes) -> Item:
         elif kind in (b"T", b"D"):
             recipients.append(value)
             done.append(kind == b"D")
-            offsets.append(pos)
+            offsets.append(base + pos)
         pos = end + 1
     if birth is None or sender is None:
         raise ValueError("no birth or sender record")
     return Item(msgid, birth, sender, recipients, done, offsets, uid=uid, pid=pid)
+
+
+def data_size_of(fd: int) -> int:
+    """The size in bytes of the message data in the queue file open on `fd`
+    (the envelope's offset, from the trailer).  Raises ValueError when the
+    file has no valid trailer, OSError when it cannot be read."""
+    size = os.fstat(fd).st_size
+    if size < TRAILER_SIZE:
+        raise ValueError("no queue file trailer")
+    tail = os.pread(fd, TRAILER_SIZE, size - TRAILER_SIZE)
+    if not tail.startswith(TRAILER_MAGIC) or not tail.endswith(b"\n"):
+        raise ValueError("no queue file trailer")
+    digits = tail[len(TRAILER_MAGIC):-1]
+    if not digits.isdigit():
+        raise ValueError("bad queue file trailer")
+    offset = int(digits)
+    if offset > size - TRAILER_SIZE:
+        raise ValueError("bad queue file trailer")
+    return offset
+
+
+def read_item(msgid: str, fd: int) -> Item:
+    """The envelope of the queue file open on `fd`.  Raises OSError/ValueError."""
+    base = data_size_of(fd)
+    end = os.fstat(fd).st_size - TRAILER_SIZE
+    env = os.pread(fd, end - base, base)
+    item = decode_envelope(msgid, env, base)
+    item.size = base
+    return item
+
+
+class _Window(io.RawIOBase):
+    """Bytes [0, end) of a file descriptor, as a seekable raw stream."""
+
+    def __init__(self, fd: int, end: int):
+        super().__init__()
+        self._fd = fd
+        self._end = end
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self._end - self._pos)
+        if n <= 0:
+            return 0
+        data = os.pread(self._fd, n, self._pos)
+        b[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == os.SEEK_END:
+            pos = self._end + offset
+        else:
+            raise ValueError("bad whence")
+        if pos < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def fileno(self) -> int:
+        # The descriptor's own offset and end are not the message's: a
+        # program that reads it must get data_copy() instead.
+        raise io.UnsupportedOperation("a queue file window has no descriptor of its own")
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.close(self._fd)
+            finally:
+                super().close()
+
+
+def message_window(fd: int) -> BinaryIO:
+    """A buffered, seekable reader of the message data in the queue file open
+    on `fd` (it takes the descriptor over and closes it).  Raises
+    ValueError (not a queue file) or OSError; closes `fd` then too."""
+    try:
+        end = data_size_of(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return io.BufferedReader(_Window(fd, end), CHUNK)
+
+
+def open_message(path: str) -> BinaryIO:
+    """Open the queue file at `path` for reading its message data (no
+    envelope).  Raises OSError, or ValueError when it is not a queue file."""
+    return message_window(os.open(path, os.O_RDONLY))
+
+
+def data_copy(msgfile: BinaryIO, dir: Optional[str] = None) -> BinaryIO:
+    """A temporary, already-unlinked file holding the bytes of `msgfile`,
+    positioned at 0: stdin for a program, which may rewind it (qmail's
+    programs such as condredirect do).  In `dir`, else $TMPDIR.  Raises
+    OSError."""
+    import shutil
+    import tempfile
+
+    out = tempfile.TemporaryFile(dir=dir)
+    try:
+        msgfile.seek(0)
+        shutil.copyfileobj(msgfile, out, CHUNK)
+        out.flush()
+        out.seek(0)
+    except BaseException:
+        out.close()
+        raise
+    return out
 
 
 class Store:
@@ -163,7 +312,6 @@ class Store:
         self.qdir = qdir
         self.mess = os.path.join(qdir, "mess")
         self.tmp = os.path.join(qdir, "tmp")
-        self.envelope = os.path.join(qdir, "envelope")
         self.bounce = os.path.join(qdir, "bounce")
         self.trigger = os.path.join(qdir, "lock", "trigger")
         self._seq = itertools.count(1)
@@ -175,14 +323,15 @@ class Store:
 
     @classmethod
     def open(cls, home: str, create: bool = True) -> "Store":
-        """Open (and with `create`, make) the queue under `home`.
+        """Open (and with `create`, make) the queue under `home`; with
+        `create`, a version 1 queue is converted (`upgrade_v1`).
 
         Raises OSError when the directories cannot be made or are missing.
         """
         qdir = os.path.join(home, "queue")
         store = cls(qdir)
         if create:
-            for d in (qdir, store.mess, store.tmp, store.envelope, store.bounce,
+            for d in (qdir, store.mess, store.tmp, store.bounce,
                       os.path.join(qdir, "lock")):
                 os.makedirs(d, mode=0o700, exist_ok=True)
             if not os.path.exists(store.trigger):
@@ -190,9 +339,74 @@ class Store:
                     os.mkfifo(store.trigger, 0o600)
                 except FileExistsError:
                     pass
-        elif not os.path.isdir(store.envelope):
-            raise FileNotFoundError(errno.ENOENT, "no queue", store.envelope)
+            if os.path.isdir(os.path.join(qdir, "envelope")):
+                store.upgrade_v1()
+        elif not os.path.isdir(store.mess):
+            raise FileNotFoundError(errno.ENOENT, "no queue", store.mess)
         return store
+
+    def upgrade_v1(self) -> int:
+        """Convert a version 1 queue (mess/ID data, envelope/ID envelope) in
+        place: each envelope, progress kept, is appended to its data file
+        with a trailer and fsync'd, then envelope/ID goes; mess/ files left
+        without an envelope were v1 junk and go too; envelope/ goes last.
+        Safe to rerun after a crash at any point.  Returns the count of
+        messages converted.  Raises OSError."""
+        old = os.path.join(self.qdir, "envelope")
+        converted = 0
+        names = [n for n in os.listdir(old) if not n.startswith(".")]
+        for name in names:
+            path = os.path.join(self.mess, name)
+            env_path = os.path.join(old, name)
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                os.unlink(env_path)  # v1 state 6: the message was finished
+                continue
+            try:
+                try:
+                    data_size_of(fd)
+                    done = True  # converted before a crash
+                except ValueError:
+                    done = False
+                if not done:
+                    with open(env_path, "rb") as f:
+                        v1 = f.read()
+                    item = decode_envelope(name, v1, 0, _V1)
+                    size = os.fstat(fd).st_size
+                    env, offsets = encode_envelope(item.birth, item.uid, item.pid,
+                                                   item.sender, item.recipients)
+                    env = bytearray(env)
+                    for off, was_done in zip(offsets, item.done):
+                        if was_done:
+                            env[off:off + 1] = b"D"
+                    os.lseek(fd, size, os.SEEK_SET)
+                    _write_all(fd, bytes(env) + encode_trailer(size))
+                    os.fsync(fd)
+                    converted += 1
+            except ValueError as e:
+                log.alert("queue upgrade: unable to read envelope %s: %s" % (name, e))
+                continue
+            finally:
+                os.close(fd)
+            os.unlink(env_path)
+        committed = set(os.listdir(old))
+        if not committed:
+            for name in os.listdir(self.mess):
+                path = os.path.join(self.mess, name)
+                try:
+                    with open(path, "rb") as f:
+                        data_size_of(f.fileno())
+                except ValueError:
+                    os.unlink(path)  # v1 states 2 and 6: data without an envelope
+                except OSError:
+                    pass
+            fsync_dir(self.mess)
+            os.rmdir(old)
+            fsync_dir(self.qdir)
+        if converted:
+            log.status("queue upgrade: %d messages converted to version 2" % converted)
+        return converted
 
     # -- writing ------------------------------------------------------------
 
@@ -200,17 +414,26 @@ class Store:
         return "%d.%d.%d" % (int(time.time()), os.getpid(), next(self._seq))
 
     def draft(self) -> "Draft":
-        """Open a new message file.  Raises QueueError when the queue cannot
-        take it (disk full, permissions)."""
+        """Open a new message file (in the threadpool).  Raises QueueError
+        when the queue cannot take it (disk full, permissions)."""
+        return _offload(self._draft)
+
+    def _draft(self) -> "Draft":
+        if not os.access(self.mess, os.W_OK | os.X_OK):  # refuse before the data
+            raise QueueError("qq trouble creating files in queue (#4.3.0)", errno.EACCES)
         for _ in range(100):
             msgid = self.new_id()
-            path = os.path.join(self.mess, msgid)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = os.open(os.path.join(self.tmp, msgid),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
                 continue
             except OSError as e:
                 raise QueueError("qq trouble creating files in queue (#4.3.0)", e.errno)
+            if os.path.lexists(os.path.join(self.mess, msgid)):
+                os.close(fd)
+                os.unlink(os.path.join(self.tmp, msgid))
+                continue
             return Draft(self, msgid, fd)
         raise QueueError("qq trouble creating files in queue (#4.3.0)")
 
@@ -231,7 +454,7 @@ class Store:
 
     def ids(self) -> List[str]:
         """IDs of all committed messages, oldest first."""
-        names = [n for n in os.listdir(self.envelope) if not n.startswith(".")]
+        names = [n for n in os.listdir(self.mess) if not n.startswith(".")]
 
         def key(n):
             try:
@@ -244,13 +467,11 @@ class Store:
 
     def load(self, msgid: str) -> Item:
         """Read one committed message's envelope.  Raises OSError/ValueError."""
-        with open(os.path.join(self.envelope, msgid), "rb") as f:
-            item = decode_envelope(msgid, f.read())
+        fd = os.open(os.path.join(self.mess, msgid), os.O_RDONLY)
         try:
-            item.size = os.stat(os.path.join(self.mess, msgid)).st_size
-        except FileNotFoundError:
-            item.size = -1
-        return item
+            return read_item(msgid, fd)
+        finally:
+            os.close(fd)
 
     def items(self) -> Iterator[Item]:
         """Every committed message that can be read (bad ones are logged)."""
@@ -260,15 +481,36 @@ class Store:
             except FileNotFoundError:
                 continue  # finished meanwhile
             except (OSError, ValueError) as e:
-                log.alert("unable to read queue envelope %s: %s" % (msgid, e))
+                log.alert("unable to read queue file %s: %s" % (msgid, e))
 
     def message_path(self, msgid: str) -> str:
+        """The queue file of `msgid` (data, envelope, trailer): read its data
+        with `open_message()`, never as a plain file."""
         return os.path.join(self.mess, msgid)
+
+    def plain_copy(self, msgid: str) -> str:
+        """Copy the data of `msgid` to a new file in tmp/ (for beforemote
+        filters) and return its path; the caller removes it.  Blocking.
+        Raises OSError, or ValueError when the queue file is bad."""
+        import shutil
+
+        path = os.path.join(self.tmp, "plain.%d.%s" % (os.getpid(), msgid))
+        with open_message(self.message_path(msgid)) as src:
+            try:
+                with open(path, "wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
+            except BaseException:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                raise
+        return path
 
     def mark_done(self, item: Item, index: int) -> None:
         """Durably record that recipient `index` of `item` is finished.
         Runs in the threadpool.  Raises OSError."""
-        path = os.path.join(self.envelope, item.id)
+        path = os.path.join(self.mess, item.id)
         offset = item.offsets[index]
 
         def work():
@@ -283,30 +525,25 @@ class Store:
         item.done[index] = True
 
     def remove(self, item: Item) -> None:
-        """Remove a finished message: envelope first, made durable (the
-        scheduler skips the done mark of a message's last recipients and
-        relies on this), then the data."""
+        """Remove a finished message, made durable (the scheduler skips the
+        done mark of a message's last recipients and relies on this)."""
         def work():
-            try:
-                os.unlink(os.path.join(self.envelope, item.id))
-            except FileNotFoundError:
-                pass
-            fsync_dir(self.envelope)  # shared with concurrent commits/removals
             try:
                 os.unlink(os.path.join(self.mess, item.id))
             except FileNotFoundError:
                 pass
+            fsync_dir(self.mess)  # shared with concurrent commits/removals
 
         _offload(work)
 
     def commit_from(self, prefix: bytes, path: str, sender: str,
                     recipients: Sequence[str]) -> Item:
-        """Queue a new message made of `prefix` and the file at `path` (a
-        forward, qmail-local style).  Raises QueueError."""
+        """Queue a new message made of `prefix` and the data of the queue file
+        at `path` (a forward, qmail-local style).  Raises QueueError."""
         draft = self.draft()
         try:
             draft.write(prefix)
-            f = _offload(open, path, "rb")
+            f = _offload(open_message, path)
             try:
                 while True:
                     chunk = _offload(f.read, CHUNK)
@@ -315,9 +552,9 @@ class Store:
                     draft.write(chunk)
             finally:
                 f.close()
-        except OSError as e:
+        except (OSError, ValueError) as e:
             draft.abort()
-            raise QueueError("qq read error (#4.3.0)", e.errno)
+            raise QueueError("qq read error (#4.3.0)", getattr(e, "errno", None))
         return draft.commit(sender, recipients)
 
     def commit_bytes(self, data: bytes, sender: str, recipients: Sequence[str]) -> Item:
@@ -374,22 +611,26 @@ class Store:
     # -- recovery -------------------------------------------------------------
 
     def recover(self, at_start: bool = True) -> int:
-        """Remove junk left by crashes (states 2, 3 and 6).  Returns the count.
+        """Remove junk left by crashes: tmp/ files (state 2) and bounce/
+        files of finished messages.  Returns the count.
 
         A file whose writer (the pid in its ID) still runs is left alone
         unless it is older than `JUNK_AGE`; at start, files of this very pid
-        are junk from an earlier process that had the same pid.
+        are junk from an earlier process that had the same pid.  A tmp/ID
+        whose mess/ID exists is the same file, left by a crash after the
+        link: always junk.
         """
-        committed = set(os.listdir(self.envelope))
+        committed = set(os.listdir(self.mess))
         now = time.time()
         removed = 0
-        for d in (self.mess, self.tmp, self.bounce):
+        for d in (self.tmp, self.bounce):
             if not os.path.isdir(d):
                 continue
             for name in os.listdir(d):
-                if d != self.tmp and name in committed:
-                    continue
                 if name in self.open_drafts:
+                    continue
+                linked = name in committed
+                if d == self.bounce and linked:
                     continue
                 path = os.path.join(d, name)
                 try:
@@ -398,7 +639,8 @@ class Store:
                     continue
                 if not stat.S_ISREG(st.st_mode):
                     continue
-                if now - st.st_mtime < JUNK_AGE and self._writer_alive(name, at_start):
+                if (not linked and now - st.st_mtime < JUNK_AGE
+                        and self._writer_alive(name, at_start)):
                     continue
                 try:
                     os.unlink(path)
@@ -457,9 +699,9 @@ class Draft:
 
     def commit(self, sender: str, recipients: Sequence[str], uid: Optional[int] = None,
                pid: Optional[int] = None) -> Item:
-        """Make the message durable (states 2 -> 4) and return its Item.
+        """Make the message durable (states 2 -> 3) and return its Item.
 
-        Raises QueueError (temporary) for any write, fsync or rename error;
+        Raises QueueError (temporary) for any write, fsync or link error;
         the draft is then removed.
         """
         if self._closed:
@@ -468,6 +710,10 @@ class Draft:
         uid = os.getuid() if uid is None else uid
         pid = os.getpid() if pid is None else pid
         env, offsets = encode_envelope(birth, uid, pid, sender, recipients)
+        base = self.size
+        offsets = [base + o for o in offsets]
+        self._buf += env
+        self._buf += encode_trailer(base)
         buf, self._buf = bytes(self._buf), bytearray()
         store = self.store
         if self.error is not None:
@@ -479,20 +725,32 @@ class Draft:
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
-            fsync_dir(store.mess)  # shared with concurrent commits
             tmp = os.path.join(store.tmp, self.id)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            final = os.path.join(store.mess, self.id)
             try:
-                _write_all(fd, env)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, os.path.join(store.envelope, self.id))
-            fsync_dir(store.envelope)
+                os.link(tmp, final)  # never replaces a committed message
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP,
+                                   errno.EMLINK) or os.path.lexists(final):
+                    raise
+                os.rename(tmp, final)  # a file system without hard links
+            else:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass  # the same file as mess/ID: recover() removes it
+            linked.append(final)
+            fsync_dir(store.mess)  # shared with concurrent commits
 
+        linked: List[str] = []
         try:
             _offload(work)
         except OSError as e:
+            for path in linked:  # in mess/ but not made durable: take it back
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
             self.abort()
             raise _write_error(e)
         self._closed = True
@@ -508,7 +766,7 @@ class Draft:
         return item
 
     def abort(self) -> None:
-        """Throw the draft away (state 2/3 -> 1).  Never raises."""
+        """Throw the draft away (state 2 -> 1).  Never raises."""
         if self._closed:
             return
         self._closed = True
@@ -519,11 +777,10 @@ class Draft:
             except OSError:
                 pass
             self.fd = -1
-        for d in (self.store.tmp, self.store.mess):
-            try:
-                os.unlink(os.path.join(d, self.id))
-            except OSError:
-                pass
+        try:
+            os.unlink(os.path.join(self.store.tmp, self.id))
+        except OSError:
+            pass
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -972,11 +972,11 @@ def _qread(home):
 
 
 def test_recovery_cleans_partial_files_and_qread_lists_the_envelopes(home, daemon_factory):
-    """There is no previous release yet: the "queue written by the previous
-    release" is a hand-written version 1 envelope (with a record type this
-    release does not know, which readers must skip) and its message, put in
-    place while eqmaild is stopped."""
-    from eqmail.queue.store import decode_envelope
+    """A queue written by the previous release (version 1: data in mess/,
+    a hand-written envelope in envelope/ with a record type no release
+    knows, which readers must skip) is converted at start, and crash
+    leftovers of both versions are removed, while eqmaild was stopped."""
+    from eqmail.queue.store import Store
 
     closed = free_port()
     home.setup(rcpthosts=("localhost", "mx.example.org"), concurrencylocal="0\n",
@@ -995,26 +995,30 @@ def test_recovery_cleans_partial_files_and_qread_lists_the_envelopes(home, daemo
     with open(os.path.join(q, "mess", old_id), "wb") as f:
         f.write(b"Received: (from an earlier release)\nSubject: old\n"
                 b"Message-ID: <q-3@battery.test>\n\nold queue\n")
+    os.mkdir(os.path.join(q, "envelope"), 0o700)
+    if ROOT:
+        os.chown(os.path.join(q, "envelope"), home.uid, home.gid)
     with open(os.path.join(q, "envelope", old_id), "wb") as f:
         f.write(b"V1\0B%d\0u0\0p%d\0Xsome future field\0Fold@example.com\0"
                 b"Dgone@localhost\0Told@localhost\0Tfar@remote.test\0" % (now - 3600, dead))
-    # crash leftovers: message without envelope, envelope being written,
-    # failures of a message that finished
-    junk = {os.path.join(q, "mess", "%d.%d.1" % (now, dead)): b"Received: partial\n",
-            os.path.join(q, "mess", "%d.%d.2" % (now, dead)): b"Received: complete\n\nx\n",
-            os.path.join(q, "tmp", "%d.%d.2" % (now, dead)): b"V1\0B1\0",
+    # crash leftovers: version 1 data without an envelope (partial, or a
+    # finished message), a message being written, failures of a message
+    # that finished
+    v1_junk = {os.path.join(q, "mess", "%d.%d.1" % (now, dead)): b"Received: partial\n",
+               os.path.join(q, "mess", "%d.%d.2" % (now, dead)): b"Received: complete\n\nx\n"}
+    junk = {os.path.join(q, "tmp", "%d.%d.2" % (now, dead)): b"Received: x\n",
             os.path.join(q, "bounce", "%d.%d.3" % (now, dead)): b'{"recipient": "x"}\n'}
-    for path, data in junk.items():
+    for path, data in list(v1_junk.items()) + list(junk.items()):
         with open(path, "wb") as f:
             f.write(data)
     d.start()
+    assert wait_log(d, "queue upgrade: 1 messages converted to version 2"), d.log()
     assert wait_log(d, "queue recovery removed %d partial files" % len(junk)), d.log()
-    for path in junk:
+    for path in list(v1_junk) + list(junk):
         assert not os.path.exists(path), path
-    envelopes = {}
-    for name in home.queued():
-        with open(os.path.join(q, "envelope", name), "rb") as f:
-            envelopes[name] = decode_envelope(name, f.read())
+    assert not os.path.exists(os.path.join(q, "envelope"))
+    store = Store(q)
+    envelopes = {name: store.load(name) for name in home.queued()}
     assert len(envelopes) == 3 and old_id in envelopes
     text = _qread(home)
     listed = {}

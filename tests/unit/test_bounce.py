@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eqmail.control import load
+from eqmail.queue.store import encode_queue_file
 from eqmail.queue.bounce import (DOUBLE_BOUNCE_SENDER, HEADER_LIMIT, MAX_FIELD, Failure,
                                  bounce_envelope, build_bounce)
 
@@ -31,6 +32,12 @@ BODY = b"SECRET-BODY-LINE\nmore body\n"
 FIELDS_PER_MESSAGE = {"Reporting-MTA", "Arrival-Date", "X-Eqmail-Queue-ID"}
 FIELDS_PER_RECIPIENT = {"Final-Recipient", "Action", "Status", "Remote-MTA",
                         "Diagnostic-Code"}
+
+
+def queue_file(data):
+    """A version 2 queue file holding `data` (what build_bounce reads)."""
+    return encode_queue_file(data, 1700000000, 0, 42, "alice@example.com",
+                             ["joe@example.org"])
 
 
 def make_home(root, **files):
@@ -54,7 +61,7 @@ def config(tmp_path):
 @pytest.fixture
 def mess(tmp_path):
     path = tmp_path / "mess"
-    path.write_bytes(HEADER + b"\n" + BODY)
+    path.write_bytes(queue_file(HEADER + b"\n" + BODY))
     return str(path)
 
 
@@ -234,7 +241,7 @@ def test_header_part_is_bounded_at_a_line(config, tmp_path):
     line = b"X-Filler: " + b"a" * 88 + b"\n"             # 99 octets
     header = HEADER + line * 2000                        # ~200 KB, beyond the limit
     path = tmp_path / "big"
-    path.write_bytes(header + b"\n" + BODY)
+    path.write_bytes(queue_file(header + b"\n" + BODY))
     data = build(config, str(path), [NOUSER])
     msg = check_wire(data)
     got = parts(msg)[2].get_content().encode()
@@ -251,28 +258,28 @@ def test_header_part_limit_is_exact(config, tmp_path, size, kept):
     first = b"X-A: " + b"a" * (size - 6) + b"\n"
     assert len(first) == size
     path = tmp_path / "exact"
-    path.write_bytes(first + b"X-B: b\n\n" + BODY)
+    path.write_bytes(queue_file(first + b"X-B: b\n\n" + BODY))
     got = parts(check_wire(build(config, str(path), [NOUSER])))[2].get_content().encode()
     assert got == (first if kept else b"")
 
 
 def test_header_part_one_huge_line(config, tmp_path):
     path = tmp_path / "huge"
-    path.write_bytes(b"X-Huge: " + b"b" * (3 * HEADER_LIMIT) + b"\n\n" + BODY)
+    path.write_bytes(queue_file(b"X-Huge: " + b"b" * (3 * HEADER_LIMIT) + b"\n\n" + BODY))
     msg = check_wire(build(config, str(path), [NOUSER]))
     assert parts(msg)[2].get_content() == ""
 
 
 def test_header_part_message_without_body(config, tmp_path):
     path = tmp_path / "nobody"
-    path.write_bytes(b"Subject: no body\nX-Last: no newline")
+    path.write_bytes(queue_file(b"Subject: no body\nX-Last: no newline"))
     msg = parse(build(config, str(path), [NOUSER]))
     assert parts(msg)[2].get_content() == "Subject: no body\nX-Last: no newline\n"
 
 
 def test_header_part_crlf_and_8bit(config, tmp_path):
     path = tmp_path / "crlf"
-    path.write_bytes(b"Subject: caf\xc3\xa9\r\nX-Latin1: \xe9t\xe9\r\n\r\nbody\r\n")
+    path.write_bytes(queue_file(b"Subject: caf\xc3\xa9\r\nX-Latin1: \xe9t\xe9\r\n\r\nbody\r\n"))
     data = build(config, str(path), [NOUSER])
     msg = check_wire(data)
     assert parts(msg)[2].get_content() == "Subject: caf\u00e9\nX-Latin1: \ufffdt\ufffd\n"

@@ -15,8 +15,9 @@ import pytest
 from eqmail.delivery.route import LOCAL, REMOTE
 from eqmail.queue import store as store_mod
 from eqmail.queue.scheduler import next_retry
-from eqmail.queue.store import (Item, QueueError, Store, decode_envelope,
-                                encode_envelope)
+from eqmail.queue.store import (TRAILER_SIZE, Item, QueueError, Store, data_copy,
+                                decode_envelope, encode_envelope, encode_queue_file,
+                                encode_trailer, open_message)
 
 ROOT = os.geteuid() == 0
 
@@ -28,11 +29,16 @@ def store(tmp_path):
 
 def files(store):
     return {d: sorted(os.listdir(os.path.join(store.qdir, d)))
-            for d in ("mess", "tmp", "envelope")}
+            for d in ("mess", "tmp")}
 
 
 def empty(store):
-    return files(store) == {"mess": [], "tmp": [], "envelope": []}
+    return files(store) == {"mess": [], "tmp": []}
+
+
+def data_of(store, msgid):
+    with open_message(store.message_path(msgid)) as f:
+        return f.read()
 
 
 def commit(store, data=b"Received: x\nhello\n", sender="s@x.org", rcpts=("a@y", "b@z"), **kw):
@@ -53,9 +59,10 @@ def dead_pid():
 def test_open_creates_layout(tmp_path):
     s = Store.open(str(tmp_path))
     q = tmp_path / "queue"
-    for d in ("mess", "tmp", "envelope", "lock"):
+    for d in ("mess", "tmp", "bounce", "lock"):
         assert (q / d).is_dir()
         assert (os.stat(q / d).st_mode & 0o777) == 0o700
+    assert not (q / "envelope").exists()  # version 1 only
     assert os.path.exists(s.trigger)
     import stat
     assert stat.S_ISFIFO(os.stat(s.trigger).st_mode)
@@ -101,9 +108,16 @@ def test_round_trip(store):
     assert loaded.offsets == item.offsets
     assert loaded.uid == os.getuid() and loaded.pid == os.getpid()
     assert loaded.pending() == [0, 1, 2]
+    assert data_of(store, item.id) == data
+    # one file: the data, the envelope, the trailer naming the envelope's offset
     with open(store.message_path(item.id), "rb") as f:
-        assert f.read() == data
-    assert files(store) == {"mess": [item.id], "tmp": [], "envelope": [item.id]}
+        raw = f.read()
+    env, _ = encode_envelope(item.birth, os.getuid(), os.getpid(), "s@x.org",
+                             ["a@y", "b@z", "c@w"])
+    assert raw == data + env + encode_trailer(len(data))
+    assert raw[-TRAILER_SIZE:] == b"\nEQMAIL-QUEUE-2 %015d\n" % len(data)
+    assert [raw[o:o + 1] for o in item.offsets] == [b"T", b"T", b"T"]
+    assert files(store) == {"mess": [item.id], "tmp": []}
     assert store.ids() == [item.id]
     assert [i.id for i in store.items()] == [item.id]
 
@@ -123,8 +137,7 @@ def test_large_message_written_in_chunks(store):
     for i in range(0, len(data), 10000):
         d.write(data[i:i + 10000])
     item = d.commit("", ["a@y"])
-    with open(store.message_path(item.id), "rb") as f:
-        assert f.read() == data
+    assert data_of(store, item.id) == data
     assert store.load(item.id).size == len(data)
     assert store.load(item.id).sender == ""
 
@@ -151,10 +164,59 @@ def test_on_commit_callback(store):
     assert [i.id for i in seen] == [item.id]
 
 
-def test_load_missing_mess_size(store):
+@pytest.mark.parametrize("cut", [1, TRAILER_SIZE, 10_000])
+def test_load_without_a_trailer_raises_value_error(store, cut):
     item = commit(store)
-    os.unlink(store.message_path(item.id))
-    assert store.load(item.id).size == -1
+    path = store.message_path(item.id)
+    size = os.path.getsize(path)
+    os.truncate(path, max(0, size - cut))
+    with pytest.raises(ValueError):
+        store.load(item.id)
+    with pytest.raises(ValueError):
+        open_message(path)
+
+
+def test_trailer_offset_beyond_the_file_is_refused(store):
+    item = commit(store)
+    path = store.message_path(item.id)
+    with open(path, "r+b") as f:
+        f.seek(-TRAILER_SIZE, os.SEEK_END)
+        f.write(encode_trailer(10 ** 9))
+    with pytest.raises(ValueError):
+        store.load(item.id)
+
+
+def test_message_window_reads_only_the_data(store):
+    data = b"Received: x\n\nline one\nline two\n"
+    item = commit(store, data=data)
+    with open_message(store.message_path(item.id)) as f:
+        assert f.read(4) == b"Rece"
+        assert f.tell() == 4
+        assert f.seek(0, os.SEEK_END) == len(data)
+        assert f.read() == b""
+        f.seek(0)
+        assert list(f) == [b"Received: x\n", b"\n", b"line one\n", b"line two\n"]
+        f.seek(-9, os.SEEK_END)
+        assert f.read() == b"line two\n"
+        with pytest.raises(OSError):
+            f.fileno()  # its descriptor's end is not the message's
+        f.seek(3)
+        copy = data_copy(f)
+    with copy:
+        assert copy.tell() == 0
+        assert os.read(copy.fileno(), 1000) == data  # a program sees only the data
+
+
+def test_draft_never_takes_a_committed_name(store, monkeypatch):
+    taken = commit(store, data=b"first\n")
+    names = iter([taken.id, "1.2.3"])
+    monkeypatch.setattr(store, "new_id", lambda: next(names))
+    d = store.draft()
+    assert d.id == "1.2.3"
+    d.write(b"second\n")
+    d.commit("s", ["r"])
+    assert data_of(store, taken.id) == b"first\n"
+    assert data_of(store, "1.2.3") == b"second\n"
 
 
 def test_load_missing_envelope(store):
@@ -185,7 +247,7 @@ def test_drafts_have_distinct_ids(store):
 def test_abort_leaves_nothing(store):
     d = store.draft()
     d.write(b"x" * (store_mod.CHUNK + 10))  # some of it is on disk already
-    assert os.listdir(store.mess) == [d.id]
+    assert os.listdir(store.tmp) == [d.id] and os.listdir(store.mess) == []
     d.abort()
     assert empty(store)
     assert store.open_drafts == set()
@@ -200,16 +262,21 @@ def test_abort_after_commit_is_noop(store):
     d.write(b"x")
     item = d.commit("s", ["r"])
     d.abort()
-    assert files(store) == {"mess": [item.id], "tmp": [], "envelope": [item.id]}
+    assert files(store) == {"mess": [item.id], "tmp": []}
 
 
 # -- commit failures ----------------------------------------------------------------------
 
 
-def test_commit_failure_rename_leaves_nothing(store):
+def test_commit_failure_link_leaves_nothing(store, monkeypatch):
+    import errno
+
+    def refuse(src, dst):
+        raise PermissionError(errno.EACCES, "refused", dst)
+
     d = store.draft()
     d.write(b"data\n")
-    shutil.rmtree(store.envelope)
+    monkeypatch.setattr(store_mod.os, "link", refuse)
     with pytest.raises(QueueError) as ei:
         d.commit("s", ["r"])
     assert ei.value.text == "qq trouble creating files in queue (#4.3.0)"
@@ -217,11 +284,39 @@ def test_commit_failure_rename_leaves_nothing(store):
     assert store.open_drafts == set()
 
 
-def test_draft_failure_without_mess_dir(store):
-    shutil.rmtree(store.mess)
+@pytest.mark.parametrize("which", ["mess", "tmp"])
+def test_draft_failure_without_queue_dir(store, which):
+    shutil.rmtree(os.path.join(store.qdir, which))
     with pytest.raises(QueueError) as ei:
-        store.draft()
+        store.draft()  # before any data: SMTP refuses DATA with 451
     assert "(#4.3.0)" in ei.value.text
+
+
+def test_commit_failure_after_link_takes_the_message_back(store, monkeypatch):
+    import errno
+
+    def fail(path):
+        raise OSError(errno.EIO, "I/O error")
+
+    d = store.draft()
+    d.write(b"data\n")
+    monkeypatch.setattr(store_mod, "fsync_dir", fail)
+    with pytest.raises(QueueError) as ei:
+        d.commit("s", ["r"])
+    assert ei.value.text == "qq write error or disk full (#4.3.0)"
+    assert empty(store)  # a 451'd message is never delivered
+
+
+def test_commit_on_a_file_system_without_hard_links(store, monkeypatch):
+    import errno
+
+    def no_links(src, dst):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(store_mod.os, "link", no_links)
+    item = commit(store)
+    assert files(store) == {"mess": [item.id], "tmp": []}
+    assert store.load(item.id).recipients == ["a@y", "b@z"]
 
 
 @pytest.mark.skipif(ROOT, reason="root ignores permissions")
@@ -238,7 +333,7 @@ def test_draft_into_read_only_mess_raises_queue_error(store):
 
 
 @pytest.mark.skipif(ROOT, reason="root ignores permissions")
-@pytest.mark.parametrize("which", ["tmp", "envelope"])
+@pytest.mark.parametrize("which", ["mess"])
 def test_commit_into_read_only_dir_raises_queue_error(store, which):
     d = store.draft()
     d.write(b"x\n")
@@ -275,14 +370,14 @@ def test_write_error_kept_and_raised_by_commit(store, monkeypatch):
 
 def test_encode_envelope_bytes():
     data, offsets = encode_envelope(100, 5, 7, "s@x", ["a@y", "b@z"])
-    assert data == b"V1\0B100\0u5\0p7\0Fs@x\0Ta@y\0Tb@z\0"
+    assert data == b"V2\0B100\0u5\0p7\0Fs@x\0Ta@y\0Tb@z\0"
     assert [data[o:o + 1] for o in offsets] == [b"T", b"T"]
     assert data[offsets[0]:].startswith(b"Ta@y\0")
     assert data[offsets[1]:].startswith(b"Tb@z\0")
 
 
 def test_decode_envelope():
-    item = decode_envelope("1.2.3", b"V1\0B100\0u5\0p7\0Fs@x\0Ta@y\0Db@z\0Tc@w\0")
+    item = decode_envelope("1.2.3", b"V2\0B100\0u5\0p7\0Fs@x\0Ta@y\0Db@z\0Tc@w\0")
     assert isinstance(item, Item)
     assert item.id == "1.2.3"
     assert (item.birth, item.uid, item.pid, item.sender) == (100, 5, 7, "s@x")
@@ -300,7 +395,7 @@ def test_decode_round_trip():
 
 
 def test_decode_skips_unknown_records():
-    item = decode_envelope("i", b"V1\0Xfuture\0B5\0Zzz\0Fs\0Ta\0Qnew\0Tb\0\0")
+    item = decode_envelope("i", b"V2\0Xfuture\0B5\0Zzz\0Fs\0Ta\0Qnew\0Tb\0\0")
     assert item.birth == 5 and item.sender == "s"
     assert item.recipients == ["a", "b"]
     assert item.done == [False, False]
@@ -309,14 +404,14 @@ def test_decode_skips_unknown_records():
 
 @pytest.mark.parametrize("data", [
     b"",
-    b"V2\0B1\0Fs\0Ta\0",
+    b"V1\0B1\0Fs\0Ta\0",              # version 1 (converted by upgrade_v1)
     b"u0\0p1\0Fs\0Ta\0",            # qmail's intd format, no version
-    b"V1",                           # no NUL after the version
-    b"V1\0B1\0Fs\0Ta",               # truncated last record
-    b"V1\0Fs\0Ta\0",                 # no birth
-    b"V1\0B1\0Ta\0",                 # no sender
-    b"V1\0Bxyz\0Fs\0Ta\0",           # birth not a number
-    b"V1\0B1\0uabc\0Fs\0Ta\0",        # uid not a number
+    b"V2",                           # no NUL after the version
+    b"V2\0B1\0Fs\0Ta",               # truncated last record
+    b"V2\0Fs\0Ta\0",                 # no birth
+    b"V2\0B1\0Ta\0",                 # no sender
+    b"V2\0Bxyz\0Fs\0Ta\0",           # birth not a number
+    b"V2\0B1\0uabc\0Fs\0Ta\0",        # uid not a number
 ])
 def test_decode_malformed_raises_value_error(data):
     with pytest.raises(ValueError):
@@ -325,7 +420,7 @@ def test_decode_malformed_raises_value_error(data):
 
 def test_items_skip_bad_envelopes(store):
     good = commit(store)
-    with open(os.path.join(store.envelope, "1.1.1"), "wb") as f:
+    with open(os.path.join(store.mess, "1.1.1"), "wb") as f:
         f.write(b"garbage")
     assert sorted(store.ids()) == sorted([good.id, "1.1.1"])
     assert [i.id for i in store.items()] == [good.id]
@@ -348,10 +443,11 @@ def test_mark_done_persists(store):
     again = store.load(item.id)
     assert again.done == [True, True, True]
     assert again.pending() == []
-    with open(os.path.join(store.envelope, item.id), "rb") as f:
+    with open(store.message_path(item.id), "rb") as f:
         raw = f.read()
-    assert raw.endswith(b"\0Da@y\0Db@z\0Dc@w\0")
-    assert raw.startswith(b"V1\0")
+    assert raw[:-TRAILER_SIZE].endswith(b"\0Da@y\0Db@z\0Dc@w\0")
+    assert raw[item.size:].startswith(b"V2\0")
+    assert data_of(store, item.id) == b"Received: x\nhello\n"  # the data untouched
 
 
 def test_mark_done_is_idempotent(store):
@@ -361,17 +457,16 @@ def test_mark_done_is_idempotent(store):
     assert store.load(item.id).done == [True, False]
 
 
-def test_remove_deletes_both_files(store):
+def test_remove_deletes_the_file(store):
     keep = commit(store)
     item = commit(store)
     store.remove(item)
-    assert not os.path.exists(os.path.join(store.envelope, item.id))
     assert not os.path.exists(store.message_path(item.id))
     assert store.ids() == [keep.id]
     with pytest.raises(OSError):
         store.load(item.id)
     store.remove(item)  # already gone: harmless
-    assert files(store) == {"mess": [keep.id], "tmp": [], "envelope": [keep.id]}
+    assert files(store) == {"mess": [keep.id], "tmp": []}
 
 
 # -- ids --------------------------------------------------------------------------------------
@@ -380,8 +475,8 @@ def test_remove_deletes_both_files(store):
 def test_ids_ordering(store):
     names = ["100.5.2", "99.7.1", "100.5.10", "100.40.1", "1000.1.1", "100.5.1"]
     for n in names:
-        open(os.path.join(store.envelope, n), "wb").close()
-    open(os.path.join(store.envelope, ".hidden"), "wb").close()
+        open(os.path.join(store.mess, n), "wb").close()
+    open(os.path.join(store.mess, ".hidden"), "wb").close()
     assert store.ids() == ["99.7.1", "100.5.1", "100.5.2", "100.5.10", "100.40.1",
                            "1000.1.1"]
 
@@ -407,21 +502,22 @@ def put(path, data=b"junk"):
         f.write(data)
 
 
-def test_recover_removes_mess_without_envelope_of_dead_writer(store):
+def queue_file(data=b"Received: x\nhi\n", pid=1):
+    return encode_queue_file(data, int(time.time()), 0, pid, "s", ["r"])
+
+
+def test_recover_removes_tmp_of_dead_writer(store):
     name = "%d.%d.1" % (int(time.time()), dead_pid())
-    put(os.path.join(store.mess, name))
+    put(os.path.join(store.tmp, name))
     assert store.recover(at_start=False) == 1
     assert empty(store)
 
 
-def test_recover_removes_tmp_file(store):
+def test_recover_removes_tmp_files(store):
     pid = dead_pid()
-    name = "%d.%d.1" % (int(time.time()), pid)
-    put(os.path.join(store.mess, name))
-    put(os.path.join(store.tmp, name))
-    other = "%d.%d.2" % (int(time.time()), pid)
-    put(os.path.join(store.tmp, other))
-    assert store.recover(at_start=True) == 3
+    put(os.path.join(store.tmp, "%d.%d.1" % (int(time.time()), pid)), queue_file())
+    put(os.path.join(store.tmp, "%d.%d.2" % (int(time.time()), pid)))
+    assert store.recover(at_start=True) == 2
     assert empty(store)
 
 
@@ -429,38 +525,36 @@ def test_recover_keeps_committed_messages(store):
     item = commit(store)
     # a committed message written by a process that is gone
     name = "%d.%d.1" % (int(time.time()), dead_pid())
-    put(os.path.join(store.mess, name))
-    data, _ = encode_envelope(1, 0, 1, "s", ["r"])
-    put(os.path.join(store.envelope, name), data)
+    put(os.path.join(store.mess, name), queue_file())
     # and an old one
     old = "1000.%d.1" % dead_pid()
-    put(os.path.join(store.mess, old))
-    put(os.path.join(store.envelope, old), data)
+    put(os.path.join(store.mess, old), queue_file())
     past = time.time() - store_mod.JUNK_AGE - 3600
     os.utime(os.path.join(store.mess, old), (past, past))
     assert store.recover(at_start=True) == 0
     assert store.recover(at_start=False) == 0
     assert sorted(files(store)["mess"]) == sorted([item.id, name, old])
     assert sorted(store.ids()) == sorted([item.id, name, old])
+    assert store.load(name).recipients == ["r"]
 
 
 def test_recover_keeps_open_draft(store):
     d = store.draft()
     d.write(b"partial")
     assert store.recover(at_start=False) == 0
-    assert os.listdir(store.mess) == [d.id]
+    assert os.listdir(store.tmp) == [d.id]
     assert store.recover(at_start=True) == 0  # open here: never junk
-    assert os.listdir(store.mess) == [d.id]
+    assert os.listdir(store.tmp) == [d.id]
     item = d.commit("s", ["r"])
     assert store.load(item.id).recipients == ["r"]
 
 
 def test_recover_own_pid_junk(store):
     name = "%d.%d.999" % (int(time.time()), os.getpid())
-    put(os.path.join(store.mess, name))
+    put(os.path.join(store.tmp, name))
     # this process is the writer and still runs: kept while running
     assert store.recover(at_start=False) == 0
-    assert os.listdir(store.mess) == [name]
+    assert os.listdir(store.tmp) == [name]
     # at start, this pid's files come from an earlier process
     assert store.recover(at_start=True) == 1
     assert empty(store)
@@ -470,7 +564,7 @@ def test_recover_live_writer_kept_until_junk_age(store):
     live = subprocess.Popen(["sleep", "30"])
     try:
         name = "%d.%d.1" % (int(time.time()), live.pid)
-        path = os.path.join(store.mess, name)
+        path = os.path.join(store.tmp, name)
         put(path)
         assert store.recover(at_start=True) == 0
         assert os.path.exists(path)
@@ -484,22 +578,75 @@ def test_recover_live_writer_kept_until_junk_age(store):
 
 
 def test_recover_odd_names_and_non_files(store):
-    put(os.path.join(store.mess, "garbage"))
-    os.mkdir(os.path.join(store.mess, "1.2.3"))
+    put(os.path.join(store.tmp, "garbage"))
+    os.mkdir(os.path.join(store.tmp, "1.2.3"))
     assert store.recover(at_start=False) == 1
-    assert os.listdir(store.mess) == ["1.2.3"]
+    assert os.listdir(store.tmp) == ["1.2.3"]
 
 
-def test_recover_after_partial_commit(store):
-    # state 3: mess + tmp written by a writer that died before the rename
-    pid = dead_pid()
-    name = "%d.%d.1" % (int(time.time()), pid)
-    put(os.path.join(store.mess, name), b"Received: x\nhi\n")
-    data, _ = encode_envelope(int(time.time()), 0, pid, "s", ["r"])
-    put(os.path.join(store.tmp, name), data)
+def test_recover_after_a_crash_between_link_and_unlink(store):
+    # tmp/ID and mess/ID are the same file; the writer still runs (this pid)
+    name = "%d.%d.77" % (int(time.time()), os.getpid())
+    put(os.path.join(store.tmp, name), queue_file())
+    os.link(os.path.join(store.tmp, name), os.path.join(store.mess, name))
     keep = commit(store)
-    assert store.recover(at_start=True) == 2
-    assert files(store) == {"mess": [keep.id], "tmp": [], "envelope": [keep.id]}
+    assert store.recover(at_start=False) == 1
+    assert files(store) == {"mess": sorted([keep.id, name]), "tmp": []}
+    assert store.load(name).recipients == ["r"]
+
+
+def test_recover_bounce_files(store):
+    item = commit(store)
+    store.add_failure(item.id, {"recipient": "a@y", "status": "5.1.1", "text": "no"})
+    gone = "%d.%d.1" % (int(time.time()), dead_pid())
+    put(os.path.join(store.bounce, gone))
+    assert store.recover(at_start=True) == 1
+    assert os.listdir(store.bounce) == [item.id]
+
+
+# -- version 1 queues ------------------------------------------------------------------------
+
+
+def v1_queue(tmp_path):
+    """A queue as eqmail 0.1 (version 1) left it: data in mess/, envelopes in envelope/."""
+    q = tmp_path / "queue"
+    for d in ("mess", "tmp", "envelope", "bounce", "lock"):
+        (q / d).mkdir(parents=True)
+    env, offsets = encode_envelope(1000, 5, 6, "s@x", ["a@y", "b@z"], version=b"V1")
+    env = bytearray(env)
+    env[offsets[0]:offsets[0] + 1] = b"D"  # a@y was done
+    (q / "mess" / "1000.6.1").write_bytes(b"Received: x\nold message\n")
+    (q / "envelope" / "1000.6.1").write_bytes(bytes(env))
+    (q / "mess" / "1000.6.2").write_bytes(b"partial: no envelope")  # v1 junk
+    (q / "envelope" / "1000.6.3").write_bytes(bytes(env))  # finished: data gone
+    return q
+
+
+def test_version_1_queue_is_converted(tmp_path):
+    q = v1_queue(tmp_path)
+    store = Store.open(str(tmp_path))
+    assert not (q / "envelope").exists()
+    assert store.ids() == ["1000.6.1"]
+    item = store.load("1000.6.1")
+    assert (item.birth, item.uid, item.pid, item.sender) == (1000, 5, 6, "s@x")
+    assert item.recipients == ["a@y", "b@z"] and item.done == [True, False]
+    assert data_of(store, "1000.6.1") == b"Received: x\nold message\n"
+    store.mark_done(item, 1)
+    assert store.load("1000.6.1").done == [True, True]
+
+
+def test_version_1_conversion_resumes_after_a_crash(tmp_path):
+    q = v1_queue(tmp_path)
+    saved = (q / "envelope" / "1000.6.1").read_bytes()
+    Store.open(str(tmp_path))
+    # the crash came after the append, before envelope/ID went
+    (q / "envelope").mkdir()
+    (q / "envelope" / "1000.6.1").write_bytes(saved)
+    before = (q / "mess" / "1000.6.1").read_bytes()
+    store = Store.open(str(tmp_path))
+    assert (q / "mess" / "1000.6.1").read_bytes() == before  # not appended twice
+    assert store.load("1000.6.1").done == [True, False]
+    assert not (q / "envelope").exists()
 
 
 # -- scheduler.next_retry (T45) ---------------------------------------------------------------
