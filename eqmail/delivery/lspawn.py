@@ -30,7 +30,7 @@ import json
 import os
 import time
 
-from . import deferred
+from . import SUCCESS, deferred
 from .local import PROGRAM_TIMEOUT, LocalResult, deliver
 from .users import Target
 from ..threads import run
@@ -54,9 +54,10 @@ def _deliver_path(config, msgpath, sender, local, domain, target) -> LocalResult
         return deliver(config, f, sender, local, domain, target, confined=True)
 
 
-def _resolve_and_deliver(config, msgpath, sender, local, domain):
+def _resolve_and_deliver(config, msgpath, sender, local, domain, then=None):
     """In a threadpool thread: find the target and, when it is eqmaild's own
-    uid, deliver right away (one thread hop for the common case).  Returns
+    uid, deliver right away (one thread hop for the common case), then call
+    `then()` if given and the delivery succeeded without forwards.  Returns
     a LocalResult, or the Target when another uid must deliver."""
     from .users import UsersError, resolve
 
@@ -65,14 +66,21 @@ def _resolve_and_deliver(config, msgpath, sender, local, domain):
     except UsersError as e:
         return LocalResult(deferred("%s (#4.3.0)" % e))
     if target.uid != 0 and target.uid == os.geteuid():
-        return _deliver_path(config, msgpath, sender, local, domain, target)
+        lr = _deliver_path(config, msgpath, sender, local, domain, target)
+        if then is not None and lr.result.kind == SUCCESS and not lr.forwards:
+            then()
+        return lr
     return target
 
 
-def deliver_local(config, msgpath: str, sender: str, local: str, domain: str) -> LocalResult:
+def deliver_local(config, msgpath: str, sender: str, local: str, domain: str,
+                  then=None) -> LocalResult:
     """qmail-lspawn for one local recipient: resolve it (delivery.users),
-    then deliver with its uid.  Cooperative."""
-    got = run(_resolve_and_deliver, config, msgpath, sender, local, domain)
+    then deliver with its uid.  Cooperative.  `then`: a blocking callable
+    run in the delivery's own threadpool call after an in-process delivery
+    that succeeded without forwards (the scheduler finishes the message
+    there, saving a thread hop); it must not raise."""
+    got = run(_resolve_and_deliver, config, msgpath, sender, local, domain, then)
     if isinstance(got, LocalResult):
         return got
     return spawn(config, msgpath, sender, local, domain, got)

@@ -75,7 +75,8 @@ def next_retry(birth: float, now: float, channel: str) -> float:
 
 
 class _Entry:
-    __slots__ = ("item", "next", "inflight", "channel", "finishing", "failures")
+    __slots__ = ("item", "next", "inflight", "channel", "finishing", "failures",
+                 "removed")
 
     def __init__(self, item: Item, channels: List[str]):
         self.item = item
@@ -86,6 +87,8 @@ class _Entry:
         #: None: unknown (loaded from disk, bounce/ID may exist); else whether
         #: this process recorded a permanent failure for it
         self.failures = None
+        #: the queue file is gone already (removed by the finishing delivery)
+        self.removed = False
 
 
 class Scheduler:
@@ -286,7 +289,12 @@ class Scheduler:
         try:
             try:
                 if channel == LOCAL:
-                    results = [self._local(config, item, item.recipients[idxs[0]])]
+                    # the only recipient left, no failures: the delivery's
+                    # thread removes the message when it succeeds
+                    solo = entry.failures is False and not any(
+                        entry.inflight[j] or not item.done[j]
+                        for j in range(len(item.recipients)) if j != idxs[0])
+                    results = [self._local(config, entry, item.recipients[idxs[0]], solo)]
                 else:
                     results = self._remote(config, item, idxs)
             except Exception as e:  # a bug in delivery code defers, never loses
@@ -370,11 +378,22 @@ class Scheduler:
                 except OSError:
                     pass
 
-    def _local(self, config, item: Item, recipient: str) -> Result:
-        """qmail-lspawn + qmail-local for one recipient; queues its forwards."""
+    def _local(self, config, entry: _Entry, recipient: str, finish: bool = False) -> Result:
+        """qmail-lspawn + qmail-local for one recipient; queues its forwards.
+        `finish`: a success finishes the message, so its queue file is
+        removed in the delivery's own thread call (entry.removed)."""
+        item = entry.item
         rt = route(config, recipient)
         msgpath = self.store.message_path(item.id)
-        lr = lspawn.deliver_local(config, msgpath, item.sender, rt.local, rt.domain)
+        then = None
+        if finish:
+            def then():
+                try:
+                    self.store.remove_now(item)
+                    entry.removed = True
+                except OSError as e:  # _finish tries again
+                    log.alert("unable to remove msg %s: %s" % (item.id, e))
+        lr = lspawn.deliver_local(config, msgpath, item.sender, rt.local, rt.domain, then)
         if lr.result.kind != SUCCESS or not lr.forwards:
             return lr.result
         dtline = ("Delivered-To: %s@%s\n" % (rt.local, rt.domain)).encode(
@@ -413,7 +432,8 @@ class Scheduler:
         if not bounced:
             return
         try:
-            self.store.remove(item)
+            if not entry.removed:
+                self.store.remove(item)
         except OSError as e:
             log.alert("unable to remove msg %s: %s" % (item.id, e))
         self.entries.pop(item.id, None)

@@ -414,28 +414,38 @@ class Store:
         return "%d.%d.%d" % (int(time.time()), os.getpid(), next(self._seq))
 
     def draft(self) -> "Draft":
-        """Open a new message file (in the threadpool).  Raises QueueError
-        when the queue cannot take it (disk full, permissions)."""
-        return _offload(self._draft)
+        """Start a new message.  Raises QueueError when the queue cannot take
+        it (a directory missing or not writable), before any data comes.
 
-    def _draft(self) -> "Draft":
-        if not os.access(self.mess, os.W_OK | os.X_OK):  # refuse before the data
-            raise QueueError("qq trouble creating files in queue (#4.3.0)", errno.EACCES)
+        The file itself is created by the first write to disk (a message
+        under `CHUNK` bytes: by commit()), in the same threadpool call.
+        Checking the directories is two access(2) calls on the hub.
+        """
+        for d in (self.tmp, self.mess):
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise QueueError("qq trouble creating files in queue (#4.3.0)",
+                                 errno.EACCES)
+        return Draft(self, self.new_id())
+
+    def _create(self, draft: "Draft") -> int:
+        """Create the draft's file in tmp/ (blocking).  A name in use in tmp/
+        or mess/ is skipped: a committed message is never replaced.
+        Returns the descriptor; raises OSError."""
         for _ in range(100):
-            msgid = self.new_id()
             try:
-                fd = os.open(os.path.join(self.tmp, msgid),
+                fd = os.open(os.path.join(self.tmp, draft.id),
                              os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
-                continue
-            except OSError as e:
-                raise QueueError("qq trouble creating files in queue (#4.3.0)", e.errno)
-            if os.path.lexists(os.path.join(self.mess, msgid)):
+                fd = -1
+            if fd >= 0 and not os.path.lexists(os.path.join(self.mess, draft.id)):
+                return fd
+            if fd >= 0:
                 os.close(fd)
-                os.unlink(os.path.join(self.tmp, msgid))
-                continue
-            return Draft(self, msgid, fd)
-        raise QueueError("qq trouble creating files in queue (#4.3.0)")
+                os.unlink(os.path.join(self.tmp, draft.id))
+            self.open_drafts.discard(draft.id)
+            draft.id = self.new_id()
+            self.open_drafts.add(draft.id)
+        raise OSError(errno.EEXIST, "no free queue file name")
 
     def poke(self) -> None:
         """Wake the daemon's scheduler through the trigger FIFO; never blocks."""
@@ -527,14 +537,16 @@ class Store:
     def remove(self, item: Item) -> None:
         """Remove a finished message, made durable (the scheduler skips the
         done mark of a message's last recipients and relies on this)."""
-        def work():
-            try:
-                os.unlink(os.path.join(self.mess, item.id))
-            except FileNotFoundError:
-                pass
-            fsync_dir(self.mess)  # shared with concurrent commits/removals
+        _offload(self.remove_now, item)
 
-        _offload(work)
+    def remove_now(self, item: Item) -> None:
+        """remove(), blocking: for a threadpool thread that is already
+        running (the delivery that finished the message).  Raises OSError."""
+        try:
+            os.unlink(os.path.join(self.mess, item.id))
+        except FileNotFoundError:
+            pass
+        fsync_dir(self.mess)  # shared with concurrent commits/removals
 
     def commit_from(self, prefix: bytes, path: str, sender: str,
                     recipients: Sequence[str]) -> Item:
@@ -671,10 +683,10 @@ class Store:
 class Draft:
     """A message being written into the queue.  Not shared between greenlets."""
 
-    def __init__(self, store: Store, msgid: str, fd: int):
+    def __init__(self, store: Store, msgid: str):
         self.store = store
         self.id = msgid
-        self.fd = fd
+        self.fd = -1  # created by the first write to disk
         self.size = 0
         self._buf = bytearray()
         self._closed = False
@@ -693,9 +705,14 @@ class Draft:
     def _flush(self) -> None:
         buf, self._buf = bytes(self._buf), bytearray()
         try:
-            _offload(_write_all, self.fd, buf)
+            _offload(self._write, buf)
         except OSError as e:
             self.error = _write_error(e)
+
+    def _write(self, buf: bytes) -> None:
+        if self.fd < 0:
+            self.fd = self.store._create(self)
+        _write_all(self.fd, buf)
 
     def commit(self, sender: str, recipients: Sequence[str], uid: Optional[int] = None,
                pid: Optional[int] = None) -> Item:
@@ -721,7 +738,7 @@ class Draft:
             raise self.error
 
         def work():
-            _write_all(self.fd, buf)
+            self._write(buf)
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1

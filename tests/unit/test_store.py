@@ -212,9 +212,9 @@ def test_draft_never_takes_a_committed_name(store, monkeypatch):
     names = iter([taken.id, "1.2.3"])
     monkeypatch.setattr(store, "new_id", lambda: next(names))
     d = store.draft()
-    assert d.id == "1.2.3"
     d.write(b"second\n")
-    d.commit("s", ["r"])
+    assert d.commit("s", ["r"]).id == "1.2.3"
+    assert store.open_drafts == set()
     assert data_of(store, taken.id) == b"first\n"
     assert data_of(store, "1.2.3") == b"second\n"
 
@@ -540,13 +540,25 @@ def test_recover_keeps_committed_messages(store):
 
 def test_recover_keeps_open_draft(store):
     d = store.draft()
-    d.write(b"partial")
+    d.write(b"partial" * store_mod.CHUNK)  # on disk already
     assert store.recover(at_start=False) == 0
     assert os.listdir(store.tmp) == [d.id]
     assert store.recover(at_start=True) == 0  # open here: never junk
     assert os.listdir(store.tmp) == [d.id]
     item = d.commit("s", ["r"])
     assert store.load(item.id).recipients == ["r"]
+
+
+def test_small_draft_touches_the_disk_only_at_commit(store):
+    d = store.draft()
+    d.write(b"Received: x\nsmall\n")
+    assert empty(store)  # the file is made in the commit's threadpool call
+    item = d.commit("s", ["r"])
+    assert files(store) == {"mess": [item.id], "tmp": []}
+    d2 = store.draft()
+    d2.write(b"never committed\n")
+    d2.abort()
+    assert files(store) == {"mess": [item.id], "tmp": []}
 
 
 def test_recover_own_pid_junk(store):
