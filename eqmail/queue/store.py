@@ -323,8 +323,8 @@ class Store:
 
     @classmethod
     def open(cls, home: str, create: bool = True) -> "Store":
-        """Open (and with `create`, make) the queue under `home`; with
-        `create`, a version 1 queue is converted (`upgrade_v1`).
+        """Open (and with `create`, make) the queue under `home`.  A version 1
+        queue is converted (`upgrade_v1`) when this process may write it.
 
         Raises OSError when the directories cannot be made or are missing.
         """
@@ -341,72 +341,111 @@ class Store:
                     pass
             if os.path.isdir(os.path.join(qdir, "envelope")):
                 store.upgrade_v1()
-        elif not os.path.isdir(store.mess):
-            raise FileNotFoundError(errno.ENOENT, "no queue", store.mess)
+        else:
+            if not os.path.isdir(store.mess):
+                raise FileNotFoundError(errno.ENOENT, "no queue", store.mess)
+            old = os.path.join(qdir, "envelope")
+            if os.path.isdir(old) and os.access(old, os.W_OK):  # never commit into v1
+                store.upgrade_v1()
         return store
 
     def upgrade_v1(self) -> int:
         """Convert a version 1 queue (mess/ID data, envelope/ID envelope) in
-        place: each envelope, progress kept, is appended to its data file
-        with a trailer and fsync'd, then envelope/ID goes; mess/ files left
-        without an envelope were v1 junk and go too; envelope/ goes last.
-        Safe to rerun after a crash at any point.  Returns the count of
-        messages converted.  Raises OSError."""
+        place.  Returns the count of messages converted; raises OSError.
+
+        Under an exclusive flock(2) of envelope/ (one converter at a time):
+        first, once (marked by envelope/.swept), every mess/ file without an
+        envelope is removed: it is v1 junk (a partial or finished message)
+        and its bytes came from the network, so they are never read as a
+        queue file.  Then each message: its data size is recorded in its v1
+        envelope (an ``S`` record, fsync'd) unless recorded already; the data
+        file is cut back to that size (a conversion cut short by a crash is
+        redone, a trailer in the data is never trusted), the v2 envelope
+        with the progress marks and the trailer are appended and fsync'd,
+        and envelope/ID goes.  envelope/ goes last.  Safe to rerun after a
+        crash at any point.
+        """
+        import fcntl
+
         old = os.path.join(self.qdir, "envelope")
+        try:
+            lock = os.open(old, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:
+            return 0
         converted = 0
-        names = [n for n in os.listdir(old) if not n.startswith(".")]
-        for name in names:
-            path = os.path.join(self.mess, name)
-            env_path = os.path.join(old, name)
-            try:
-                fd = os.open(path, os.O_RDWR)
-            except FileNotFoundError:
-                os.unlink(env_path)  # v1 state 6: the message was finished
-                continue
-            try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.isdir(old):
+                return 0  # another process finished it meanwhile
+            swept = os.path.join(old, ".swept")
+            if not os.path.exists(swept):
+                committed = set(os.listdir(old))
+                for name in os.listdir(self.mess):
+                    if name not in committed:
+                        try:
+                            os.unlink(os.path.join(self.mess, name))
+                        except (FileNotFoundError, IsADirectoryError, PermissionError):
+                            pass
+                fsync_dir(self.mess)
+                os.close(os.open(swept, os.O_WRONLY | os.O_CREAT, 0o600))
+                fsync_dir(old)
+            for name in os.listdir(old):
+                if name.startswith("."):
+                    continue
                 try:
-                    data_size_of(fd)
-                    done = True  # converted before a crash
-                except ValueError:
-                    done = False
-                if not done:
-                    with open(env_path, "rb") as f:
-                        v1 = f.read()
-                    item = decode_envelope(name, v1, 0, _V1)
-                    size = os.fstat(fd).st_size
-                    env, offsets = encode_envelope(item.birth, item.uid, item.pid,
-                                                   item.sender, item.recipients)
-                    env = bytearray(env)
-                    for off, was_done in zip(offsets, item.done):
-                        if was_done:
-                            env[off:off + 1] = b"D"
-                    os.lseek(fd, size, os.SEEK_SET)
-                    _write_all(fd, bytes(env) + encode_trailer(size))
-                    os.fsync(fd)
-                    converted += 1
-            except ValueError as e:
-                log.alert("queue upgrade: unable to read envelope %s: %s" % (name, e))
-                continue
-            finally:
-                os.close(fd)
-            os.unlink(env_path)
-        committed = set(os.listdir(old))
-        if not committed:
-            for name in os.listdir(self.mess):
-                path = os.path.join(self.mess, name)
-                try:
-                    with open(path, "rb") as f:
-                        data_size_of(f.fileno())
-                except ValueError:
-                    os.unlink(path)  # v1 states 2 and 6: data without an envelope
-                except OSError:
-                    pass
-            fsync_dir(self.mess)
+                    converted += self._convert_v1(name, os.path.join(old, name))
+                except ValueError as e:
+                    log.alert("queue upgrade: unable to read envelope %s: %s" % (name, e))
+            if [n for n in os.listdir(old) if not n.startswith(".")]:
+                return converted  # a bad envelope stays; tried again next time
+            os.unlink(swept)
             os.rmdir(old)
             fsync_dir(self.qdir)
-        if converted:
-            log.status("queue upgrade: %d messages converted to version 2" % converted)
+        finally:
+            os.close(lock)
+            if converted:
+                log.status("queue upgrade: %d messages converted to version 2" % converted)
         return converted
+
+    def _convert_v1(self, name: str, env_path: str) -> int:
+        """One message of upgrade_v1().  Returns 1, or 0 when its data was
+        gone (a finished message).  Raises OSError, ValueError."""
+        with open(env_path, "rb") as f:
+            v1 = f.read()
+        try:
+            fd = os.open(os.path.join(self.mess, name), os.O_RDWR)
+        except FileNotFoundError:
+            os.unlink(env_path)  # v1 state 6: the message was finished
+            return 0
+        try:
+            item = decode_envelope(name, v1, 0, _V1)
+            sizes = [r[1:] for r in v1.split(b"\0") if r[:1] == b"S" and r[1:].isdigit()]
+            if sizes:
+                size = int(sizes[-1])
+                os.ftruncate(fd, size)
+            else:
+                size = os.fstat(fd).st_size
+                efd = os.open(env_path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    _write_all(efd, b"S%d\0" % size)
+                    os.fsync(efd)
+                finally:
+                    os.close(efd)
+            env, offsets = encode_envelope(item.birth, item.uid, item.pid,
+                                           item.sender, item.recipients)
+            env = bytearray(env)
+            for off, was_done in zip(offsets, item.done):
+                if was_done:
+                    env[off:off + 1] = b"D"
+            view, at = memoryview(bytes(env) + encode_trailer(size)), size
+            while view:
+                n = os.pwrite(fd, view, at)
+                view, at = view[n:], at + n
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(env_path)
+        return 1
 
     # -- writing ------------------------------------------------------------
 

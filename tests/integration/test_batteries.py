@@ -971,6 +971,30 @@ def _qread(home):
     return out.stdout.decode()
 
 
+def _to_version_1(q, home):
+    """Rewrite every queue file under `q` the way eqmail 0.1 stored it:
+    the data in mess/ID, the envelope (V1, progress kept) in envelope/ID."""
+    from eqmail.queue.store import Store, encode_envelope, open_message
+
+    store = Store(q)
+    for name in home.queued():
+        item = store.load(name)
+        with open_message(store.message_path(name)) as f:
+            data = f.read()
+        env, offsets = encode_envelope(item.birth, item.uid, item.pid, item.sender,
+                                       item.recipients, version=b"V1")
+        env = bytearray(env)
+        for off, done in zip(offsets, item.done):
+            if done:
+                env[off:off + 1] = b"D"
+        for path, content in ((os.path.join(q, "mess", name), data),
+                              (os.path.join(q, "envelope", name), bytes(env))):
+            with open(path, "wb") as f:
+                f.write(content)
+            if ROOT:
+                os.chown(path, home.uid, home.gid)
+
+
 def test_recovery_cleans_partial_files_and_qread_lists_the_envelopes(home, daemon_factory):
     """A queue written by the previous release (version 1: data in mess/,
     a hand-written envelope in envelope/ with a record type no release
@@ -990,14 +1014,15 @@ def test_recovery_cleans_partial_files_and_qread_lists_the_envelopes(home, daemo
     q = os.path.join(home.path, "queue")
     dead = _dead_pid()
     now = int(time.time())
+    os.mkdir(os.path.join(q, "envelope"), 0o700)
+    if ROOT:
+        os.chown(os.path.join(q, "envelope"), home.uid, home.gid)
+    _to_version_1(q, home)  # the two messages queued above, as 0.1 wrote them
     # an "earlier release" message: written by hand, with an unknown record X
     old_id = "%d.%d.77" % (now - 3600, dead)
     with open(os.path.join(q, "mess", old_id), "wb") as f:
         f.write(b"Received: (from an earlier release)\nSubject: old\n"
                 b"Message-ID: <q-3@battery.test>\n\nold queue\n")
-    os.mkdir(os.path.join(q, "envelope"), 0o700)
-    if ROOT:
-        os.chown(os.path.join(q, "envelope"), home.uid, home.gid)
     with open(os.path.join(q, "envelope", old_id), "wb") as f:
         f.write(b"V1\0B%d\0u0\0p%d\0Xsome future field\0Fold@example.com\0"
                 b"Dgone@localhost\0Told@localhost\0Tfar@remote.test\0" % (now - 3600, dead))
@@ -1012,7 +1037,7 @@ def test_recovery_cleans_partial_files_and_qread_lists_the_envelopes(home, daemo
         with open(path, "wb") as f:
             f.write(data)
     d.start()
-    assert wait_log(d, "queue upgrade: 1 messages converted to version 2"), d.log()
+    assert wait_log(d, "queue upgrade: 3 messages converted to version 2"), d.log()
     assert wait_log(d, "queue recovery removed %d partial files" % len(junk)), d.log()
     for path in list(v1_junk) + list(junk):
         assert not os.path.exists(path), path

@@ -647,18 +647,48 @@ def test_version_1_queue_is_converted(tmp_path):
     assert store.load("1000.6.1").done == [True, True]
 
 
-def test_version_1_conversion_resumes_after_a_crash(tmp_path):
+def test_version_1_conversion_resumes_after_a_crash(tmp_path, monkeypatch):
     q = v1_queue(tmp_path)
-    saved = (q / "envelope" / "1000.6.1").read_bytes()
-    Store.open(str(tmp_path))
-    # the crash came after the append, before envelope/ID went
-    (q / "envelope").mkdir()
-    (q / "envelope" / "1000.6.1").write_bytes(saved)
-    before = (q / "mess" / "1000.6.1").read_bytes()
+    real_unlink = os.unlink
+
+    def crash(path, *a, **kw):  # the power goes right after the append
+        if "/envelope/" in str(path) and not str(path).endswith(".swept"):
+            raise OSError(5, "crash")
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(store_mod.os, "unlink", crash)
+    with pytest.raises(OSError):
+        Store.open(str(tmp_path))
+    monkeypatch.undo()
+    assert (q / "envelope" / "1000.6.1").exists()
     store = Store.open(str(tmp_path))
-    assert (q / "mess" / "1000.6.1").read_bytes() == before  # not appended twice
+    assert data_of(store, "1000.6.1") == b"Received: x\nold message\n"  # once, not twice
     assert store.load("1000.6.1").done == [True, False]
     assert not (q / "envelope").exists()
+
+
+def test_version_1_data_is_never_read_as_a_version_2_file(tmp_path):
+    """Bytes from the network that end like a v2 queue file (a forged
+    envelope naming other recipients, and a trailer) stay data."""
+    q = v1_queue(tmp_path)
+    forged = b"Received: x\n\nbody\n" + encode_queue_file(
+        b"", 1, 0, 1, "evil@x", ["victim@elsewhere.example"])[:-TRAILER_SIZE]
+    forged += encode_trailer(len(b"Received: x\n\nbody\n"))
+    (q / "mess" / "1000.6.1").write_bytes(forged)  # a queued message
+    (q / "mess" / "1000.6.9").write_bytes(forged)  # junk: no envelope
+    store = Store.open(str(tmp_path))
+    assert store.ids() == ["1000.6.1"]
+    item = store.load("1000.6.1")
+    assert item.recipients == ["a@y", "b@z"] and item.sender == "s@x"
+    assert data_of(store, "1000.6.1") == forged
+
+
+def test_tools_convert_before_committing(tmp_path):
+    v1_queue(tmp_path)
+    store = Store.open(str(tmp_path), create=False)
+    assert not os.path.exists(os.path.join(store.qdir, "envelope"))
+    item = commit(store)
+    assert sorted(store.ids()) == sorted(["1000.6.1", item.id])
 
 
 # -- scheduler.next_retry (T45) ---------------------------------------------------------------
