@@ -139,11 +139,12 @@ def resolver():
 def _query(name: str, rdtype: str):
     """Answers of one type; [] for NODATA.  Raises PermError for NXDOMAIN,
     TempError for anything temporary."""
+    r = resolver()  # first: it keeps dnspython's feature probe out
     import dns.exception
     import dns.resolver
 
     try:
-        return list(resolver().resolve(name, rdtype, search=False))
+        return list(r.resolve(name, rdtype, search=False))
     except dns.resolver.NXDOMAIN:
         raise PermError("Sorry, I couldn't find any host named %s. (#5.1.2)" % name, "5.1.2")
     except dns.resolver.NoAnswer:
