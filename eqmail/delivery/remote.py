@@ -2,9 +2,10 @@
 
 SUMMARY
     `deliver(config, msgpath, sender, recipients, domain)` sends one queued
-    message (a queue file, or with ``queued=False`` a plain file of data) to all of its recipients at one domain in one SMTP
-    transaction and returns one Result per recipient: delivered (2xx),
-    deferred (4xx, no connection, DNS trouble) or failed (5xx).
+    message (a queue file, or with ``queued=False`` a plain file of data)
+    to all of its recipients at one domain in one SMTP transaction and
+    returns one Result per recipient: delivered (2xx), deferred (4xx, no
+    connection, DNS trouble) or failed (5xx).
 
 ROUTING
     control/smtproutes first (exact domain, ``.suffix`` longest first, the
@@ -466,18 +467,6 @@ def _quit(conn: Connection) -> None:
         pass
 
 
-def _data_size(path: str) -> int:
-    """The size in bytes of the data in the queue file at `path`.  Raises
-    OSError, or ValueError when it is not a queue file."""
-    from ..queue.store import data_size_of
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return data_size_of(fd)
-    finally:
-        os.close(fd)
-
-
 def deliver(config: Config, msgpath: str, sender: str, recipients: Sequence[str],
             domain: str, queued: bool = True) -> List[Result]:
     """Deliver the message at `msgpath` (a queue file; with `queued` false,
@@ -487,7 +476,9 @@ def deliver(config: Config, msgpath: str, sender: str, recipients: Sequence[str]
     n = len(recipients)
     try:
         targets, route = run(plan, config, domain)
-        size = run(_data_size, msgpath) if queued else os.path.getsize(msgpath)
+        from ..queue.store import data_size
+
+        size = run(data_size if queued else os.path.getsize, msgpath)
     except PermError as e:
         return [failed(str(e), e.status)] * n
     except TempError as e:

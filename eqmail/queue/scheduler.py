@@ -385,15 +385,16 @@ class Scheduler:
         item = entry.item
         rt = route(config, recipient)
         msgpath = self.store.message_path(item.id)
-        then = None
-        if finish:
-            def then():
-                try:
-                    self.store.remove_now(item)
-                    entry.removed = True
-                except OSError as e:  # _finish tries again
-                    log.alert("unable to remove msg %s: %s" % (item.id, e))
-        lr = lspawn.deliver_local(config, msgpath, item.sender, rt.local, rt.domain, then)
+
+        def remove_now():
+            try:
+                self.store.remove_now(item)
+                entry.removed = True
+            except OSError as e:  # _finish tries again
+                log.alert("unable to remove msg %s: %s" % (item.id, e))
+
+        lr = lspawn.deliver_local(config, msgpath, item.sender, rt.local, rt.domain,
+                                  remove_now if finish else None)
         if lr.result.kind != SUCCESS or not lr.forwards:
             return lr.result
         dtline = ("Delivered-To: %s@%s\n" % (rt.local, rt.domain)).encode(

@@ -67,7 +67,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence
 
 from .. import log
 from ..durable import fsync_dir
@@ -283,6 +283,16 @@ def open_message(path: str) -> BinaryIO:
     """Open the queue file at `path` for reading its message data (no
     envelope).  Raises OSError, or ValueError when it is not a queue file."""
     return message_window(os.open(path, os.O_RDONLY))
+
+
+def data_size(path: str) -> int:
+    """The size in bytes of the message data in the queue file at `path`.
+    Raises OSError, or ValueError when it is not a queue file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return data_size_of(fd)
+    finally:
+        os.close(fd)
 
 
 def data_copy(msgfile: BinaryIO, dir: Optional[str] = None) -> BinaryIO:
