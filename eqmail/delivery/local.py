@@ -64,7 +64,7 @@ import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, List, Optional, Tuple
+from typing import BinaryIO, List, Optional, Sequence, Tuple
 
 from . import Result, deferred, delivered, failed, FAILURE, DEFERRAL, SUCCESS
 from ..control import Config
@@ -75,6 +75,8 @@ _seq = itertools.count(1)
 _COPY = 65536
 #: Bytes of header read for the Delivered-To loop check.
 _HEADER_SCAN = 1 << 20
+#: Bytes read of a dot-qmail file at most.
+MAX_DOT_QMAIL = 1 << 20
 PROGRAM_TIMEOUT = 3600
 PROGRAM_OUTPUT = 1000
 MBOX_LOCK_WAIT = 30
@@ -350,14 +352,25 @@ def find_dot_qmail(target: Target) -> _Found:
     def try_open(name):
         path = os.path.join(target.home, name)
         try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                return path, f.read(1 << 20), st.st_mode
+            fd = os.open(path, os.O_RDONLY)
         except OSError as e:
             # qmail-local's qmeexists(): only temporary errors stop the search
             if e.errno in (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR):
                 return None
             raise
+        try:
+            st = os.fstat(fd)
+            want = min(st.st_size, MAX_DOT_QMAIL)  # a 1 MB buffer for 11 bytes costs
+            chunks = []
+            while want > 0:
+                chunk = os.read(fd, want)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                want -= len(chunk)
+            return path, b"".join(chunks), st.st_mode
+        finally:
+            os.close(fd)
 
     if not target.dash:
         got = try_open(".qmail")
@@ -374,22 +387,53 @@ def find_dot_qmail(target: Target) -> _Found:
     return _Found(None, None, None)
 
 
-def outside_home(line: str, home: str, confined: bool) -> bool:
-    """Does the file line `line` lead out of `home`?
+def outside_home(line: str, home: str, confined: bool, below: Sequence[str] = ()) -> bool:
+    """Does the file line `line` (or one of the entries `below` it, such as
+    a Maildir's ``tmp`` and ``new``) lead out of `home`?
 
     A relative line (``./x``) may never climb out (``./../x``).  When
     `confined` -- the delivery runs with eqmaild's own uid, so the kernel
     would not stop it from writing into the queue -- absolute lines and
-    symbolic links must stay inside the home as well."""
+    symbolic links must stay inside the home as well.  A relative line
+    whose every component below the home is not a symbolic link (lstat(2)
+    each, the common case) stays inside without resolving the home's own
+    path; otherwise both are resolved with realpath.  Blocking."""
     home_n = os.path.normpath(home)
     path = os.path.normpath(line if line.startswith("/") else os.path.join(home, line))
     inside = lambda p, h: p == h or p.startswith(h.rstrip("/") + "/")  # noqa: E731
     if not line.startswith("/") and not inside(path, home_n):
         return True
-    if confined:
-        real = os.path.realpath(path)
-        if not inside(real, os.path.realpath(home_n)):
+    if not confined:
+        return False
+    paths = [path] + [os.path.join(path, b) for b in below]
+    if not line.startswith("/") and not _symlink_below(home_n, path, below):
+        return False
+    real_home = os.path.realpath(home_n)
+    return any(not inside(os.path.realpath(p), real_home) for p in paths)
+
+
+def _symlink_below(home: str, path: str, below: Sequence[str]) -> bool:
+    """Is a component of `path` under `home`, or `path`/b for b in `below`,
+    a symbolic link (or not to be checked)?  Missing components end the walk:
+    nothing can be resolved through them."""
+    rel = os.path.relpath(path, home)
+    parts = [] if rel == "." else rel.split(os.sep)
+    cur = home
+    for part in parts:
+        cur = os.path.join(cur, part)
+        try:
+            if stat.S_ISLNK(os.lstat(cur).st_mode):
+                return True
+        except OSError:
+            return False
+    for b in below:
+        if "/" in b or b in ("", ".", ".."):
             return True
+        try:
+            if stat.S_ISLNK(os.lstat(os.path.join(cur, b)).st_mode):
+                return True
+        except OSError:
+            pass
     return False
 
 
@@ -474,10 +518,8 @@ def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: 
             continue
         if line.startswith("/") or line.startswith("."):
             path = line if line.startswith("/") else os.path.join(target.home, line)
-            if outside_home(line, target.home, confined) or (
-                    confined and line.endswith("/") and any(
-                        outside_home(os.path.join(path, sub), target.home, True)
-                        for sub in ("tmp", "new"))):
+            if outside_home(line, target.home, confined,
+                            ("tmp", "new") if line.endswith("/") else ()):
                 return LocalResult(deferred("Uh-oh: .qmail file line %s leads out of the "
                                             "home directory. (#4.7.0)" % line, "4.7.0"))
             if line.endswith("/"):
