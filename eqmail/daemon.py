@@ -3,6 +3,8 @@
 SYNOPSIS
     eqmaild [--home DIR] [--foreground] [--pidfile FILE] [--smtp ADDR:PORT]...
             [--submission ADDR:PORT]... [--smtps ADDR:PORT]... [--checkpassword CMD]
+            [--user USER] [--workers N] [--worker-load FRACTION]
+            [--worker-idle SECONDS]
 
 DESCRIPTION
     Binds the SMTP listeners, then serves every connection with the same
@@ -20,8 +22,13 @@ DESCRIPTION
     and concurrencyperip cap the sessions (421 beyond).  AUTH uses
     ``--checkpassword`` (default: eqmail chkpw and HOME/users/passwd).
 
+    Under load on a multi-core machine, eqmaild starts up to ``--workers``
+    session workers and hands them new connections (eqmail.workers); they
+    stop again after ``--worker-idle`` seconds without a session.
+
 SIGNALS
-    SIGHUP   re-read the control files (the last good ones stay on error)
+    SIGHUP   re-read the control files (the last good ones stay on error);
+             passed on to the session workers
     SIGALRM  retry every queued message now
     SIGTERM, SIGINT
              stop accepting; sessions get 421 at their next command outside
@@ -109,8 +116,15 @@ def bind(spec: str) -> socket.socket:
     return s
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad usage exits 64 (EX_USAGE), as the EXIT CODES above say."""
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, "%s: error: %s\n" % (self.prog, message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="eqmaild",
         description="eqmail daemon: SMTP listeners, durable queue and deliveries "
                     "in one process.",
@@ -141,8 +155,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="started as root: bind, then run as USER (default: eqmail, when "
                         "that user exists; `eqmail mkusers` creates it); deliveries to other "
                         "users go through a small root helper")
+    p.add_argument("--workers", metavar="N", type=_count, default=None,
+                   help="most session worker processes started when busy, to use more "
+                        "cores (default: 1 on a multi-core machine, 0 on one core; 0 = "
+                        "always one process)")
+    p.add_argument("--worker-load", metavar="FRACTION", type=_fraction, default=0.5,
+                   help="start a worker when eqmaild used at least this share of one "
+                        "core over the last second (default 0.5; 0 = at the first "
+                        "connection)")
+    p.add_argument("--worker-idle", metavar="SECONDS", type=_seconds, default=60,
+                   help="stop a worker after this long without a session (default 60)")
     p.add_argument("--version", action="version", version="eqmaild " + __version__)
     return p
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 64:
+        raise argparse.ArgumentTypeError("not a count from 0 to 64: %r" % text)
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        f = float(text)
+    except ValueError:
+        f = -1.0
+    if not 0.1 <= f <= 86400:
+        raise argparse.ArgumentTypeError("not a number of seconds from 0.1 to 86400: %r"
+                                         % text)
+    return f
+
+
+def _fraction(text: str) -> float:
+    try:
+        f = float(text)
+    except ValueError:
+        f = -1.0
+    if not 0.0 <= f <= 64.0:
+        raise argparse.ArgumentTypeError("not a share of a core from 0 to 64: %r" % text)
+    return f
 
 
 def fatal(code: int, text: str) -> int:
@@ -196,6 +251,9 @@ def main(argv: List[str] = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, signal.SIG_IGN)
     home = resolve_home(args.home)
+    if args.workers is None:
+        from .workers import default_count
+        args.workers = default_count()
     is_root = os.geteuid() == 0
     given = {"smtp": args.smtp, "submission": args.submission, "smtps": args.smtps}
     defaults = not any(given.values())
@@ -284,7 +342,8 @@ def main(argv: List[str] = None) -> int:
         import importlib
         for name in ("gevent.pool", "gevent.server", "gevent.ssl", "eqmail.queue.pickup",
                      "eqmail.queue.scheduler", "eqmail.smtp.session", "eqmail.smtp.spp",
-                     "eqmail.smtp.tls", "eqmail.smtp.auth", "eqmail.children"):
+                     "eqmail.smtp.tls", "eqmail.smtp.auth", "eqmail.children",
+                     "eqmail.workers"):
             importlib.import_module(name)
 
         try:
@@ -297,7 +356,8 @@ def main(argv: List[str] = None) -> int:
         log.status("running as user %s; deliveries to other users through the "
                    "root helper" % run_as.pw_name)
     try:
-        return serve(holder, sockets, created, checkpassword)
+        return serve(holder, sockets, created, checkpassword, args.workers, args.worker_load,
+                     args.worker_idle)
     finally:
         log.flush()
         if args.pidfile:
@@ -322,8 +382,10 @@ LISTENER_NAMES = {"smtp": "SMTP", "smtps": "SMTP over TLS (smtps)",
                   "submission": "submission"}
 
 
-def serve(holder, sockets, created: bool, checkpassword=None) -> int:
-    """Run the listeners and the scheduler until SIGTERM/SIGINT."""
+def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int = 0,
+          worker_load: float = 0.5, worker_idle: float = 60) -> int:
+    """Run the listeners and the scheduler until SIGTERM/SIGINT, with up to
+    `max_workers` session workers when busy (eqmail.workers)."""
     import gevent
     import gevent.event
     import gevent.pool
@@ -332,7 +394,6 @@ def serve(holder, sockets, created: bool, checkpassword=None) -> int:
 
     from .queue.scheduler import Scheduler
     from .queue.store import Store
-    from .smtp.session import Session
 
     config = holder.current
     hub = gevent.get_hub()
@@ -358,22 +419,25 @@ def serve(holder, sockets, created: bool, checkpassword=None) -> int:
     def reload():
         holder.reload()
         scheduler.wake()
+        workers.signal(signal.SIGHUP)
 
     gevent.signal_handler(signal.SIGHUP, reload)
     gevent.signal_handler(signal.SIGALRM, scheduler.retry_now)
     gevent.signal_handler(signal.SIGTERM, stop_event.set)
     gevent.signal_handler(signal.SIGINT, stop_event.set)
 
-    from .smtp import reply, tls
+    from .smtp import reply
+    from .workers import Pool, serve_connection
 
-    counts = {"total": 0}
+    counts = {"total": 0, "here": 0}  # sessions: all, and those served here
     per_ip: dict = {}
+    workers = Pool(holder.home, store, scheduler.add, max_workers, worker_load,
+                   checkpassword, worker_idle)
 
     def handle(sock, addr, kind):
         """One connection: rules, limits, TLS, then the SMTP session."""
         config = holder.current
         ip = _plain_ip(addr[0])
-        conn = {"sock": sock}
         counts["total"] += 1
         per_ip[ip] = per_ip.get(ip, 0) + 1
         try:
@@ -394,31 +458,17 @@ def serve(holder, sockets, created: bool, checkpassword=None) -> int:
             if kind == "submission":
                 env["TLSREQUIRED"] = "1"  # the submission listener's default
             env.update(rule.env if rule is not None else ())
-            ctx = tls.server_context(config.home, config.tlsserverciphers)
-            cipher = None
-            if kind == "smtps":
-                if ctx is None:
-                    log.alert("smtps: no usable control/servercert.pem; closing %s" % ip)
-                    return
-                try:
-                    with gevent.Timeout(config.timeoutsmtpd):
-                        conn["sock"] = ctx.wrap_socket(sock, server_side=True)
-                except BaseException as e:
-                    if isinstance(e, (KeyboardInterrupt, SystemExit, gevent.GreenletExit)):
-                        raise
-                    log.line("smtpd: TLS handshake with %s failed: %s" % (ip, log.clean(str(e))))
-                    return
-                cipher = tls.cipher_name(conn["sock"])
-
-            def starttls():
-                conn["sock"] = ctx.wrap_socket(conn["sock"], server_side=True)
-                return conn["sock"].recv, conn["sock"].sendall, tls.cipher_name(conn["sock"])
-
-            Session(config, store, conn["sock"].recv, conn["sock"].sendall, env,
-                    stopping=lambda: state["stopping"],
-                    starttls=starttls if ctx is not None and kind != "smtps" else None,
-                    tls_cipher=cipher, checkpassword=checkpassword,
-                    submission=kind == "submission").run()
+            done = workers.offer(sock, kind, env, counts["here"])
+            if done is not None:  # a worker serves it; its place counts until it ends
+                sock.close()
+                done.wait()
+                return
+            counts["here"] += 1
+            try:
+                serve_connection(config, store, sock, kind, env,
+                                 lambda: state["stopping"], checkpassword)
+            finally:
+                counts["here"] -= 1
         except OSError:
             pass
         finally:
@@ -426,7 +476,7 @@ def serve(holder, sockets, created: bool, checkpassword=None) -> int:
             per_ip[ip] -= 1
             if not per_ip[ip]:
                 del per_ip[ip]
-            tls.close(conn["sock"])
+            sock.close()
 
     pool = gevent.pool.Pool(2 * config.concurrencyincoming + 50)
     servers = []
@@ -459,6 +509,8 @@ def serve(holder, sockets, created: bool, checkpassword=None) -> int:
     state["stopping"] = True
     for server in servers + ([pickup_server] if pickup_server else []):
         server.close()
+    if not workers.stop(SESSION_GRACE + 5):
+        log.warning("session workers still running; exiting anyway")
     pool.join(timeout=SESSION_GRACE)
     pool.kill(timeout=1)
     if not scheduler.stop(DELIVERY_GRACE):

@@ -58,6 +58,7 @@ MAX_PENDING = 1 << 20
 FLUSH_WAIT = 5.0
 
 _sink = None  # callable(list of lines) or None for stderr
+_dest = ("stderr", None)  # what `destination()` tells: (kind, fd or ident)
 _prefix = ""
 
 
@@ -86,15 +87,21 @@ def clean(value, limit: int = MAX_FIELD) -> str:
 
 def to_stderr() -> None:
     """Send log lines to stderr (the default)."""
-    global _sink
+    global _sink, _dest
     flush()
-    _sink = None
+    _sink, _dest = None, ("stderr", None)
 
 
 def to_file(path: str) -> None:
-    """Append log lines to the file at `path` (created 0640 if missing)."""
-    global _sink
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    """Append log lines to the file at `path` (created 0640 if missing).
+    Raises OSError when it cannot be opened."""
+    to_fd(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
+
+
+def to_fd(fd: int) -> None:
+    """Append log lines to the open descriptor `fd` (a file opened with
+    O_APPEND, so several processes can share it line by line)."""
+    global _sink, _dest
 
     def write(lines) -> None:
         data = memoryview("".join(lines).encode("utf-8", "replace"))
@@ -102,19 +109,19 @@ def to_file(path: str) -> None:
             data = data[os.write(fd, data):]
 
     flush()
-    _sink = write
+    _sink, _dest = write, ("fd", fd)
 
 
 def to_null() -> None:
     """Drop log lines (when no destination is safe)."""
-    global _sink
+    global _sink, _dest
     flush()
-    _sink = lambda lines: None  # noqa: E731
+    _sink, _dest = (lambda lines: None), ("null", None)
 
 
 def to_syslog(ident: str = "eqmaild") -> None:
     """Send log lines to syslog, facility mail, level info."""
-    global _sink
+    global _sink, _dest
     import syslog
 
     syslog.openlog(ident, syslog.LOG_PID, syslog.LOG_MAIL)
@@ -124,7 +131,14 @@ def to_syslog(ident: str = "eqmaild") -> None:
             syslog.syslog(syslog.LOG_INFO, one.rstrip("\n"))
 
     flush()
-    _sink = write
+    _sink, _dest = write, ("syslog", ident)
+
+
+def destination():
+    """Where lines go, for a helper process that must log to the same
+    place: ``("stderr", None)``, ``("fd", descriptor)``, ``("syslog",
+    ident)`` or ``("null", None)``."""
+    return _dest
 
 
 def set_prefix(prefix: str) -> None:

@@ -39,6 +39,7 @@ CHANNELS
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import math
@@ -100,7 +101,10 @@ class Scheduler:
         self.entries: Dict[str, _Entry] = {}
         self._heap: list = []
         self._tie = itertools.count()
-        self._ready: List[tuple] = []
+        #: Jobs due but waiting for a free slot, first come first served,
+        #: one queue per channel (starting them is O(started), not O(waiting)).
+        self._ready: Dict[str, collections.deque] = {LOCAL: collections.deque(),
+                                                      REMOTE: collections.deque()}
         self._wake = gevent.event.Event()
         self._idle = gevent.event.Event()
         self._idle.set()
@@ -120,7 +124,12 @@ class Scheduler:
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._watch_trigger)]
 
     def add(self, item: Item) -> None:
-        """Take a message just committed in this process; deliver it now."""
+        """Take a message just committed (in this process or by one of its
+        session workers), log it and deliver it now."""
+        if item.id in self.entries:
+            return  # a scan() found it first
+        log.new_msg(item.id)
+        log.info_msg(item.id, item.size, item.sender, item.pid, item.uid)
         self._add(item)
         entry = self.entries.get(item.id)
         if entry is not None:
@@ -232,7 +241,8 @@ class Scheduler:
             if not entry.item.pending() and not any(entry.inflight):
                 gevent.spawn(self._finish, entry)  # done before a restart
                 continue
-            self._ready += self._jobs(entry, now)
+            for job in self._jobs(entry, now):
+                self._ready[job[0].channel[job[1][0]]].append(job)
         self._start_ready()
         timeout = SCAN_INTERVAL
         if heap:
@@ -258,18 +268,17 @@ class Scheduler:
         return jobs
 
     def _start_ready(self) -> None:
+        if self.stopping:
+            return
         config = self.holder.current
-        limit = {LOCAL: config.concurrencylocal, REMOTE: config.concurrencyremote}
-        keep = []
-        for entry, idxs in self._ready:
-            channel = entry.channel[idxs[0]]
-            if self.inflight[channel] < limit[channel] and not self.stopping:
+        for channel, limit in ((LOCAL, config.concurrencylocal),
+                               (REMOTE, config.concurrencyremote)):
+            waiting = self._ready[channel]
+            while waiting and self.inflight[channel] < limit:
+                entry, idxs = waiting.popleft()
                 self.inflight[channel] += 1
                 self._idle.clear()
                 gevent.spawn(self._deliver, entry, idxs)
-            else:
-                keep.append((entry, idxs))
-        self._ready = keep
 
     # -- one delivery -----------------------------------------------------------------
 

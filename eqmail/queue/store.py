@@ -823,9 +823,7 @@ class Draft:
         store.open_drafts.discard(self.id)
         item = Item(self.id, birth, sender, list(recipients),
                     [False] * len(recipients), offsets, size=self.size, uid=uid, pid=pid)
-        if store.on_commit is not None:  # in the daemon: log and schedule
-            log.new_msg(self.id)
-            log.info_msg(self.id, self.size, sender, pid, uid)
+        if store.on_commit is not None:  # in the daemon (or one of its workers)
             store.on_commit(item)
         else:  # a tool (sendmail, smtpd): stay quiet, wake the daemon
             store.poke()

@@ -123,3 +123,57 @@ def test_missing_user_is_exit_67(home):
                          capture_output=True, timeout=30)
     assert out.returncode == 67
     assert b"no user nosuchuser42" in out.stderr
+
+
+def test_session_worker_runs_as_the_service_user(home, bob):
+    """Started as root, eqmaild's session worker reads the network as the
+    service user too; what it commits is delivered through the root helper."""
+    out = subprocess.run([PY, "-m", "eqmail", "mkusers", "--home", home.path],
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out
+    eqmail = pwd.getpwnam("eqmail")
+    home.setup(rcpthosts=("localhost",))
+    port = free_port()
+    logpath = os.path.join(home.path, "root-daemon.log")
+    log = open(logpath, "ab")
+    proc = subprocess.Popen([PY, "-m", "eqmail.daemon", "--home", home.path, "--foreground",
+                             "--smtp", "127.0.0.1:%d" % port, "--user", "eqmail",
+                             "--workers", "1", "--worker-load", "0"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd="/")
+    log.close()
+
+    class D:
+        def log(self):
+            with open(logpath, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+    d = D()
+    try:
+        assert wait_log(d, "eqmaild 0.1.0 started"), d.log()
+        by_worker, sent = None, 0
+        for _ in range(50):
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                s.helo("client.example")
+                s.mail("a@example.com")
+                assert s.rcpt("%s@localhost" % BOB)[0] == 250
+                code, text = s.data(b"Subject: worker\r\n\r\nvia a worker\r\n")
+                assert code == 250
+            sent += 1
+            pid = int(text.decode().rsplit(".", 2)[1])  # queue ID: time.pid.n
+            if pid != proc.pid:
+                by_worker = pid
+                break
+            time.sleep(0.05)
+        assert by_worker, d.log()
+        assert _uid_of(by_worker) == eqmail.pw_uid
+        assert by_worker in _children(proc.pid)
+        bob_new = os.path.join(bob.pw_dir, "Maildir", "new")
+        deadline = time.time() + 15
+        while time.time() < deadline and len(os.listdir(bob_new)) < sent:
+            time.sleep(0.05)
+        names = os.listdir(bob_new)
+        assert len(names) == sent, d.log()
+        assert all(os.stat(os.path.join(bob_new, n)).st_uid == bob.pw_uid for n in names)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert "Traceback" not in d.log()

@@ -1,0 +1,228 @@
+"""eqmaild's session workers (eqmail.workers): under load, connections go to
+a second process that runs the same sessions; eqmaild keeps the limits,
+the scheduling, the signals and the stop."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import time
+
+import pytest
+
+from helpers import wait_log
+
+MSG = b"Subject: worker test\r\n\r\nhello\r\n"
+
+
+def start(home, daemon_factory, *args, **control):
+    home.setup(rcpthosts=("mx.example.org", "localhost"), **control)
+    return daemon_factory(home, ["--workers", "1", "--worker-load", "0"] + list(args))
+
+
+def worker_pid(d, timeout=15.0) -> int:
+    assert wait_log(d, "started session worker ", timeout), d.log()
+    return int(re.search(r"started session worker (\d+)", d.log()).group(1))
+
+
+def send(d, data=MSG):
+    """One message to postmaster (the alias user's Maildir); returns the
+    final reply text (``ok <time> qp <queue ID>``: the ID holds the pid of
+    the process that committed it)."""
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=20) as s:
+        s.helo("client.example")
+        s.mail("sender@example.com")
+        assert s.rcpt("postmaster@mx.example.org")[0] == 250
+        code, text = s.data(data)
+        assert code == 250, (code, text)
+        return text.decode()
+
+
+def send_until_worker(d, pid, limit=50) -> list:
+    """Send messages until one is committed by worker `pid`; returns the replies."""
+    replies = []
+    for _ in range(limit):
+        replies.append(send(d))
+        if ".%d." % pid in replies[-1]:
+            return replies
+        time.sleep(0.05)
+    raise AssertionError("no session reached worker %d: %s\n%s" % (pid, replies, d.log()))
+
+
+def sessions_in(pid: int) -> int:
+    """TCP connections the process holds (its sockets that are not Unix ones)."""
+    inodes = set()
+    for name in os.listdir("/proc/%d/fd" % pid):
+        try:
+            link = os.readlink("/proc/%d/fd/%s" % (pid, name))
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    tcp = set()
+    for table in ("/proc/%d/net/tcp" % pid, "/proc/%d/net/tcp6" % pid):
+        try:
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    if fields[3] == "01":  # ESTABLISHED
+                        tcp.add(fields[9])
+        except OSError:
+            pass
+    return len(inodes & tcp)
+
+
+def gone(pid: int, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with open("/proc/%d/status" % pid) as f:
+                if "\nState:\tZ" in f.read():
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def status_field(pid: int, field: str) -> str:
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+def test_worker_serves_sessions_commits_and_eqmaild_delivers(home, daemon_factory):
+    d = start(home, daemon_factory)
+    first = send(d)  # this connection starts the worker; eqmaild serves it
+    pid = worker_pid(d)
+    assert ".%d." % d.proc.pid in first
+    # a child of eqmaild, with eqmaild's user (the unprivileged one under CI)
+    assert status_field(pid, "PPid") == str(d.proc.pid)
+    assert status_field(pid, "Uid").split()[0] == str(home.uid)
+    replies = [first] + send_until_worker(d, pid)
+    replies += [send(d) for _ in range(5)]
+    msgs = home.wait_messages(len(replies), timeout=20)
+    assert len(msgs) == len(replies), d.log()
+    assert all(b"hello" in m for m in msgs)
+    log = d.log()
+    # eqmaild logs every message it heard of, once, whoever committed it
+    for r in replies:
+        msgid = r.split("qp ")[1].strip()
+        assert log.count("new msg %s\n" % msgid) == 1, log
+    assert "Traceback" not in log
+    assert home.queued() == []
+
+
+def test_limits_count_the_sessions_workers_hold(home, daemon_factory):
+    d = start(home, daemon_factory, concurrencyincoming="3\n")
+    send(d)
+    pid = worker_pid(d)
+    send_until_worker(d, pid)
+    conns = []
+    try:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+            conns.append(s)
+            assert s.recv(100).startswith(b"220 ")
+        assert sessions_in(pid) >= 1  # the limit spans both processes
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+            assert s.recv(200).startswith(b"421 ")
+    finally:
+        for s in conns:
+            s.close()
+    # the ended sessions (the worker's "d" records) free their places
+    deadline = time.time() + 10
+    while True:
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+            if s.recv(200).startswith(b"220 "):
+                break
+        assert time.time() < deadline, d.log()
+        time.sleep(0.1)
+
+
+def test_sighup_reaches_the_worker(home, daemon_factory):
+    d = start(home, daemon_factory)
+    send(d)
+    pid = worker_pid(d)
+    send_until_worker(d, pid)
+    home.write("databytes", "50\n")
+    d.signal(signal.SIGHUP)
+    deadline = time.time() + 10
+    while d.log().count("control files reloaded") < 2:  # eqmaild and its worker
+        assert time.time() < deadline, d.log()
+        time.sleep(0.05)
+    for _ in range(6):  # whichever process serves it, the new limit holds
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=20) as s:
+            s.helo("client.example")
+            s.mail("sender@example.com")
+            s.rcpt("postmaster@mx.example.org")
+            code, _ = s.data(MSG + b"x" * 200 + b"\r\n")
+            assert code == 552
+
+
+def test_sigterm_stops_the_worker_with_eqmaild(home, daemon_factory):
+    d = start(home, daemon_factory)
+    send(d)
+    pid = worker_pid(d)
+    send_until_worker(d, pid)
+    assert d.stop() == 0
+    assert gone(pid, 10)
+    assert "session worker %d stopped" % pid in d.log()
+
+
+def test_idle_worker_stops_and_a_new_one_starts_under_load(home, daemon_factory):
+    d = start(home, daemon_factory, "--worker-idle", "0.5")
+    send(d)
+    pid = worker_pid(d)
+    assert wait_log(d, "session worker %d stopped" % pid, 15), d.log()
+    assert gone(pid, 10)
+    send(d)  # busy again: another worker
+    deadline = time.time() + 15
+    while len(re.findall(r"started session worker (\d+)", d.log())) < 2:
+        assert time.time() < deadline, d.log()
+        time.sleep(0.05)
+
+
+def test_a_dead_worker_frees_its_sessions_and_eqmaild_goes_on(home, daemon_factory):
+    d = start(home, daemon_factory, concurrencyincoming="2\n")
+    send(d)
+    pid = worker_pid(d)
+    send_until_worker(d, pid)
+    held = []
+    try:
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+            held.append(s)
+            assert s.recv(100).startswith(b"220 ")
+        if not sessions_in(pid):
+            pytest.skip("eqmaild kept both sessions")
+        os.kill(pid, signal.SIGKILL)
+        assert wait_log(d, "session worker %d killed by signal 9" % pid, 10), d.log()
+    finally:
+        for s in held:
+            s.close()
+    # its sessions no longer count; eqmaild serves on its own for a while
+    reply = send(d)
+    assert ".%d." % d.proc.pid in reply
+    assert len(home.wait_messages(3, timeout=20)) >= 3
+
+
+def test_workers_zero_keeps_one_process(home, daemon_factory):
+    home.setup(rcpthosts=("mx.example.org", "localhost"))
+    d = daemon_factory(home, ["--workers", "0", "--worker-load", "0"])
+    for _ in range(5):
+        assert ".%d." % d.proc.pid in send(d)
+    assert "session worker" not in d.log()
+
+
+def test_worker_options_are_checked(home, daemon_factory):
+    home.setup()
+    for bad in (["--workers", "-1"], ["--workers", "x"], ["--worker-load", "-0.5"],
+                ["--worker-idle", "0"]):
+        d = daemon_factory(home, bad, start=False)
+        d.start(wait=False)
+        assert d.proc.wait(20) == 64, bad
