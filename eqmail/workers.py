@@ -74,6 +74,11 @@ from . import log
 RESPAWN_DELAY = 10
 #: Seconds a stopping worker waits for its sessions (as eqmaild does).
 SESSION_GRACE = 10
+#: Seconds a record may wait for room on the channel; then the connection
+#: is served by eqmaild (a worker that does not read is stuck).
+SEND_TIMEOUT = 10
+#: Seconds a new worker has to say it is ready before it is killed.
+READY_TIMEOUT = 30
 #: Largest record on the channel, in bytes.
 MAX_RECORD = 65536
 #: A worker takes a connection unless it has more than SHARE times as many
@@ -126,9 +131,9 @@ def serve_connection(config, store, sock, kind: str, env: Dict[str, str],
 
         def starttls():
             conn["sock"] = ctx.wrap_socket(conn["sock"], server_side=True)
-            return conn["sock"].recv, conn["sock"].sendall, tls.cipher_name(conn["sock"])
+            return conn["sock"].recv, _sender(conn["sock"]), tls.cipher_name(conn["sock"])
 
-        Session(config, store, conn["sock"].recv, conn["sock"].sendall, env,
+        Session(config, store, conn["sock"].recv, _sender(conn["sock"]), env,
                 stopping=stopping,
                 starttls=starttls if ctx is not None and kind != "smtps" else None,
                 tls_cipher=cipher, checkpassword=checkpassword,
@@ -137,6 +142,19 @@ def serve_connection(config, store, sock, kind: str, env: Dict[str, str],
         pass
     finally:
         tls.close(conn["sock"])
+
+
+def _sender(sock):
+    """sendall() for SMTP replies: one send() call, and gevent's sendall
+    (which asks the kernel for SO_SNDBUF every time) only for what a short
+    write left.  Replies are small; the socket has the session's timeout."""
+    send, sendall = sock.send, sock.sendall
+
+    def send_all(data) -> None:
+        n = send(data)
+        if n < len(data):
+            sendall(memoryview(data)[n:])
+    return send_all
 
 
 def _item_record(item) -> bytes:
@@ -214,6 +232,7 @@ class Pool:
                 best = w
         if best is None or best.active > SHARE * (local_sessions + 1):
             return None
+        import gevent
         import gevent.event
 
         n = next(self._numbers)
@@ -223,9 +242,10 @@ class Pool:
         best.active += 1
         best.last = time.monotonic()
         try:
-            with best.lock:
-                socket.send_fds(best.chan, [record], [sock.fileno()])
-        except (OSError, ValueError) as e:
+            with gevent.Timeout(SEND_TIMEOUT):  # a worker that stopped reading
+                with best.lock:
+                    socket.send_fds(best.chan, [record], [sock.fileno()])
+        except (OSError, ValueError, gevent.Timeout) as e:
             best.waiting.pop(n, None)
             best.active -= 1
             log.warning("unable to hand a connection to worker %d: %s" % (best.pid, e))
@@ -349,7 +369,16 @@ class Pool:
             gevent.sleep(min(5.0, self.idle / 2))
             now = time.monotonic()
             for w in list(self.workers):
-                if not w.retiring and w.active == 0 and now - w.last >= self.idle:
+                if not w.ready and now - w.last >= READY_TIMEOUT:
+                    log.alert("session worker %d not ready after %d s; killing it"
+                              % (w.pid, READY_TIMEOUT))
+                    w.ready = True  # once
+                    w.retiring = True
+                    try:
+                        os.kill(w.pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                elif not w.retiring and w.active == 0 and now - w.last >= self.idle:
                     self._retire(w)
 
     def _retire(self, w: _Worker) -> None:
@@ -440,10 +469,11 @@ def main(argv: List[str]) -> int:
         if not state["chan"]:
             return False
         try:
-            with lock:
-                chan.send(record)
+            with gevent.Timeout(SEND_TIMEOUT):  # eqmaild stopped reading: stuck
+                with lock:
+                    chan.send(record)
             return True
-        except OSError:
+        except (OSError, gevent.Timeout):
             state["chan"] = False
             return False
 
