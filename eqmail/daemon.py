@@ -169,35 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= 64:
-        raise argparse.ArgumentTypeError("not a count from 0 to 64: %r" % text)
-    return n
+def _ranged(convert, low, high, what: str):
+    """An argparse type: `convert` the text, refuse what is not within
+    [low, high] (NaN included) with one clear message."""
+    def check(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError("not %s from %s to %s: %r"
+                                             % (what, low, high, text))
+        return value
+    return check
 
 
-def _seconds(text: str) -> float:
-    try:
-        f = float(text)
-    except ValueError:
-        f = -1.0
-    if not 0.1 <= f <= 86400:
-        raise argparse.ArgumentTypeError("not a number of seconds from 0.1 to 86400: %r"
-                                         % text)
-    return f
-
-
-def _fraction(text: str) -> float:
-    try:
-        f = float(text)
-    except ValueError:
-        f = -1.0
-    if not 0.0 <= f <= 64.0:
-        raise argparse.ArgumentTypeError("not a share of a core from 0 to 64: %r" % text)
-    return f
+_count = _ranged(int, 0, 64, "a count")
+_seconds = _ranged(float, 0.1, 86400, "a number of seconds")
+_fraction = _ranged(float, 0.0, 64.0, "a share of a core")
 
 
 def fatal(code: int, text: str) -> int:

@@ -45,6 +45,33 @@ def _children(pid: int):
     return [int(p) for p in out.stdout.split()]
 
 
+class _Log:
+    """Enough of a Daemon for wait_log: the log of a daemon started as root."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def log(self) -> str:
+        with open(self.path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+
+def _start_as_root(home, port: int, *args):
+    """`eqmail mkusers`, then eqmaild started as root on `port` with
+    ``--user eqmail`` and `args`; returns (process, _Log)."""
+    out = subprocess.run([PY, "-m", "eqmail", "mkusers", "--home", home.path],
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out
+    home.setup(rcpthosts=("localhost",))
+    logpath = os.path.join(home.path, "root-daemon.log")
+    log = open(logpath, "ab")
+    proc = subprocess.Popen([PY, "-m", "eqmail.daemon", "--home", home.path, "--foreground",
+                             "--smtp", "127.0.0.1:%d" % port, "--user", "eqmail"]
+                            + list(args), stdout=log, stderr=subprocess.STDOUT, cwd="/")
+    log.close()
+    return proc, _Log(logpath)
+
+
 @pytest.fixture
 def bob():
     """A system user with a Maildir in a home of his own."""
@@ -63,25 +90,10 @@ def bob():
 
 
 def test_root_start_drops_to_eqmail_and_delivers_as_each_user(home, bob):
-    out = subprocess.run([PY, "-m", "eqmail", "mkusers", "--home", home.path],
-                         capture_output=True, timeout=60)
-    assert out.returncode == 0, out
-    eqmail = pwd.getpwnam("eqmail")
-    home.setup(rcpthosts=("localhost",))
     port = free_port()
     pidfile = os.path.join(tempfile.mkdtemp(dir="/tmp"), "eqmaild.pid")
-    log = open(os.path.join(home.path, "root-daemon.log"), "ab")
-    proc = subprocess.Popen([PY, "-m", "eqmail.daemon", "--home", home.path, "--foreground",
-                             "--smtp", "127.0.0.1:%d" % port, "--pidfile", pidfile,
-                             "--user", "eqmail"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd="/")
-    log.close()
-
-    class D:  # enough of a Daemon for wait_log
-        def log(self):
-            with open(os.path.join(home.path, "root-daemon.log"), "rb") as f:
-                return f.read().decode("utf-8", "replace")
-    d = D()
+    proc, d = _start_as_root(home, port, "--pidfile", pidfile)
+    eqmail = pwd.getpwnam("eqmail")
     try:
         assert wait_log(d, "eqmaild 0.1.0 started"), d.log()
         with open(pidfile) as f:
@@ -128,25 +140,9 @@ def test_missing_user_is_exit_67(home):
 def test_session_worker_runs_as_the_service_user(home, bob):
     """Started as root, eqmaild's session worker reads the network as the
     service user too; what it commits is delivered through the root helper."""
-    out = subprocess.run([PY, "-m", "eqmail", "mkusers", "--home", home.path],
-                         capture_output=True, timeout=60)
-    assert out.returncode == 0, out
-    eqmail = pwd.getpwnam("eqmail")
-    home.setup(rcpthosts=("localhost",))
     port = free_port()
-    logpath = os.path.join(home.path, "root-daemon.log")
-    log = open(logpath, "ab")
-    proc = subprocess.Popen([PY, "-m", "eqmail.daemon", "--home", home.path, "--foreground",
-                             "--smtp", "127.0.0.1:%d" % port, "--user", "eqmail",
-                             "--workers", "1", "--worker-load", "0"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd="/")
-    log.close()
-
-    class D:
-        def log(self):
-            with open(logpath, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-    d = D()
+    proc, d = _start_as_root(home, port, "--workers", "1", "--worker-load", "0")
+    eqmail = pwd.getpwnam("eqmail")
     try:
         assert wait_log(d, "eqmaild 0.1.0 started"), d.log()
         by_worker, sent = None, 0
