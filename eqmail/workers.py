@@ -59,6 +59,7 @@ STANDARDS
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -159,10 +160,7 @@ def _sender(sock):
 
 def _item_record(item) -> bytes:
     """The ``c`` record for a committed Item (``C`` + ID when too large)."""
-    data = json.dumps({"id": item.id, "birth": item.birth, "sender": item.sender,
-                       "recipients": item.recipients, "done": item.done,
-                       "offsets": item.offsets, "size": item.size, "uid": item.uid,
-                       "pid": item.pid}).encode("ascii")
+    data = json.dumps(dataclasses.asdict(item)).encode("ascii")
     if len(data) + 1 > MAX_RECORD:
         return b"C" + item.id.encode("ascii")
     return b"c" + data
@@ -210,7 +208,6 @@ class Pool:
         self._numbers = itertools.count(1)
         self._t0 = time.monotonic()
         self._cpu0 = _cpu_seconds()
-        self._busy = 0.0
         self._no_spawn_until = 0.0
         self._monitor = None
         self.stopping = False
@@ -256,9 +253,9 @@ class Pool:
         now = time.monotonic()
         if now - self._t0 >= 1.0 or self.load <= 0:
             cpu = _cpu_seconds()
-            self._busy = (cpu - self._cpu0) / max(now - self._t0, 1e-6)
+            busy = (cpu - self._cpu0) / max(now - self._t0, 1e-6)  # cores used
             self._t0, self._cpu0 = now, cpu
-            if self._busy >= self.load and now >= self._no_spawn_until and \
+            if busy >= self.load and now >= self._no_spawn_until and \
                     sum(1 for w in self.workers if not w.retiring) < self.max_workers:
                 self.spawn()
 
@@ -274,8 +271,7 @@ class Pool:
         if dest == "fd":
             actions.append((os.POSIX_SPAWN_DUP2, what, LOG_FD))
         conf = {"home": self.home, "checkpassword": self.checkpassword,
-                "log": dest if dest != "fd" else "fd", "ident": what if dest == "syslog"
-                else None}
+                "log": dest, "ident": what if dest == "syslog" else None}
         argv = [sys.executable, "-c", "import sys; from eqmail.workers import main; "
                 "sys.exit(main(sys.argv[1:]))", json.dumps(conf)]
         try:

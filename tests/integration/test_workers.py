@@ -3,14 +3,13 @@ a second process that runs the same sessions; eqmaild keeps the limits,
 the scheduling, the signals and the stop."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import smtplib
 import socket
 import time
-
-import pytest
 
 from helpers import wait_log
 
@@ -49,6 +48,30 @@ def send_until_worker(d, pid, limit=50) -> list:
             return replies
         time.sleep(0.05)
     raise AssertionError("no session reached worker %d: %s\n%s" % (pid, replies, d.log()))
+
+
+def started_worker(home, daemon_factory, *args, **control):
+    """eqmaild with a worker that has served a session: (daemon, worker pid)."""
+    d = start(home, daemon_factory, *args, **control)
+    send(d)  # this connection starts the worker
+    pid = worker_pid(d)
+    send_until_worker(d, pid)
+    return d, pid
+
+
+@contextlib.contextmanager
+def greeted(d, n: int):
+    """`n` connections to `d`, each greeted with 220, closed on exit."""
+    conns = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+            conns.append(s)
+            assert s.recv(100).startswith(b"220 ")
+        yield conns
+    finally:
+        for s in conns:
+            s.close()
 
 
 def sessions_in(pid: int) -> int:
@@ -118,22 +141,11 @@ def test_worker_serves_sessions_commits_and_eqmaild_delivers(home, daemon_factor
 
 
 def test_limits_count_the_sessions_workers_hold(home, daemon_factory):
-    d = start(home, daemon_factory, concurrencyincoming="3\n")
-    send(d)
-    pid = worker_pid(d)
-    send_until_worker(d, pid)
-    conns = []
-    try:
-        for _ in range(3):
-            s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
-            conns.append(s)
-            assert s.recv(100).startswith(b"220 ")
+    d, pid = started_worker(home, daemon_factory, concurrencyincoming="3\n")
+    with greeted(d, 3):
         assert sessions_in(pid) >= 1  # the limit spans both processes
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
             assert s.recv(200).startswith(b"421 ")
-    finally:
-        for s in conns:
-            s.close()
     # the ended sessions (the worker's "d" records) free their places
     deadline = time.time() + 10
     while True:
@@ -145,10 +157,7 @@ def test_limits_count_the_sessions_workers_hold(home, daemon_factory):
 
 
 def test_sighup_reaches_the_worker(home, daemon_factory):
-    d = start(home, daemon_factory)
-    send(d)
-    pid = worker_pid(d)
-    send_until_worker(d, pid)
+    d, pid = started_worker(home, daemon_factory)
     home.write("databytes", "50\n")
     d.signal(signal.SIGHUP)
     deadline = time.time() + 10
@@ -165,10 +174,7 @@ def test_sighup_reaches_the_worker(home, daemon_factory):
 
 
 def test_sigterm_stops_the_worker_with_eqmaild(home, daemon_factory):
-    d = start(home, daemon_factory)
-    send(d)
-    pid = worker_pid(d)
-    send_until_worker(d, pid)
+    d, pid = started_worker(home, daemon_factory)
     assert d.stop() == 0
     assert gone(pid, 10)
     assert "session worker %d stopped" % pid in d.log()
@@ -188,23 +194,11 @@ def test_idle_worker_stops_and_a_new_one_starts_under_load(home, daemon_factory)
 
 
 def test_a_dead_worker_frees_its_sessions_and_eqmaild_goes_on(home, daemon_factory):
-    d = start(home, daemon_factory, concurrencyincoming="2\n")
-    send(d)
-    pid = worker_pid(d)
-    send_until_worker(d, pid)
-    held = []
-    try:
-        for _ in range(2):
-            s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
-            held.append(s)
-            assert s.recv(100).startswith(b"220 ")
-        if not sessions_in(pid):
-            pytest.skip("eqmaild kept both sessions")
+    d, pid = started_worker(home, daemon_factory, concurrencyincoming="2\n")
+    with greeted(d, 2):
+        assert sessions_in(pid) >= 1
         os.kill(pid, signal.SIGKILL)
         assert wait_log(d, "session worker %d killed by signal 9" % pid, 10), d.log()
-    finally:
-        for s in held:
-            s.close()
     # its sessions no longer count; eqmaild serves on its own for a while
     reply = send(d)
     assert ".%d." % d.proc.pid in reply
