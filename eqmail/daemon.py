@@ -23,12 +23,14 @@ DESCRIPTION
     ``--checkpassword`` (default: eqmail chkpw and HOME/users/passwd).
 
     Under load on a multi-core machine, eqmaild starts up to ``--workers``
-    session workers and hands them new connections (eqmail.workers); they
-    stop again after ``--worker-idle`` seconds without a session.
+    session workers and hands them new connections, and (when it does not
+    run as root) one local-delivery worker that runs its local deliveries
+    (eqmail.workers); they stop again after ``--worker-idle`` seconds
+    without work.
 
 SIGNALS
     SIGHUP   re-read the control files (the last good ones stay on error);
-             passed on to the session workers
+             passed on to the workers
     SIGALRM  retry every queued message now
     SIGTERM, SIGINT
              stop accepting; sessions get 421 at their next command outside
@@ -157,14 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "users go through a small root helper")
     p.add_argument("--workers", metavar="N", type=_count, default=None,
                    help="most session worker processes started when busy, to use more "
-                        "cores (default: 1 on a multi-core machine, 0 on one core; 0 = "
-                        "always one process)")
+                        "cores; with the first, a local-delivery worker too unless eqmaild "
+                        "runs as root (default: 1 on a multi-core machine, 0 on one core; "
+                        "0 = always one process)")
     p.add_argument("--worker-load", metavar="FRACTION", type=_fraction, default=0.5,
                    help="start a worker when eqmaild used at least this share of one "
                         "core over the last second (default 0.5; 0 = at the first "
                         "connection)")
     p.add_argument("--worker-idle", metavar="SECONDS", type=_seconds, default=60,
-                   help="stop a worker after this long without a session (default 60)")
+                   help="stop a worker after this long without a session or delivery "
+                        "(default 60)")
     p.add_argument("--version", action="version", version="eqmaild " + __version__)
     return p
 
@@ -420,8 +424,14 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
 
     counts = {"total": 0, "here": 0}  # sessions: all, and those served here
     per_ip: dict = {}
+    from .delivery import lspawn
+
+    # Local deliveries move to a worker too, when they run in this process
+    # (not root, no privileged helper: eqmail.delivery.worker).
     workers = Pool(holder.home, store, scheduler.add, max_workers, worker_load,
-                   checkpassword, worker_idle)
+                   checkpassword, worker_idle,
+                   local_deliveries=os.geteuid() != 0 and lspawn.HELPER is None)
+    scheduler.local_worker = workers.deliver
 
     def handle(sock, addr, kind):
         """One connection: rules, limits, TLS, then the SMTP session."""

@@ -1,4 +1,5 @@
-"""workers -- extra SMTP session processes that eqmaild starts under load.
+"""workers -- extra SMTP session processes (and a local-delivery process)
+that eqmaild starts under load.
 
 SUMMARY
     CPython runs the Python code of one process on one core at a time, and
@@ -25,6 +26,17 @@ WHEN
     figure).  ``--workers 0`` (the default on a single core) never starts
     one.
 
+LOCAL DELIVERIES
+    With the first session worker eqmaild also starts one local-delivery
+    worker (eqmail.delivery.worker), when it delivers in its own process:
+    not as root, without the privileged helper (eqmail.privsep).  Each
+    local delivery then goes there (``Pool.deliver``) with the queue ID,
+    envelope sender, local part and domain, and comes back as the
+    `LocalResult`; eqmaild still schedules, logs, records the results and
+    queues forwards.  The worker is retired when idle, like the others.  A
+    delivery it had in flight when it died is a temporary failure (it may
+    have happened: at least once, as after a crash).
+
 HAND-OVER (a SOCK_SEQPACKET socket pair, one record per message)
     eqmaild -> worker
         ``s`` + JSON ``{"n": N, "kind": "smtp"|"submission"|"smtps",
@@ -36,6 +48,8 @@ HAND-OVER (a SOCK_SEQPACKET socket pair, one record per message)
         concurrencyincoming and concurrencyperip is free again); ``c`` +
         JSON of the committed `Item` (``C`` + queue ID when that would be
         too large: eqmaild reads the envelope from the queue file).
+    The local-delivery worker's records are described in
+    eqmail.delivery.worker (``l`` requests, ``p``/``l`` answers).
     End of file from eqmaild (it stops, or retires an idle worker): the
     worker stops like eqmaild on SIGTERM -- its sessions get 421 at their
     next command outside a mail transaction -- and exits when they have
@@ -67,7 +81,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from . import log
 
@@ -82,6 +96,8 @@ SEND_TIMEOUT = 10
 READY_TIMEOUT = 30
 #: Largest record on the channel, in bytes.
 MAX_RECORD = 65536
+#: Largest answer to a local delivery, in bytes (as a delivery child's report).
+MAX_ANSWER = 1 << 20
 #: A worker takes a connection unless it has more than SHARE times as many
 #: sessions as eqmaild (plus one): eqmaild also schedules and delivers.
 SHARE = 3
@@ -171,19 +187,28 @@ def _item_record(item) -> bytes:
 class _Worker:
     """One worker process as eqmaild sees it."""
 
-    __slots__ = ("pid", "chan", "lock", "ready", "retiring", "active", "waiting", "last")
+    __slots__ = ("pid", "role", "chan", "lock", "ready", "retiring", "active", "waiting",
+                 "parts", "last")
 
-    def __init__(self, pid: int, chan) -> None:
+    def __init__(self, pid: int, role: str, chan) -> None:
         import gevent.lock
 
         self.pid = pid
+        self.role = role            # "session" or "local"
         self.chan = chan            # gevent socket, eqmaild's end
         self.lock = gevent.lock.Semaphore()  # one sender at a time
         self.ready = False          # said "r"
         self.retiring = False       # told to stop (its channel half-closed)
-        self.active = 0             # sessions handed over and not ended
-        self.waiting: Dict[int, object] = {}  # session number -> Event
+        self.active = 0             # sessions (deliveries) handed over and not ended
+        # session number -> Event; delivery number -> AsyncResult
+        self.waiting: Dict[int, object] = {}
+        self.parts: Dict[int, bytearray] = {}  # delivery answers arriving in parts
         self.last = time.monotonic()  # last hand-over (or start)
+
+    @property
+    def name(self) -> str:
+        return "%s worker %d" % ("local delivery" if self.role == "local" else "session",
+                                 self.pid)
 
 
 class Pool:
@@ -196,7 +221,8 @@ class Pool:
     """
 
     def __init__(self, home: str, store, on_commit: Callable, max_workers: int,
-                 load: float, checkpassword, idle: float = 60) -> None:
+                 load: float, checkpassword, idle: float = 60,
+                 local_deliveries: bool = False) -> None:
         self.home = home
         self.store = store
         self.on_commit = on_commit
@@ -204,7 +230,10 @@ class Pool:
         self.load = load
         self.idle = idle
         self.checkpassword = checkpassword
-        self.workers: List[_Worker] = []
+        # a local-delivery worker as well (eqmaild delivers as itself)
+        self.local_deliveries = local_deliveries and self.max_workers > 0
+        self.workers: List[_Worker] = []  # session workers
+        self.local: Optional[_Worker] = None  # the local-delivery worker
         self._numbers = itertools.count(1)
         self._t0 = time.monotonic()
         self._cpu0 = _cpu_seconds()
@@ -255,12 +284,16 @@ class Pool:
             cpu = _cpu_seconds()
             busy = (cpu - self._cpu0) / max(now - self._t0, 1e-6)  # cores used
             self._t0, self._cpu0 = now, cpu
-            if busy >= self.load and now >= self._no_spawn_until and \
-                    sum(1 for w in self.workers if not w.retiring) < self.max_workers:
+            if busy < self.load or now < self._no_spawn_until:
+                return
+            if sum(1 for w in self.workers if not w.retiring) < self.max_workers:
                 self.spawn()
+            if self.local_deliveries and self.local is None:
+                self.spawn("local")
 
-    def spawn(self) -> Optional[_Worker]:
-        """Start one worker now.  Returns it, or None when it could not be
+    def spawn(self, role: str = "session") -> Optional[_Worker]:
+        """Start one worker now: a session worker, or with `role` "local" the
+        local-delivery worker.  Returns it, or None when it could not be
         started (logged; no new try for RESPAWN_DELAY seconds)."""
         import gevent
         import gevent.socket
@@ -270,7 +303,7 @@ class Pool:
         actions = [(os.POSIX_SPAWN_DUP2, theirs.fileno(), CHANNEL_FD)]
         if dest == "fd":
             actions.append((os.POSIX_SPAWN_DUP2, what, LOG_FD))
-        conf = {"home": self.home, "checkpassword": self.checkpassword,
+        conf = {"home": self.home, "checkpassword": self.checkpassword, "role": role,
                 "log": dest, "ident": what if dest == "syslog" else None}
         argv = [sys.executable, "-c", "import sys; from eqmail.workers import main; "
                 "sys.exit(main(sys.argv[1:]))", json.dumps(conf)]
@@ -280,18 +313,97 @@ class Pool:
             ours.close()
             theirs.close()
             self._no_spawn_until = time.monotonic() + RESPAWN_DELAY
-            log.alert("unable to start a session worker: %s" % e)
+            log.alert("unable to start a %s worker: %s"
+                      % ("local delivery" if role == "local" else "session", e))
             return None
         theirs.close()
         chan = gevent.socket.socket(ours.family, ours.type, fileno=ours.detach())
-        w = _Worker(pid, chan)
-        self.workers.append(w)
+        w = _Worker(pid, role, chan)
+        if role == "local":
+            self.local = w
+            log.status("started %s" % w.name)
+        else:
+            self.workers.append(w)
+            log.status("started %s (%d of at most %d)"
+                       % (w.name, len(self.workers), self.max_workers))
         gevent.spawn(self._listen, w)
         if self._monitor is None:
             self._monitor = gevent.spawn(self._retire_idle)
-        log.status("started session worker %d (%d of at most %d)"
-                   % (pid, len(self.workers), self.max_workers))
         return w
+
+    # -- local deliveries ----------------------------------------------------------
+
+    def deliver(self, msgid: str, sender: str, local: str, domain: str,
+                finish: bool) -> Optional[Tuple[object, bool]]:
+        """Run one local delivery in the local-delivery worker (see
+        eqmail.delivery.worker for `finish`).  Cooperative.  Returns
+        (LocalResult, removed) -- removed: the worker removed the message
+        from the queue -- or None when no worker is ready to take it: deliver
+        it here.  A worker that dies or does not answer in time gives a
+        temporary failure (the delivery may have happened: at least once)."""
+        w = self.local
+        if w is None or not w.ready or w.retiring or self.stopping:
+            return None
+        import gevent
+        import gevent.event
+
+        from .delivery import deferred
+        from .delivery.local import LocalResult
+        from .delivery.lspawn import CHILD_TIMEOUT
+
+        n = next(self._numbers)
+        record = b"l" + json.dumps({"n": n, "id": msgid, "sender": sender, "local": local,
+                                    "domain": domain, "finish": finish}).encode("ascii")
+        if len(record) > MAX_RECORD:
+            return None
+        got = gevent.event.AsyncResult()
+        w.waiting[n] = got
+        w.active += 1
+        w.last = time.monotonic()
+        try:
+            try:
+                with gevent.Timeout(SEND_TIMEOUT):
+                    with w.lock:
+                        w.chan.send(record)
+            except (OSError, gevent.Timeout) as e:
+                log.warning("unable to hand a delivery to %s: %s" % (w.name, e))
+                return None
+            answer = got.get(timeout=CHILD_TIMEOUT)
+        except gevent.Timeout:
+            answer = None
+        finally:
+            w.waiting.pop(n, None)
+            w.parts.pop(n, None)
+            w.active -= 1
+            w.last = time.monotonic()
+        try:
+            return LocalResult.from_dict(answer["result"]), answer["removed"] is True
+        except (TypeError, KeyError, ValueError, AttributeError):
+            why = "died or timed out" if answer is None else "gave a bad answer"
+            return LocalResult(deferred("Unable to deliver: the local delivery worker "
+                                        "%s. (#4.3.0)" % why)), False
+
+    def _answer(self, w: _Worker, kind: bytes, rest: bytes) -> None:
+        """A part (``p``) or the end (``l``) of a delivery answer."""
+        head, _, part = rest.partition(b" ")
+        n = int(head)
+        got = w.waiting.get(n)
+        if got is None:
+            return
+        buf = w.parts.setdefault(n, bytearray())
+        if len(buf) + len(part) > MAX_ANSWER:
+            w.parts.pop(n, None)
+            w.waiting.pop(n, None)
+            got.set(None)
+            return
+        buf += part
+        if kind == b"l":
+            w.parts.pop(n, None)
+            w.waiting.pop(n, None)
+            try:
+                got.set(json.loads(bytes(buf).decode("utf-8", "surrogateescape")))
+            except ValueError:
+                got.set(None)
 
     def _listen(self, w: _Worker) -> None:
         """Read the worker's records until it goes away, then reap it."""
@@ -316,17 +428,24 @@ class Pool:
                     self.on_commit(Item(**json.loads(rest)))
                 elif kind == b"C":
                     self._commit_by_id(rest.decode("ascii"))
+                elif kind in (b"l", b"p"):
+                    self._answer(w, kind, rest)
                 elif kind == b"r":
                     w.ready = True
             except Exception as e:  # a bad record must not stop the listening
-                log.alert("session worker %d: bad record: %s: %s"
-                          % (w.pid, type(e).__name__, e))
-        for done in w.waiting.values():
-            done.set()
+                log.alert("%s: bad record: %s: %s" % (w.name, type(e).__name__, e))
+        for done in list(w.waiting.values()):
+            if w.role == "local":
+                done.set(None)  # deliver(): the worker died
+            else:
+                done.set()
         w.waiting.clear()
-        w.active = 0
+        if w.role == "session":
+            w.active = 0
         if w in self.workers:
             self.workers.remove(w)
+        if self.local is w:
+            self.local = None
         try:
             w.chan.close()
         except OSError:
@@ -340,13 +459,13 @@ class Pool:
             status = children.wait(w.pid, time.time() + 5)
         clean = status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         if clean and w.retiring:
-            log.status("session worker %d stopped" % w.pid)
+            log.status("%s stopped" % w.name)
         else:
             self._no_spawn_until = time.monotonic() + RESPAWN_DELAY
             how = "did not stop" if status is None else (
                 "exited %d" % os.WEXITSTATUS(status) if os.WIFEXITED(status)
                 else "killed by signal %d" % os.WTERMSIG(status))
-            log.alert("session worker %d %s" % (w.pid, how))
+            log.alert("%s %s" % (w.name, how))
 
     def _commit_by_id(self, msgid: str) -> None:
         from . import threads
@@ -364,10 +483,9 @@ class Pool:
         while not self.stopping:
             gevent.sleep(min(5.0, self.idle / 2))
             now = time.monotonic()
-            for w in list(self.workers):
+            for w in self._all():
                 if not w.ready and now - w.last >= READY_TIMEOUT:
-                    log.alert("session worker %d not ready after %d s; killing it"
-                              % (w.pid, READY_TIMEOUT))
+                    log.alert("%s not ready after %d s; killing it" % (w.name, READY_TIMEOUT))
                     w.ready = True  # once
                     w.retiring = True
                     try:
@@ -387,9 +505,12 @@ class Pool:
 
     # -- signals and stop --------------------------------------------------------
 
+    def _all(self) -> List[_Worker]:
+        return self.workers + ([self.local] if self.local is not None else [])
+
     def signal(self, signum: int) -> None:
         """Pass `signum` (SIGHUP: re-read the control files) on to every worker."""
-        for w in self.workers:
+        for w in self._all():
             try:
                 os.kill(w.pid, signum)
             except OSError:
@@ -403,12 +524,12 @@ class Pool:
         self.stopping = True
         if self._monitor is not None:
             self._monitor.kill(block=False)
-        for w in self.workers:
+        for w in self._all():
             self._retire(w)
         deadline = time.monotonic() + grace
-        while self.workers and time.monotonic() < deadline:
+        while self._all() and time.monotonic() < deadline:
             gevent.sleep(0.05)
-        return not self.workers
+        return not self._all()
 
 
 def _cpu_seconds() -> float:
@@ -438,6 +559,9 @@ def main(argv: List[str]) -> int:
         log.to_syslog(conf.get("ident") or "eqmaild")
     elif dest == "null":
         log.to_null()
+    if conf.get("role") == "local":
+        from .delivery import worker
+        return worker.main(home)
 
     import gevent
     import gevent.event

@@ -54,11 +54,12 @@ def _deliver_path(config, msgpath, sender, local, domain, target) -> LocalResult
         return deliver(config, f, sender, local, domain, target, confined=True)
 
 
-def _resolve_and_deliver(config, msgpath, sender, local, domain, then=None):
-    """In a threadpool thread: find the target and, when it is eqmaild's own
-    uid, deliver right away (one thread hop for the common case), then call
-    `then()` if given and the delivery succeeded without forwards.  Returns
-    a LocalResult, or the Target when another uid must deliver."""
+def resolve_and_deliver(config, msgpath, sender, local, domain, then=None):
+    """Blocking (a threadpool thread, or the local-delivery worker): find
+    the target and, when it is this process's own uid, deliver right away
+    (one thread hop for the common case), then call `then()` if given and
+    the delivery succeeded without forwards.  Returns a LocalResult, or the
+    Target when another uid must deliver."""
     from .users import UsersError, resolve
 
     try:
@@ -80,7 +81,7 @@ def deliver_local(config, msgpath: str, sender: str, local: str, domain: str,
     run in the delivery's own threadpool call after an in-process delivery
     that succeeded without forwards (the scheduler finishes the message
     there, saving a thread hop); it must not raise."""
-    got = run(_resolve_and_deliver, config, msgpath, sender, local, domain, then)
+    got = run(resolve_and_deliver, config, msgpath, sender, local, domain, then)
     if isinstance(got, LocalResult):
         return got
     return spawn(config, msgpath, sender, local, domain, got)
@@ -92,17 +93,24 @@ def spawn(config, msgpath: str, sender: str, local: str, domain: str,
     waits on the threadpool or on the child's pipe, never blocks the hub."""
 
     me = os.geteuid()
+    if target.uid == me and me != 0:
+        return run(_deliver_path, config, msgpath, sender, local, domain, target)
+    if target.uid != 0 and me != 0 and HELPER is not None:
+        return _via_helper(msgpath, sender, local, domain)
+    if target.uid != 0 and me == 0:
+        return _fork_as(config, msgpath, sender, local, domain, target)
+    return refusal(target)
+
+
+def refusal(target: Target) -> LocalResult:
+    """The temporary failure for a target this process may not deliver as
+    itself: uid 0 (qmail-lspawn refuses root), or another uid when this
+    process is not root (and has no privileged helper)."""
     if target.uid == 0:
         return LocalResult(deferred("Not allowed to perform deliveries as root. (#4.3.0)"))
-    if target.uid == me:
-        return run(_deliver_path, config, msgpath, sender, local, domain, target)
-    if me != 0:
-        if HELPER is not None:
-            return _via_helper(msgpath, sender, local, domain)
-        return LocalResult(deferred(
-            "Unable to deliver as uid %d: eqmaild runs as uid %d, not root. (#4.3.0)"
-            % (target.uid, me)))
-    return _fork_as(config, msgpath, sender, local, domain, target)
+    return LocalResult(deferred(
+        "Unable to deliver as uid %d: eqmaild runs as uid %d, not root. (#4.3.0)"
+        % (target.uid, os.geteuid())))
 
 
 #: The privileged helper's request socket, when eqmaild dropped root

@@ -112,6 +112,10 @@ class Scheduler:
         self._numbers = itertools.count(1)
         self.stopping = False
         self._greenlets: list = []
+        #: When set (by the daemon: eqmail.workers.Pool.deliver), tried first
+        #: for each local delivery: ``(id, sender, local, domain, finish) ->
+        #: (LocalResult, removed)``, or None to deliver in this process.
+        self.local_worker = None
 
     # -- life cycle -------------------------------------------------------------
 
@@ -402,8 +406,16 @@ class Scheduler:
             except OSError as e:  # _finish tries again
                 log.alert("unable to remove msg %s: %s" % (item.id, e))
 
-        lr = lspawn.deliver_local(config, msgpath, item.sender, rt.local, rt.domain,
-                                  remove_now if finish else None)
+        got = None
+        if self.local_worker is not None:  # eqmail.workers.Pool.deliver, under load
+            got = self.local_worker(item.id, item.sender, rt.local, rt.domain, finish)
+        if got is not None:
+            lr, removed = got
+            if removed:
+                entry.removed = True
+        else:
+            lr = lspawn.deliver_local(config, msgpath, item.sender, rt.local, rt.domain,
+                                      remove_now if finish else None)
         if lr.result.kind != SUCCESS or not lr.forwards:
             return lr.result
         dtline = ("Delivered-To: %s@%s\n" % (rt.local, rt.domain)).encode(

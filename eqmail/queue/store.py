@@ -591,8 +591,13 @@ class Store:
     def remove_now(self, item: Item) -> None:
         """remove(), blocking: for a threadpool thread that is already
         running (the delivery that finished the message).  Raises OSError."""
+        self.remove_id_now(item.id)
+
+    def remove_id_now(self, msgid: str) -> None:
+        """remove_now() by queue ID (the local-delivery worker has no Item).
+        Blocking; raises OSError."""
         try:
-            os.unlink(os.path.join(self.mess, item.id))
+            os.unlink(os.path.join(self.mess, msgid))
         except FileNotFoundError:
             pass
         fsync_dir(self.mess)  # shared with concurrent commits/removals

@@ -173,3 +173,5 @@ def test_session_worker_runs_as_the_service_user(home, bob):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert "Traceback" not in d.log()
+    # deliveries keep going through the root helper: no local-delivery worker
+    assert "local delivery worker" not in d.log()

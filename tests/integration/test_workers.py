@@ -220,3 +220,158 @@ def test_worker_options_are_checked(home, daemon_factory):
         d = daemon_factory(home, bad, start=False)
         d.start(wait=False)
         assert d.proc.wait(20) == 64, bad
+
+
+# -- the local-delivery worker (eqmail.delivery.worker) ------------------------------------
+
+def local_worker_pid(d, timeout=15.0) -> int:
+    assert wait_log(d, "started local delivery worker ", timeout), d.log()
+    return int(re.search(r"started local delivery worker (\d+)", d.log()).group(1))
+
+
+def delivered_by(home) -> set:
+    """Pids of the processes that wrote alias/Maildir/new (``...P<pid>Q...``)."""
+    new = os.path.join(home.maildir, "new")
+    names = os.listdir(new) if os.path.isdir(new) else []
+    return {int(m.group(1)) for m in (re.search(r"P(\d+)Q", n) for n in names) if m}
+
+
+def started_local_worker(home, daemon_factory, *args, **control):
+    """eqmaild whose local-delivery worker has delivered: (daemon, its pid)."""
+    d = start(home, daemon_factory, *args, **control)
+    send(d)
+    pid = local_worker_pid(d)
+    for n in range(2, 60):
+        send(d)
+        home.wait_messages(n, timeout=20)
+        if pid in delivered_by(home):
+            return d, pid
+    raise AssertionError("no delivery by worker %d: %s\n%s"
+                         % (pid, delivered_by(home), d.log()))
+
+
+def dot_qmail(home, name, text):
+    path = os.path.join(home.path, "alias", ".qmail-" + name)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o644)
+    if os.geteuid() == 0:
+        os.chown(path, home.uid, home.gid)
+
+
+def send_to(d, rcpt, data=MSG):
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=20) as s:
+        s.helo("client.example")
+        s.mail("sender@example.com")
+        assert s.rcpt(rcpt)[0] == 250
+        code, text = s.data(data)
+        assert code == 250, (code, text)
+        return text.decode().split("qp ")[1].strip()
+
+
+def wait_log_re(d, pattern, timeout=15.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = re.search(pattern, d.log())
+        if m:
+            return m
+        time.sleep(0.05)
+    raise AssertionError("no %r in the log:\n%s" % (pattern, d.log()))
+
+
+def test_local_worker_delivers_and_removes_the_message(home, daemon_factory):
+    d, pid = started_local_worker(home, daemon_factory)
+    # a child of eqmaild with eqmaild's user; eqmaild itself delivers no more
+    assert status_field(pid, "PPid") == str(d.proc.pid)
+    assert status_field(pid, "Uid").split()[0] == str(home.uid)
+    before = len(home.messages())
+    ids = [send_to(d, "postmaster@mx.example.org") for _ in range(8)]
+    msgs = home.wait_messages(before + 8, timeout=20)
+    assert len(msgs) == before + 8, d.log()
+    deadline = time.time() + 10
+    while home.queued():  # the worker removed each finished message
+        assert time.time() < deadline, (home.queued(), d.log())
+        time.sleep(0.05)
+    log = d.log()
+    for msgid in ids:
+        num = re.search(r"starting delivery (\d+): msg %s to local " % msgid, log).group(1)
+        assert log.count("delivery %s: success: " % num) == 1, log
+        assert log.count("end msg %s\n" % msgid) == 1, log
+    assert "Traceback" not in log
+
+
+def test_local_worker_runs_programs_and_hands_forwards_back(home, daemon_factory):
+    d, pid = started_local_worker(home, daemon_factory)
+    out = os.path.join(home.path, "piped.txt")
+    dot_qmail(home, "fwd", "|cat > %s\n&postmaster@mx.example.org\n" % out)
+    before = len(home.messages())
+    send_to(d, "fwd@mx.example.org", b"Subject: fwd\r\n\r\nforward me\r\n")
+    msgs = home.wait_messages(before + 1, timeout=20)
+    assert any(b"forward me" in m for m in msgs[before:]), d.log()
+    with open(out, "rb") as f:
+        assert b"forward me" in f.read()
+    assert re.search(r"success: .*forwarded as msg ", d.log()), d.log()
+
+
+def test_local_worker_refuses_root_as_eqmaild_would(home, daemon_factory):
+    d, pid = started_local_worker(home, daemon_factory)
+    users = os.path.join(home.path, "users")
+    os.makedirs(users, exist_ok=True)
+    with open(os.path.join(users, "assign"), "w") as f:
+        f.write("=rootbox:root:0:0:/:::\n.\n")
+    os.chmod(users, 0o755)
+    msgid = send_to(d, "rootbox@mx.example.org")
+    num = wait_log_re(d, r"starting delivery (\d+): msg %s to local " % msgid).group(1)
+    wait_log_re(d, r"delivery %s: deferral: Not allowed to perform deliveries as root"
+                % num)
+    assert msgid in home.queued()
+
+
+def test_a_dead_local_worker_defers_its_deliveries_and_eqmaild_goes_on(home, daemon_factory):
+    d, pid = started_local_worker(home, daemon_factory)
+    dot_qmail(home, "slow", "|sleep 30\n")
+    msgid = send_to(d, "slow@mx.example.org")
+    num = wait_log_re(d, r"starting delivery (\d+): msg %s to local " % msgid).group(1)
+    deadline = time.time() + 10
+    while True:  # the program runs in the worker
+        sleepers = [p for p in os.listdir("/proc") if p.isdigit() and
+                    _cmdline(p) == b"sleep\x0030\x00"]
+        if sleepers:
+            break
+        assert time.time() < deadline, d.log()
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        assert wait_log(d, "local delivery worker %d killed by signal 9" % pid, 10), d.log()
+        wait_log_re(d, r"delivery %s: deferral: Unable to deliver: the local delivery worker "
+                    r"died" % num)
+    finally:
+        for p in sleepers:
+            try:
+                os.killpg(int(p), signal.SIGKILL)  # the program has a session of its own
+            except OSError:
+                pass
+    before = len(home.messages())
+    send(d)  # delivered by eqmaild itself meanwhile
+    assert len(home.wait_messages(before + 1, timeout=20)) == before + 1, d.log()
+    assert msgid in home.queued()
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def test_local_worker_stops_when_idle_and_with_eqmaild(home, daemon_factory):
+    d, pid = started_local_worker(home, daemon_factory, "--worker-idle", "1")
+    assert wait_log(d, "local delivery worker %d stopped" % pid, 15), d.log()
+    assert gone(pid, 10)
+    send(d)  # busy again: another one
+    m = wait_log_re(d, r"started local delivery worker (?!%d\b)(\d+)" % pid)
+    pid2 = int(m.group(1))
+    assert d.stop() == 0
+    assert gone(pid2, 10)
+    assert "local delivery worker %d stopped" % pid2 in d.log()
