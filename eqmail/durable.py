@@ -14,6 +14,12 @@ CORRECTNESS
     failed fsync is raised in the thread that ran it and counts for nobody
     else: the waiters run their own.
 
+LATER
+    `fsync_dir_soon(path)` returns at once and has `path` fsync'd within
+    `SOON` seconds by a background thread (one fsync for everything queued
+    meanwhile), and at exit.  For what only needs to reach the disk
+    eventually: a finished message's removal (qmail makes no fsync there).
+
 STANDARDS
     The durability rules of ARCHITECTURE.md; POSIX fsync(2) on a directory
     (Linux: makes its entries durable).
@@ -22,7 +28,10 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Dict
+from typing import Dict, Optional, Set
+
+#: Seconds within which fsync_dir_soon() has a directory fsync'd.
+SOON = 0.5
 
 
 class _Group:
@@ -76,3 +85,50 @@ def fsync_dir(path: str) -> None:
             if ok:
                 group.completed = max(group.completed, mine)
             cond.notify_all()
+
+
+_soon: Set[str] = set()
+_soon_lock = threading.Lock()
+_soon_wake = threading.Event()
+_soon_thread: Optional[threading.Thread] = None
+
+
+def fsync_dir_soon(path: str) -> None:
+    """Have directory `path` fsync'd within SOON seconds (and at exit);
+    returns at once.  An fsync that fails is logged and not retried."""
+    global _soon_thread
+    with _soon_lock:
+        _soon.add(path)
+        if _soon_thread is None or not _soon_thread.is_alive():  # also after a fork
+            import atexit
+
+            if _soon_thread is None:
+                atexit.register(sync_soon_now)
+            _soon_thread = threading.Thread(target=_soon_main, name="eqmail fsync later",
+                                            daemon=True)
+            _soon_thread.start()
+    _soon_wake.set()
+
+
+def sync_soon_now() -> None:
+    """fsync every directory fsync_dir_soon() is holding, now (blocking)."""
+    with _soon_lock:
+        paths = sorted(_soon)
+        _soon.clear()
+    for path in paths:
+        try:
+            fsync_dir(path)
+        except OSError as e:
+            from . import log
+
+            log.alert("unable to fsync %s: %s" % (path, e))
+
+
+def _soon_main() -> None:
+    import time
+
+    while True:
+        _soon_wake.wait()
+        _soon_wake.clear()
+        time.sleep(SOON)
+        sync_soon_now()

@@ -322,8 +322,8 @@ class Scheduler:
                 log.delivery(num, result.kind, result.text)
                 final.append(result)
             # When these results finish the message, the done marks are not
-            # written: removing the envelope (store.remove, made durable)
-            # records the same, with one fsync less per recipient.
+            # written: removing the envelope (store.remove, on disk within
+            # half a second) records the same, with one fsync less per recipient.
             others = set(idxs)
             last = all(r.kind != DEFERRAL for r in final) and not any(
                 entry.inflight[j] or not item.done[j]

@@ -42,8 +42,12 @@ STATES (after a crash at any instant; compare qmail's INTERNALS S1-S5)
     fsync mess/.  A permanent failure is appended to bounce/ID and fsync'd
     before its recipient is marked done.  Finishing goes 4 -> 1: the bounce
     (if bounce/ID exists) is committed as a new message, bounce/ID is
-    unlinked, then mess/ID, and mess/ is fsync'd (the scheduler does not
-    mark a message's last recipients done; this removal records them).
+    unlinked, then mess/ID (the scheduler does not mark a message's last
+    recipients done; this removal records them).  mess/ is fsync'd within
+    half a second after that (durable.fsync_dir_soon, one fsync for every
+    removal meanwhile), not before the next delivery starts: a crash in
+    that window delivers those last recipients again -- at least once, as
+    for a delivery in flight; qmail-send makes no fsync there at all.
     bounce/ID without mess/ID is junk.  A recipient whose delivery was in
     flight at the crash is delivered again (at least once); one marked D
     never is.
@@ -70,7 +74,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence
 
 from .. import log
-from ..durable import fsync_dir
+from ..durable import fsync_dir, fsync_dir_soon
 
 #: Message data is written to disk in chunks of this many bytes.
 CHUNK = 65536
@@ -584,8 +588,9 @@ class Store:
         item.done[index] = True
 
     def remove(self, item: Item) -> None:
-        """Remove a finished message, made durable (the scheduler skips the
-        done mark of a message's last recipients and relies on this)."""
+        """Remove a finished message (the scheduler skips the done mark of a
+        message's last recipients and relies on this); its directory is
+        fsync'd within half a second (see STATES)."""
         _offload(self.remove_now, item)
 
     def remove_now(self, item: Item) -> None:
@@ -600,7 +605,7 @@ class Store:
             os.unlink(os.path.join(self.mess, msgid))
         except FileNotFoundError:
             pass
-        fsync_dir(self.mess)  # shared with concurrent commits/removals
+        fsync_dir_soon(self.mess)  # see STATES
 
     def commit_from(self, prefix: bytes, path: str, sender: str,
                     recipients: Sequence[str]) -> Item:

@@ -307,7 +307,8 @@ def test_local_worker_runs_programs_and_hands_forwards_back(home, daemon_factory
     before = len(home.messages())
     send_to(d, "fwd@mx.example.org", b"Subject: fwd\r\n\r\nforward me\r\n")
     msgs = home.wait_messages(before + 1, timeout=20)
-    assert any(b"forward me" in m for m in msgs[before:]), d.log()
+    assert len(msgs) == before + 1, d.log()
+    assert any(b"forward me" in m for m in msgs), d.log()
     with open(out, "rb") as f:
         assert b"forward me" in f.read()
     assert re.search(r"success: .*forwarded as msg ", d.log()), d.log()

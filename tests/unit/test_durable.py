@@ -62,3 +62,35 @@ def test_errors_reach_the_thread_that_ran_the_fsync(tmp_path):
         durable.fsync_dir(str(tmp_path / "missing"))
     durable.fsync_dir(str(tmp_path))  # the group is usable afterwards
     assert os.path.isdir(tmp_path)
+
+
+def test_fsync_dir_soon_returns_at_once_and_syncs_once_within_soon(tmp_path, monkeypatch):
+    import time
+
+    calls = []
+    real = durable._fsync
+
+    def spy(path):
+        calls.append((path, time.monotonic()))
+        real(path)
+
+    monkeypatch.setattr(durable, "_fsync", spy)
+    t0 = time.monotonic()
+    for _ in range(20):  # removals in a burst: one fsync covers them
+        durable.fsync_dir_soon(str(tmp_path))
+    assert time.monotonic() - t0 < durable.SOON / 2
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(durable.SOON * 2)
+    assert [p for p, _ in calls] == [str(tmp_path)]
+    assert calls[0][1] - t0 < durable.SOON + 1.0
+
+
+def test_sync_soon_now_runs_what_is_pending(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(durable, "_fsync", calls.append)
+    monkeypatch.setattr(durable, "SOON", 30)  # the thread would wait long
+    durable.fsync_dir_soon(str(tmp_path / "a"))
+    durable.sync_soon_now()
+    assert calls == [str(tmp_path / "a")]
