@@ -36,7 +36,6 @@ import array
 import json
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -45,7 +44,6 @@ from typing import List, Optional
 
 SERVICE_USER = "eqmail"
 ALIAS_USER = "alias"
-_MSGID = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+$")
 
 
 # -- users ------------------------------------------------------------------------------
@@ -191,6 +189,7 @@ def _deliver_request(home: str, data: bytes, answer: int) -> None:
     from .delivery.local import LocalResult
     from .delivery.lspawn import _child
     from .delivery.users import UsersError, resolve
+    from .queue.store import is_queue_id
 
     def reply(result: LocalResult) -> None:
         payload = json.dumps(result.to_dict()).encode("utf-8", "surrogateescape")
@@ -202,7 +201,7 @@ def _deliver_request(home: str, data: bytes, answer: int) -> None:
         req = json.loads(data.decode("utf-8", "surrogateescape"))
         msgid, sender, local, domain = (req["msgid"], req["sender"], req["local"],
                                         req["domain"])
-        if not (isinstance(msgid, str) and _MSGID.match(msgid)) or not all(
+        if not is_queue_id(msgid) or not all(
                 isinstance(x, str) for x in (sender, local, domain)):
             raise ValueError("bad request")
     except (ValueError, KeyError, TypeError):

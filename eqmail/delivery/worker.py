@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import threading
@@ -54,7 +53,6 @@ from .. import log
 MAX_RECORD = 65536
 #: The descriptor of the channel.
 CHANNEL_FD = 3
-_MSGID = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+$")
 
 
 def answer_records(n: int, answer: bytes) -> List[bytes]:
@@ -72,12 +70,13 @@ def deliver_request(holder, store, req: dict) -> dict:
     from . import deferred
     from .local import LocalResult
     from .lspawn import refusal, resolve_and_deliver
+    from ..queue.store import is_queue_id
 
     removed = []
     try:
         msgid, sender, local, domain = req["id"], req["sender"], req["local"], req["domain"]
         finish = req.get("finish") is True
-        if not (isinstance(msgid, str) and _MSGID.match(msgid)) or not all(
+        if not is_queue_id(msgid) or not all(
                 isinstance(x, str) for x in (sender, local, domain)):
             raise ValueError("bad request")
     except (KeyError, TypeError, ValueError):

@@ -68,6 +68,7 @@ import errno
 import io
 import itertools
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,15 @@ from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence
 
 from .. import log
 from ..durable import fsync_dir, fsync_dir_soon
+
+def is_queue_id(value) -> bool:
+    """True for a str shaped like a queue ID: ``<time>.<pid>.<sequence>``,
+    digits and dots only (so never a path).  For IDs that come from another
+    process (the privileged helper, the local-delivery worker)."""
+    return isinstance(value, str) and _QUEUE_ID.fullmatch(value) is not None
+
+
+_QUEUE_ID = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+", re.ASCII)
 
 #: Message data is written to disk in chunks of this many bytes.
 CHUNK = 65536

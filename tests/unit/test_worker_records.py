@@ -101,8 +101,9 @@ def test_the_worker_answers_a_bad_request_with_a_deferral():
     from eqmail.delivery.worker import deliver_request
 
     for req in ({"n": 1}, {"n": 1, "id": "../../etc/passwd", "sender": "", "local": "a",
-                           "domain": "b"}, {"n": 1, "id": "1.2.3", "sender": 5, "local": "a",
-                                            "domain": "b"}):
+                           "domain": "b"}, {"n": 1, "id": "1.2.3\n", "sender": "", "local": "a",
+                                            "domain": "b"},
+                {"n": 1, "id": "1.2.3", "sender": 5, "local": "a", "domain": "b"}):
         answer = deliver_request(None, None, req)
         assert answer["removed"] is False
         assert answer["result"]["kind"] == "deferral"
