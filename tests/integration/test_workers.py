@@ -334,9 +334,8 @@ def test_a_dead_local_worker_defers_its_deliveries_and_eqmaild_goes_on(home, dae
     msgid = send_to(d, "slow@mx.example.org")
     num = wait_log_re(d, r"starting delivery (\d+): msg %s to local " % msgid).group(1)
     deadline = time.time() + 10
-    while True:  # the program runs in the worker
-        sleepers = [p for p in os.listdir("/proc") if p.isdigit() and
-                    _cmdline(p) == b"sleep\x0030\x00"]
+    while True:  # the program runs as the worker's child
+        sleepers = _children(pid)
         if sleepers:
             break
         assert time.time() < deadline, d.log()
@@ -358,12 +357,13 @@ def test_a_dead_local_worker_defers_its_deliveries_and_eqmaild_goes_on(home, dae
     assert msgid in home.queued()
 
 
-def _cmdline(pid: str) -> bytes:
-    try:
-        with open("/proc/%s/cmdline" % pid, "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
+def _children(pid: int) -> list:
+    """Pids of the children of `pid` (all its threads')."""
+    out = []
+    for task in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+            out += f.read().split()
+    return out
 
 
 def test_local_worker_stops_when_idle_and_with_eqmaild(home, daemon_factory):
