@@ -59,7 +59,7 @@ def dead_pid():
 def test_open_creates_layout(tmp_path):
     s = Store.open(str(tmp_path))
     q = tmp_path / "queue"
-    for d in ("mess", "tmp", "bounce", "lock"):
+    for d in ("mess", "tmp", "bounce", "spare", "lock"):
         assert (q / d).is_dir()
         assert (os.stat(q / d).st_mode & 0o777) == 0o700
     assert not (q / "envelope").exists()  # version 1 only
@@ -467,6 +467,97 @@ def test_remove_deletes_the_file(store):
         store.load(item.id)
     store.remove(item)  # already gone: harmless
     assert files(store) == {"mess": [keep.id], "tmp": []}
+
+
+# -- spare files ------------------------------------------------------------------------------
+
+
+def test_a_finished_file_is_reused_by_the_next_draft(store):
+    big = commit(store, data=b"Received: x\n" + b"o" * 5000, rcpts=("old@y",))
+    inode = os.stat(store.message_path(big.id)).st_ino
+    store.remove(big)
+    assert len(os.listdir(store.spare)) == 1
+    assert not os.path.exists(store.message_path(big.id))
+    item = commit(store, data=b"Received: x\nnew\n", rcpts=("new@y",))
+    assert os.listdir(store.spare) == []
+    st = os.stat(store.message_path(item.id))
+    assert st.st_ino == inode  # the same file, no new inode
+    assert st.st_mode & 0o777 == 0o600
+    # cut to the new size: nothing of the old message is left
+    with open(store.message_path(item.id), "rb") as f:
+        raw = f.read()
+    assert b"o" * 10 not in raw and b"old@y" not in raw
+    assert len(raw) == st.st_size
+    assert data_of(store, item.id) == b"Received: x\nnew\n"
+    got = store.load(item.id)
+    assert (got.recipients, got.done) == (["new@y"], [False])
+    assert files(store) == {"mess": [item.id], "tmp": []}
+
+
+def test_a_reused_file_grows_for_a_larger_message(store):
+    small = commit(store, data=b"Received: x\ns\n")
+    store.remove(small)
+    data = b"Received: x\n" + b"L" * (store_mod.CHUNK * 2 + 17)
+    item = commit(store, data=data)
+    assert data_of(store, item.id) == data
+    assert store.load(item.id).recipients == ["a@y", "b@z"]
+
+
+def test_spare_files_are_bounded_in_count_and_size(store, monkeypatch):
+    monkeypatch.setattr(store_mod, "SPARES", 2)
+    items = [commit(store) for _ in range(4)]
+    for item in items:
+        store.remove(item)
+    assert len(os.listdir(store.spare)) == 2
+    assert store.ids() == []
+    assert sorted(os.listdir(store.spare)) == ["0", "1"]
+    huge = commit(store, data=b"Received: x\n" + b"h" * (store_mod.SPARE_SIZE + 1))
+    assert len(os.listdir(store.spare)) == 1  # the commit took one
+    store.remove(huge)
+    assert len(os.listdir(store.spare)) == 1  # too large to keep: unlinked
+    assert not os.path.exists(store.message_path(huge.id))
+
+
+def test_recover_trims_spare_files(store, monkeypatch):
+    for name in ("0", "2", "3", "4", "1.1.1"):
+        put(os.path.join(store.spare, name))
+    monkeypatch.setattr(store_mod, "SPARES", 3)
+    store.recover(at_start=True)
+    assert sorted(os.listdir(store.spare)) == ["0", "2"]
+
+
+@pytest.mark.parametrize("kind", ["dir", "symlink", "fifo", "unwritable"])
+def test_a_bad_spare_file_is_dropped(store, kind):
+    path = os.path.join(store.spare, "7")
+    if kind == "dir":
+        os.mkdir(path)
+    elif kind == "symlink":
+        victim = os.path.join(store.qdir, "victim")
+        put(victim, b"keep me")
+        os.symlink(victim, path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        if ROOT:
+            pytest.skip("root writes any file")
+        put(path)
+        os.chmod(path, 0o400)
+    item = commit(store)
+    assert data_of(store, item.id) == b"Received: x\nhello\n"
+    assert os.listdir(store.spare) == []
+    if kind == "symlink":
+        with open(victim, "rb") as f:
+            assert f.read() == b"keep me"
+    assert files(store)["tmp"] == []
+
+
+def test_a_queue_without_spare_dir_still_works(tmp_path):
+    Store.open(str(tmp_path))
+    os.rmdir(tmp_path / "queue" / "spare")
+    s = Store.open(str(tmp_path), create=False)
+    item = commit(s)
+    s.remove(item)
+    assert s.ids() == [] and not (tmp_path / "queue" / "spare").exists()
 
 
 # -- ids --------------------------------------------------------------------------------------
