@@ -127,6 +127,21 @@ class LineReader:
         """Forget buffered input (used after STARTTLS, RFC 3207 section 4.2)."""
         self._buf.clear()
 
+    def take_lines(self) -> bytes:
+        """Every complete line buffered now, as one bytes (b"" when there is
+        none); never waits for input."""
+        buf = self._buf
+        i = buf.rfind(b"\n")
+        if i == -1:
+            return b""
+        out = bytes(buf[:i + 1])
+        del buf[:i + 1]
+        return out
+
+    def unread(self, data: bytes) -> None:
+        """Put `data` back in front of the buffered input."""
+        self._buf[:0] = data
+
     def readline(self, limit: int) -> bytes:
         """Up to `limit` bytes, ending with LF when the line fits.
 
@@ -689,7 +704,13 @@ class Session:
             self._reset()
 
     def _data(self, draft) -> Optional[Reply]:
-        """Stream the message into `draft`; behaviour reference section 2.4."""
+        """Stream the message into `draft`; behaviour reference section 2.4.
+
+        The header lines are read one by one (Received and Delivered-To are
+        counted there); the body is taken in blocks of whole buffered lines
+        when all of them end in CRLF, with the same dot removal and LF line
+        ends, so that a 4 KB body costs a few calls rather than one per line.
+        """
         self.send(reply.GO_AHEAD)
         draft.write(received_line(self.remote_host, self.helo_host, self.remoteinfo,
                                   self.remote_ip, self.local_host, self.proto()))
@@ -703,7 +724,37 @@ class Session:
         at_start = True   # the next chunk begins a line
         held_cr = False   # a CR ended the last piece; is LF next?
         write = draft.write
+        reader = self.reader
         while True:
+            if not in_header and at_start and not held_cr:
+                # The body, at a line start: take every whole line buffered
+                # at once when they all end in CRLF (else line by line).
+                block = reader.take_lines()
+                if block:
+                    if block.count(b"\n") != block.count(b"\r\n"):  # a bare LF: the slow way answers
+                        reader.unread(block)
+                    else:
+                        if block.startswith(b".\r\n"):
+                            end = 0  # where the final dot line starts
+                        else:
+                            end = block.find(b"\r\n.\r\n")
+                            if end != -1:
+                                end += 2
+                        if end != -1:
+                            reader.unread(block[end + 3:])  # pipelined commands
+                            block = block[:end]
+                        out = block.replace(b"\r\n.", b"\r\n")
+                        if out.startswith(b"."):
+                            out = out[1:]
+                        out = out.replace(b"\r\n", b"\n")
+                        size += len(out)
+                        if limit and size > limit:
+                            too_big = True
+                        if not too_big:
+                            write(out)
+                        if end != -1:
+                            break
+                        continue
             try:
                 chunk = self._read(DATA_CHUNK)
             except TimeoutError:

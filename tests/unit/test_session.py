@@ -12,6 +12,8 @@ import time
 
 import gevent
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from eqmail import control
 from eqmail.queue.store import Store, open_message
@@ -447,6 +449,35 @@ def test_t11_stored_body(env, mode):
     (item,) = env.queued()
     assert body_of(env.message(item)) == b"a\rb\n.dot\n"
     assert env.store.load(item.id).size == len(env.message(item))
+
+
+_data_line = st.one_of(
+    st.lists(st.sampled_from([b".", b"\r", b"x", b" ", b"\xff"]), max_size=6).map(b"".join),
+    st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")))
+
+
+@given(st.lists(_data_line, max_size=6), st.lists(_data_line, max_size=30),
+       st.lists(st.integers(min_value=1, max_value=4000), max_size=8))
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_body_is_stored_as_sent_however_it_arrives(env, head, body, cuts):
+    """Dot-stuffed lines ending in CRLF come out as the lines with LF, read
+    line by line (headers) or in blocks (the body), in any pieces."""
+    lines = head + [b""] + body
+    wire = b"".join((b"." + x if x.startswith(b".") else x) + b"\r\n" for x in lines)
+    data = send_mail(wire + b".\r\nNOOP\r\n")
+    pieces, at = [], 0
+    for cut in sorted(set(c % (len(data) + 1) for c in cuts)) + [len(data)]:
+        if cut > at:
+            pieces.append(data[at:cut])
+            at = cut
+    for item in env.queued():
+        env.store.remove(item)
+    out = env.talk(pieces=pieces)
+    assert re.match(ACCEPT_RE, out[-2]), out
+    assert out[-1] == b"250 ok"
+    (item,) = env.queued()
+    assert body_of(env.message(item)) == b"".join(x + b"\n" for x in lines)
 
 
 def test_empty_message_and_dot_only_end(env):
