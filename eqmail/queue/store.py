@@ -596,7 +596,8 @@ class Store:
         """Move the finished mess/ID to spare/N for reuse (blocking): N is the
         next of this process's names in turn; a file still there is replaced.
         False when it was not kept: spare/ missing, the file too large, or
-        gone already.  Raises OSError from the rename."""
+        gone already, or spare/ not writable (then never again here).
+        Never raises."""
         if not self.spares_on:
             return False
         path = os.path.join(self.mess, msgid)
@@ -606,6 +607,9 @@ class Store:
                 return False
             os.rename(path, os.path.join(self.spare, name))
         except FileNotFoundError:
+            return False
+        except OSError:  # spare/ not ours (made by root?): unlink from now on
+            self.spares_on = False
             return False
         self._spare_names.append(name)  # this process's next draft takes it
         return True

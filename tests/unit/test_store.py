@@ -551,6 +551,21 @@ def test_a_bad_spare_file_is_dropped(store, kind):
     assert files(store)["tmp"] == []
 
 
+def test_an_unusable_spare_dir_means_plain_unlinks(store, monkeypatch):
+    real = os.rename
+
+    def rename(src, dst):
+        if "/spare/" in dst:
+            raise PermissionError(13, "Permission denied")
+        return real(src, dst)
+
+    monkeypatch.setattr(store_mod.os, "rename", rename)
+    item = commit(store)
+    store.remove(item)
+    assert store.ids() == [] and os.listdir(store.spare) == []
+    assert store.spares_on is False
+
+
 def test_a_queue_without_spare_dir_still_works(tmp_path):
     Store.open(str(tmp_path))
     os.rmdir(tmp_path / "queue" / "spare")
