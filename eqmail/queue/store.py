@@ -15,10 +15,11 @@ LAYOUT (under HOME/queue, one filesystem)
                    a line (recipient, status, text, remote_mta, diagnostic)
     spare/N        a finished message's file kept for reuse by a later draft
                    (N < SPARES, so there are never more; each at most
-                   SPARE_SIZE bytes): its bytes are junk and never read.  Reusing a file instead of
-                   creating one spares the file system an inode allocation
-                   and a free per message (ext4 without a journal scans the
-                   inodes freed in the last minute on every allocation).
+                   SPARE_SIZE bytes): its bytes are junk and never read.
+                   Reusing a file instead of creating one spares the file
+                   system an inode allocation and a free per message (ext4
+                   without a journal scans the inodes freed in the last
+                   minute on every allocation).
     lock/trigger   a FIFO; one byte written there wakes the daemon's scheduler
     ID = <unix time>.<pid of the writer>.<sequence>, created exclusively.
     One file per message, so that committing it takes one file fsync and
@@ -47,8 +48,8 @@ STATES (after a crash at any instant; compare qmail's INTERNALS S1-S5)
     Commit goes 1 -> 2 -> 3: rename a spare file to tmp/ID (or create
     tmp/ID), write data, envelope and trailer to it from offset 0, cut it
     to that size and fsync it; link it as mess/ID (never replacing a file);
-    unlink tmp/ID; fsync mess/.  A permanent failure is appended to bounce/ID and fsync'd
-    before its recipient is marked done.  Finishing goes 4 -> 1: the bounce
+    unlink tmp/ID; fsync mess/.  A permanent failure is appended to
+    bounce/ID and fsync'd before its recipient is marked done.  Finishing goes 4 -> 1: the bounce
     (if bounce/ID exists) is committed as a new message, bounce/ID is
     unlinked, then mess/ID is renamed to spare/N (or unlinked; the
     scheduler does not mark a message's last recipients done: this removal
