@@ -731,8 +731,8 @@ class Session:
                 # at once when they all end in CRLF (else line by line).
                 block = reader.take_lines()
                 if block:
-                    if block.count(b"\n") != block.count(b"\r\n"):  # a bare LF: the slow way answers
-                        reader.unread(block)
+                    if block.count(b"\n") != block.count(b"\r\n"):
+                        reader.unread(block)  # a bare LF: answered line by line
                     else:
                         if block.startswith(b".\r\n"):
                             end = 0  # where the final dot line starts
