@@ -73,7 +73,6 @@ STANDARDS
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -176,7 +175,9 @@ def _sender(sock):
 
 def _item_record(item) -> bytes:
     """The ``c`` record for a committed Item (``C`` + ID when too large)."""
-    data = json.dumps(dataclasses.asdict(item)).encode("ascii")
+    # vars(), not dataclasses.asdict(): Item's fields are flat (str, int,
+    # lists of str/int/bool), and asdict deep-copies them all
+    data = json.dumps(vars(item)).encode("ascii")
     if len(data) + 1 > MAX_RECORD:
         return b"C" + item.id.encode("ascii")
     return b"c" + data
