@@ -725,6 +725,16 @@ class Session:
         held_cr = False   # a CR ended the last piece; is LF next?
         write = draft.write
         reader = self.reader
+
+        def keep(out: bytes) -> None:
+            """Count `out` against databytes; write it while under."""
+            nonlocal size, too_big
+            size += len(out)
+            if limit and size > limit:
+                too_big = True
+            if not too_big:
+                write(out)
+
         while True:
             if not in_header and at_start and not held_cr:
                 # The body, at a line start: take every whole line buffered
@@ -746,12 +756,7 @@ class Session:
                         out = block.replace(b"\r\n.", b"\r\n")
                         if out.startswith(b"."):
                             out = out[1:]
-                        out = out.replace(b"\r\n", b"\n")
-                        size += len(out)
-                        if limit and size > limit:
-                            too_big = True
-                        if not too_big:
-                            write(out)
+                        keep(out.replace(b"\r\n", b"\n"))
                         if end != -1:
                             break
                         continue
@@ -802,11 +807,7 @@ class Session:
                     held_cr = True
                 out = chunk
                 at_start = False
-            size += len(out)
-            if limit and size > limit:
-                too_big = True
-            if not too_big:
-                write(out)
+            keep(out)
         if too_big:
             self._log("message too big")
             return reply.TOO_BIG
