@@ -121,8 +121,11 @@ class Scheduler:
 
     def start(self) -> None:
         """Recover the queue, load every committed message, start the loops."""
+        from ..threads import run
+
         self.store.recover(at_start=True)
-        for item in self.store.items():
+        # reading every file to check its commit mark: off the hub
+        for item in run(lambda: list(self.store.items(clean=True, at_start=True))):
             self._add(item)
         self.store.on_commit = self.add
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._watch_trigger)]
@@ -175,7 +178,11 @@ class Scheduler:
         return self._idle.wait(grace)
 
     def scan(self) -> int:
-        """Pick up messages committed by other processes.  Returns the count."""
+        """Pick up messages committed by other processes.  Returns the count.
+        A file still being written is skipped: its writer pokes the trigger
+        when it is committed."""
+        from ..threads import run
+
         added = 0
         try:
             ids = self.store.ids()
@@ -183,14 +190,10 @@ class Scheduler:
             log.alert("unable to scan the queue: %s" % e)
             return 0
         for msgid in ids:
-            if msgid in self.entries:
+            if msgid in self.entries or msgid in self.store.open_drafts:
                 continue
-            try:
-                item = self.store.load(msgid)
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError) as e:
-                log.alert("unable to read queue envelope %s: %s" % (msgid, e))
+            item = run(self.store.load_committed, msgid, True)
+            if item is None or msgid in self.entries:
                 continue
             log.new_msg(msgid)
             log.info_msg(msgid, item.size, item.sender, item.pid, item.uid)

@@ -8,9 +8,12 @@ SUMMARY
     with `mark_done()` and removes finished messages with `remove()`.
 
 LAYOUT (under HOME/queue, one filesystem)
-    tmp/ID         a message being written
+    tmp/ID         a message being written when its ID is not younger than
+                   the key (see COMMIT MARK)
     mess/ID        a committed message: the Received line and the data (LF
-                   line ends), then its envelope, then a 32-byte trailer
+                   line ends), then its envelope, then a 32-byte trailer;
+                   or a message being written, whose commit mark is not
+                   (yet) valid
     bounce/ID      permanent failures waiting for the bounce: one JSON object
                    a line (recipient, status, text, remote_mta, diagnostic)
     spare/N        a finished message's file kept for reuse by a later draft
@@ -21,9 +24,13 @@ LAYOUT (under HOME/queue, one filesystem)
                    without a journal scans the inodes freed in the last
                    minute on every allocation).
     lock/trigger   a FIFO; one byte written there wakes the daemon's scheduler
+    lock/key       the queue's secret for commit marks: ``eqmail-queue-key 1
+                   <birth> <64 hex digits>`` LF, made once by `Store.open`
+                   (never replaced; part of the queue: back it up with it)
     ID = <unix time>.<pid of the writer>.<sequence>, created exclusively.
-    One file per message, so that committing it takes one file fsync and
-    one (shared) directory fsync: the envelope travels with the data.
+    One file per message, written where it stays, so that committing it
+    takes one fsync (on ext4 and xfs; elsewhere one file fsync and one
+    shared directory fsync): the envelope travels with the data.
 
 QUEUE FILE FORMAT (version 2)
     data | envelope | trailer.  The trailer is the last 32 bytes:
@@ -32,23 +39,50 @@ QUEUE FILE FORMAT (version 2)
     records, each one type byte and a value (readers skip types they do not
     know): ``V2`` version, ``B<unix seconds>`` birth, ``u<uid>``, ``p<pid>``
     of the writer, ``F<sender>``, then one record per recipient:
-    ``T<address>`` while pending, ``D<address>`` when done.  Marking a
+    ``T<address>`` while pending, ``D<address>`` when done, then the commit
+    mark ``K<32 hex digits>`` (see COMMIT MARK).  Marking a
     recipient done overwrites its one type byte in place and fsyncs, as
     qmail-send does with its local/remote files.  Readers of the message
     see only the data (`open_message`); programs get a copy (`data_copy`)
     because they may rewind their stdin.  Version 1 (mess/ID data plus
     envelope/ID) is converted when the queue is opened (`Store.open`).
 
+COMMIT MARK
+    The last envelope record, ``K`` and the hex of a keyed BLAKE2b-128
+    (RFC 7693; key: lock/key, personalisation ``eqmail-queue``) of: the ID
+    and NUL, the data, the envelope before the mark with every recipient
+    record typed T (so marking D keeps it valid), and the data size in
+    decimal.  A file whose mark is valid was written whole by a holder of
+    the key under this very name; a file in mess/ that must have a mark and
+    has none, or a wrong one, is NOT committed (NotCommitted): it is being
+    written, or a crash cut its writing short -- maybe after network bytes
+    that look like an envelope and a trailer, or leaving the bytes of an
+    older message in a reused file.  Those are never delivered.  Every file
+    written with a key has a mark; a file "must have" one when a key exists
+    and its ID's time is later than the key's birth.  Drafts whose ID is
+    not later go through tmp/ (below), so that a file without a mark is
+    trusted only when it was written the old way, through tmp/, by an
+    eqmail before 0.2 or before the key was made.  The mark is checked
+    whenever a message is read from disk (`load`: at the daemon's start,
+    its scans for injected messages, the tools), never for the commits the
+    daemon hears of from its own processes.
+
 STATES (after a crash at any instant; compare qmail's INTERNALS S1-S5)
     1. nothing                               clean
     2. tmp/ID (partial or complete)          junk: recovery removes it
+       mess/ID without a valid mark          junk: removed once its writer
+                                             is gone (`load_committed`)
        spare/N                               junk kept for reuse, never read
     3. mess/ID (and maybe tmp/ID, same file) COMMITTED: delivered at start
     4. mess/ID with some D records           committed, partly delivered
-    Commit goes 1 -> 2 -> 3: rename a spare file to tmp/ID (or create
-    tmp/ID), write data, envelope and trailer to it from offset 0, cut it
-    to that size and fsync it; link it as mess/ID (never replacing a file);
-    unlink tmp/ID; fsync mess/.  A permanent failure is appended to
+    Commit goes 1 -> 2 -> 3: rename a spare file to mess/ID (or create
+    mess/ID), write data, envelope with its mark and trailer from offset 0,
+    cut it to that size and fsync it; on a file system where that fsync
+    does not also make the new name durable (not ext4 or xfs:
+    `fsync_covers_new_name`), fsync mess/ as well.  Through tmp/ (see
+    COMMIT MARK): the same into tmp/ID, then link it as mess/ID (never
+    replacing a file), unlink tmp/ID, fsync mess/.  A spare file that has
+    a second name (after fsck) is never written to.  A permanent failure is appended to
     bounce/ID and fsync'd before its recipient is marked done.  Finishing goes 4 -> 1: the bounce
     (if bounce/ID exists) is committed as a new message, bounce/ID is
     unlinked, then mess/ID is renamed to spare/N (or unlinked; the
@@ -82,7 +116,7 @@ import re
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence
+from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from .. import log
 from ..durable import fsync_dir, fsync_dir_soon
@@ -117,6 +151,80 @@ _V1 = b"V1"
 #: The queue file's trailer: this, 15 digits (the envelope's offset), LF.
 TRAILER_MAGIC = b"\nEQMAIL-QUEUE-2 "
 TRAILER_SIZE = 32
+
+
+#: The queue's key file (under queue/lock/): ``eqmail-queue-key 1 <birth> <hex>``
+#: and LF.  Made once by `Store.open` and never changed: see COMMIT MARK.
+KEY_FILE = "key"
+_KEY_MAGIC = b"eqmail-queue-key 1 "
+
+
+class NotCommitted(ValueError):
+    """A mess/ file that does not prove it was committed (COMMIT MARK):
+    one being written, or one a crash left half-written.  Never delivered."""
+
+
+def _mark_hash(key: bytes, msgid: str):
+    """A keyed BLAKE2b (RFC 7693) for the commit mark of `msgid`, fed the ID
+    already.  _blake2 is what hashlib.blake2b is, without loading OpenSSL
+    (4 MB of RSS)."""
+    try:
+        from _blake2 import blake2b
+    except ImportError:  # a Python built without it
+        from hashlib import blake2b
+    h = blake2b(key=key, digest_size=16, person=b"eqmail-queue")
+    h.update(os.fsencode(msgid) + b"\0")
+    return h
+
+
+def _finish_mark(h, env: bytes, data_size: int) -> bytes:
+    """The commit mark record: `h` has hashed the ID and the data; `env` is
+    the envelope with every recipient record typed T."""
+    h.update(env)
+    h.update(b"%d" % data_size)
+    return b"K" + h.hexdigest().encode("ascii") + b"\0"
+
+
+def split_mark(env: bytes):
+    """(the envelope without its commit mark, the mark's hex digest as bytes
+    or None): the mark is the last record, type ``K``."""
+    start = env.rfind(b"\0", 0, len(env) - 1) + 1
+    if env[start:start + 1] == b"K" and env.endswith(b"\0"):
+        return env[:start], env[start + 1:-1]
+    return env, None
+
+
+def id_time(msgid: str) -> int:
+    """The unix time in a queue ID (its first field), or -1."""
+    head = msgid.split(".", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
+def fsync_covers_new_name(path: str) -> bool:
+    """True when, on the file system holding directory `path`, fsync(2) of a
+    file just created or renamed into `path` also makes that name durable:
+    ext4 and ext3 (with a journal: the name is in the same or an earlier
+    transaction; without one: ext4_sync_parent), xfs (the log is forced
+    through the inode's last change).  False for anything else or when
+    /proc/self/mountinfo cannot be read: then the directory is fsync'd too."""
+    real = os.path.realpath(path)
+    best, fstype = "", ""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().decode("utf-8", "surrogateescape").splitlines()
+    except OSError:
+        return False
+    unescape = re.compile(r"\\([0-7]{3})")
+    for line in lines:
+        fields = line.split(" ")
+        if "-" not in fields[6:] or len(fields) < 5:
+            continue
+        sep = fields.index("-", 6)
+        mount = unescape.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best) and len(fields) > sep + 1:
+            best, fstype = mount, fields[sep + 1]
+    return fstype in ("ext4", "ext3", "xfs")
 
 
 class QueueError(Exception):
@@ -177,9 +285,15 @@ def encode_trailer(data_size: int) -> bytes:
 
 
 def encode_queue_file(data: bytes, birth: int, uid: int, pid: int, sender: str,
-                      recipients: Sequence[str]) -> bytes:
-    """A whole queue file (data, envelope, trailer) in memory (tests, tools)."""
+                      recipients: Sequence[str], key: Optional[bytes] = None,
+                      msgid: str = "") -> bytes:
+    """A whole queue file (data, envelope, trailer) in memory (tests,
+    tools); with `key` (the queue's key bytes), commit-marked as `msgid`."""
     env, _ = encode_envelope(birth, uid, pid, sender, recipients)
+    if key is not None:
+        h = _mark_hash(key, msgid)
+        h.update(data)
+        env += _finish_mark(h, env, len(data))
     return data + env + encode_trailer(len(data))
 
 
@@ -364,6 +478,11 @@ class Store:
         # the names this process puts files under, in turn from a random start
         self._spare_slots = itertools.count(int.from_bytes(os.urandom(2), "big"))
         self.trigger = os.path.join(qdir, "lock", "trigger")
+        self.keyfile = os.path.join(qdir, "lock", KEY_FILE)
+        self._key: Optional[Tuple[int, bytes]] = None  # (birth, key) once read
+        #: Whether fsync of a new file also makes its name in mess/ durable
+        #: (`fsync_covers_new_name`); None: not looked up yet.
+        self.one_fsync: Optional[bool] = None
         self._seq = itertools.count(1)
         #: Called with each committed Item by the process that committed it
         #: (the daemon's scheduler); None means "poke the trigger FIFO".
@@ -391,6 +510,7 @@ class Store:
                     pass
             if os.path.isdir(os.path.join(qdir, "envelope")):
                 store.upgrade_v1()
+            store.make_key()
         else:
             if not os.path.isdir(store.mess):
                 raise FileNotFoundError(errno.ENOENT, "no queue", store.mess)
@@ -399,6 +519,54 @@ class Store:
             if os.path.isdir(old) and os.access(old, os.W_OK):  # never commit into v1
                 store.upgrade_v1()
         return store
+
+    def make_key(self) -> None:
+        """Make the queue's key file (lock/key) unless it exists: 32 random
+        bytes and the time it was made (its birth), written to a file of its
+        own, fsync'd and linked into place (an existing key is never
+        replaced: all marks made with it would fail).  Raises OSError."""
+        if os.path.exists(self.keyfile):
+            return
+        text = _KEY_MAGIC + b"%d %s\n" % (int(time.time()), os.urandom(32).hex().encode())
+        tmp = "%s.%d" % (self.keyfile, os.getpid())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                     | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            _write_all(fd, text)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, self.keyfile)
+        except FileExistsError:
+            pass  # another process made it first: theirs counts
+        finally:
+            os.unlink(tmp)
+        fsync_dir(os.path.dirname(self.keyfile))
+
+    def key(self) -> Optional[Tuple[int, bytes]]:
+        """(birth in unix seconds, key bytes) from lock/key, or None when
+        there is none (a queue made by an eqmail before 0.2 whose daemon has
+        not started since).  Raises OSError, or ValueError when the file is
+        malformed (then nothing is committed or trusted: see COMMIT MARK)."""
+        if self._key is None:
+            try:
+                with open(self.keyfile, "rb") as f:
+                    raw = f.read(256)
+            except FileNotFoundError:
+                return None
+            fields = raw[len(_KEY_MAGIC):].split()
+            if (not raw.startswith(_KEY_MAGIC) or len(fields) != 2
+                    or not fields[0].isdigit() or len(fields[1]) != 64):
+                raise ValueError("malformed queue key %s" % self.keyfile)
+            self._key = (int(fields[0]), bytes.fromhex(fields[1].decode("ascii")))
+        return self._key
+
+    def marked(self, msgid: str) -> bool:
+        """Whether the queue file of `msgid` must carry a commit mark: a key
+        exists and the ID is younger than it.  Raises as `key()`."""
+        key = self.key()
+        return key is not None and id_time(msgid) > key[0]
 
     def upgrade_v1(self) -> int:
         """Convert a version 1 queue (mess/ID data, envelope/ID envelope) in
@@ -484,11 +652,12 @@ class Store:
                     os.close(efd)
             env, offsets = encode_envelope(item.birth, item.uid, item.pid,
                                            item.sender, item.recipients)
+            mark = self._mark_of(name, fd, size, env) if self.marked(name) else b""
             env = bytearray(env)
             for off, was_done in zip(offsets, item.done):
                 if was_done:
                     env[off:off + 1] = b"D"
-            view, at = memoryview(bytes(env) + encode_trailer(size)), size
+            view, at = memoryview(bytes(env) + mark + encode_trailer(size)), size
             while view:
                 n = os.pwrite(fd, view, at)
                 view, at = view[n:], at + n
@@ -515,29 +684,41 @@ class Store:
             if not os.access(d, os.W_OK | os.X_OK):
                 raise QueueError("qq trouble creating files in queue (#4.3.0)",
                                  errno.EACCES)
-        return Draft(self, self.new_id())
+        try:
+            key = self.key()
+        except (OSError, ValueError) as e:
+            log.alert("queue: %s" % e)
+            raise QueueError("qq trouble creating files in queue (#4.3.0)",
+                             getattr(e, "errno", None))
+        return Draft(self, self.new_id(), key)
 
     def _create(self, draft: "Draft") -> int:
-        """Create the draft's file in tmp/ (blocking): a spare file renamed
-        (draft.reused), else a new one.  A name in use in tmp/ or mess/ is
-        skipped: a committed message is never replaced.  Returns the
-        descriptor, at offset 0; raises OSError."""
+        """Create the draft's file (blocking): in mess/ when it gets a commit
+        mark and its ID is younger than the key (draft.direct), else in
+        tmp/; a spare file renamed (draft.reused), else a new one.  A name in
+        use in tmp/ or mess/ is skipped: a committed message is never
+        replaced.  Sets draft.path; returns the descriptor, at offset 0;
+        raises OSError."""
         for _ in range(100):
-            if not os.path.lexists(os.path.join(self.mess, draft.id)):
-                fd = self._take_spare(os.path.join(self.tmp, draft.id))
+            final = os.path.join(self.mess, draft.id)
+            draft.direct = draft.key is not None and id_time(draft.id) > draft.key[0]
+            path = final if draft.direct else os.path.join(self.tmp, draft.id)
+            if not os.path.lexists(final):
+                fd = self._take_spare(path)
                 if fd >= 0:
                     draft.reused = True
+                    draft.path = path
                     return fd
             try:
-                fd = os.open(os.path.join(self.tmp, draft.id),
-                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
                 fd = -1
-            if fd >= 0 and not os.path.lexists(os.path.join(self.mess, draft.id)):
+            if fd >= 0 and (draft.direct or not os.path.lexists(final)):
+                draft.path = path
                 return fd
             if fd >= 0:
                 os.close(fd)
-                os.unlink(os.path.join(self.tmp, draft.id))
+                os.unlink(path)
             self.open_drafts.discard(draft.id)
             draft.id = self.new_id()
             self.open_drafts.add(draft.id)
@@ -576,9 +757,12 @@ class Store:
             try:
                 fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0)
                              | getattr(os, "O_NONBLOCK", 0))
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                    # a second name (fsck after a crash in a rename from
+                    # mess/ may leave one) could be a committed message
                     os.close(fd)
-                    raise IsADirectoryError(errno.EISDIR, "not a regular file")
+                    raise IsADirectoryError(errno.EISDIR, "not a regular file of its own")
             except OSError:
                 try:
                     os.unlink(path)
@@ -644,22 +828,94 @@ class Store:
         return sorted(names, key=key)
 
     def load(self, msgid: str) -> Item:
-        """Read one committed message's envelope.  Raises OSError/ValueError."""
+        """Read one committed message's envelope from disk, checking its
+        commit mark (COMMIT MARK): it reads the whole file.  Raises
+        NotCommitted for a file being written or left half-written by a
+        crash, ValueError for one that is not a queue file, OSError."""
         fd = os.open(os.path.join(self.mess, msgid), os.O_RDONLY)
         try:
-            return read_item(msgid, fd)
+            return self._verify(msgid, fd)
         finally:
             os.close(fd)
 
-    def items(self) -> Iterator[Item]:
-        """Every committed message that can be read (bad ones are logged)."""
+    def _verify(self, msgid: str, fd: int) -> Item:
+        marked = self.marked(msgid)
+        bad = NotCommitted if marked else ValueError
+        try:
+            base = data_size_of(fd)
+            env = os.pread(fd, os.fstat(fd).st_size - TRAILER_SIZE - base, base)
+            item = decode_envelope(msgid, env, base)
+        except ValueError as e:
+            raise bad(str(e))
+        item.size = base
+        env, mark = split_mark(env)
+        if mark is None:
+            if marked:
+                raise NotCommitted("no commit mark")
+            return item  # written through tmp/ before the queue had a key
+        if self.key() is None:
+            raise ValueError("a commit mark but no queue key (%s)" % self.keyfile)
+        plain = bytearray(env)
+        for off in item.offsets:
+            plain[off - base] = 0x54  # T: the mark was made before any D
+        if self._mark_of(msgid, fd, base, bytes(plain))[1:-1] != mark:
+            raise bad("commit mark does not match")
+        return item
+
+    def _mark_of(self, msgid: str, fd: int, size: int, env: bytes) -> bytes:
+        """The commit mark record of the queue file open on `fd`, whose data
+        is `size` bytes and whose envelope (every recipient T) is `env`."""
+        h = _mark_hash(self.key()[1], msgid)
+        at = 0
+        while at < size:
+            chunk = os.pread(fd, min(CHUNK, size - at), at)
+            if not chunk:
+                raise NotCommitted("queue file shorter than its data")
+            h.update(chunk)
+            at += len(chunk)
+        return _finish_mark(h, env, size)
+
+    def load_committed(self, msgid: str, clean: bool = False,
+                       at_start: bool = False) -> Optional[Item]:
+        """`load()` for a scan of mess/: None for a message finished
+        meanwhile, a file being written, or a bad file (logged).  With
+        `clean` (the daemon), a file that is not committed and whose writer
+        is gone (`_writer_alive`, as for tmp/ junk) is removed.  Blocking
+        (reads the whole file): a threadpool thread, or a tool."""
+        try:
+            return self.load(msgid)
+        except FileNotFoundError:
+            return None
+        except NotCommitted as e:
+            if clean and self._is_junk(msgid, at_start):
+                try:
+                    os.unlink(os.path.join(self.mess, msgid))
+                except FileNotFoundError:
+                    return None
+                fsync_dir_soon(self.mess)
+                log.status("queue: removed %s, never committed (%s)" % (msgid, e))
+            return None
+        except (OSError, ValueError) as e:
+            log.alert("unable to read queue file %s: %s" % (msgid, e))
+            return None
+
+    def _is_junk(self, msgid: str, at_start: bool) -> bool:
+        if msgid in self.open_drafts:
+            return False
+        try:
+            st = os.lstat(os.path.join(self.mess, msgid))
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        return time.time() - st.st_mtime >= JUNK_AGE or not self._writer_alive(msgid, at_start)
+
+    def items(self, clean: bool = False, at_start: bool = False) -> Iterator[Item]:
+        """Every committed message that can be read (`load_committed`)."""
         for msgid in self.ids():
-            try:
-                yield self.load(msgid)
-            except FileNotFoundError:
-                continue  # finished meanwhile
-            except (OSError, ValueError) as e:
-                log.alert("unable to read queue file %s: %s" % (msgid, e))
+            item = self.load_committed(msgid, clean, at_start)
+            if item is not None:
+                yield item
 
     def message_path(self, msgid: str) -> str:
         """The queue file of `msgid` (data, envelope, trailer): read its data
@@ -878,11 +1134,16 @@ class Store:
 class Draft:
     """A message being written into the queue.  Not shared between greenlets."""
 
-    def __init__(self, store: Store, msgid: str):
+    def __init__(self, store: Store, msgid: str,
+                 key: Optional[Tuple[int, bytes]] = None):
         self.store = store
         self.id = msgid
+        self.key = key  # the queue's (birth, key): the file gets a commit mark
         self.fd = -1  # created by the first write to disk
+        self.path = ""  # of the file, once created: in mess/ when direct
+        self.direct = False  # written as mess/ID: the mark alone commits it
         self.reused = False  # the file is a spare one: cut it at commit
+        self._mark = None  # the commit mark's hash, fed the data written
         self.size = 0
         self._buf = bytearray()
         self._closed = False
@@ -908,6 +1169,10 @@ class Draft:
     def _write(self, buf: bytes) -> None:
         if self.fd < 0:
             self.fd = self.store._create(self)
+            if self.key is not None:
+                self._mark = _mark_hash(self.key[1], self.id)
+        if self._mark is not None:
+            self._mark.update(buf)
         _write_all(self.fd, buf)
 
     def commit(self, sender: str, recipients: Sequence[str], uid: Optional[int] = None,
@@ -925,8 +1190,6 @@ class Draft:
         env, offsets = encode_envelope(birth, uid, pid, sender, recipients)
         base = self.size
         offsets = [base + o for o in offsets]
-        self._buf += env
-        self._buf += encode_trailer(base)
         buf, self._buf = bytes(self._buf), bytearray()
         store = self.store
         if self.error is not None:
@@ -935,11 +1198,22 @@ class Draft:
 
         def work():
             self._write(buf)
+            tail = env
+            if self._mark is not None:
+                tail += _finish_mark(self._mark, env, base)
+            tail += encode_trailer(base)
+            _write_all(self.fd, tail)
             if self.reused:  # drop what is left of the file's former bytes
-                os.ftruncate(self.fd, base + len(env) + TRAILER_SIZE)
+                os.ftruncate(self.fd, base + len(tail))
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
+            if self.direct:  # the mark commits it, once durable with its name
+                if store.one_fsync is None:
+                    store.one_fsync = fsync_covers_new_name(store.mess)
+                if not store.one_fsync:
+                    fsync_dir(store.mess)
+                return
             tmp = os.path.join(store.tmp, self.id)
             final = os.path.join(store.mess, self.id)
             try:
@@ -990,10 +1264,11 @@ class Draft:
             except OSError:
                 pass
             self.fd = -1
-        try:
-            os.unlink(os.path.join(self.store.tmp, self.id))
-        except OSError:
-            pass
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -5,6 +5,7 @@ format and crash states documented in eqmail/queue/store.py.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -20,11 +21,29 @@ from eqmail.queue.store import (TRAILER_SIZE, Item, QueueError, Store, data_copy
                                 encode_trailer, open_message)
 
 ROOT = os.geteuid() == 0
+KEY = b"\xab" * 32  # the key of keyed_store()
+
+
+def keyed_store(home, birth):
+    """A queue whose key was made at `birth` (unix seconds): IDs younger
+    than it are written straight into mess/ (COMMIT MARK), others in tmp/."""
+    lock = os.path.join(str(home), "queue", "lock")
+    os.makedirs(lock, exist_ok=True)
+    with open(os.path.join(lock, store_mod.KEY_FILE), "wb") as f:
+        f.write(b"eqmail-queue-key 1 %d %s\n" % (birth, b"ab" * 32))
+    return Store.open(str(home))
 
 
 @pytest.fixture
 def store(tmp_path):
-    return Store.open(str(tmp_path))
+    """The common case: the key is older than every message."""
+    return keyed_store(tmp_path, 1000)
+
+
+@pytest.fixture
+def tmp_store(tmp_path):
+    """Messages written through tmp/ (IDs not younger than the key)."""
+    return keyed_store(tmp_path, 1 << 40)
 
 
 def files(store):
@@ -114,7 +133,10 @@ def test_round_trip(store):
         raw = f.read()
     env, _ = encode_envelope(item.birth, os.getuid(), os.getpid(), "s@x.org",
                              ["a@y", "b@z", "c@w"])
-    assert raw == data + env + encode_trailer(len(data))
+    # the commit mark: keyed BLAKE2b-128 of ID NUL, data, envelope, data size
+    mark = hashlib.blake2b(item.id.encode() + b"\0" + data + env + b"%d" % len(data),
+                           key=KEY, digest_size=16, person=b"eqmail-queue").hexdigest()
+    assert raw == data + env + b"K" + mark.encode() + b"\0" + encode_trailer(len(data))
     assert raw[-TRAILER_SIZE:] == b"\nEQMAIL-QUEUE-2 %015d\n" % len(data)
     assert [raw[o:o + 1] for o in item.offsets] == [b"T", b"T", b"T"]
     assert files(store) == {"mess": [item.id], "tmp": []}
@@ -244,10 +266,13 @@ def test_drafts_have_distinct_ids(store):
 # -- abort ------------------------------------------------------------------------------
 
 
-def test_abort_leaves_nothing(store):
+@pytest.mark.parametrize("direct", [True, False])
+def test_abort_leaves_nothing(tmp_path, direct):
+    store = keyed_store(tmp_path, 1000 if direct else 1 << 40)
     d = store.draft()
     d.write(b"x" * (store_mod.CHUNK + 10))  # some of it is on disk already
-    assert os.listdir(store.tmp) == [d.id] and os.listdir(store.mess) == []
+    assert files(store) == ({"mess": [d.id], "tmp": []} if direct
+                            else {"mess": [], "tmp": [d.id]})
     d.abort()
     assert empty(store)
     assert store.open_drafts == set()
@@ -268,7 +293,8 @@ def test_abort_after_commit_is_noop(store):
 # -- commit failures ----------------------------------------------------------------------
 
 
-def test_commit_failure_link_leaves_nothing(store, monkeypatch):
+def test_commit_failure_link_leaves_nothing(tmp_store, monkeypatch):
+    store = tmp_store
     import errno
 
     def refuse(src, dst):
@@ -292,8 +318,12 @@ def test_draft_failure_without_queue_dir(store, which):
     assert "(#4.3.0)" in ei.value.text
 
 
-def test_commit_failure_after_link_takes_the_message_back(store, monkeypatch):
+@pytest.mark.parametrize("direct", [True, False])
+def test_commit_failure_after_link_takes_the_message_back(tmp_path, monkeypatch, direct):
     import errno
+
+    store = keyed_store(tmp_path, 1000 if direct else 1 << 40)
+    store.one_fsync = False  # mess/ is fsync'd for a direct commit too
 
     def fail(path):
         raise OSError(errno.EIO, "I/O error")
@@ -307,9 +337,10 @@ def test_commit_failure_after_link_takes_the_message_back(store, monkeypatch):
     assert empty(store)  # a 451'd message is never delivered
 
 
-def test_commit_on_a_file_system_without_hard_links(store, monkeypatch):
+def test_commit_on_a_file_system_without_hard_links(tmp_store, monkeypatch):
     import errno
 
+    store = tmp_store
     def no_links(src, dst):
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
@@ -445,7 +476,8 @@ def test_mark_done_persists(store):
     assert again.pending() == []
     with open(store.message_path(item.id), "rb") as f:
         raw = f.read()
-    assert raw[:-TRAILER_SIZE].endswith(b"\0Da@y\0Db@z\0Dc@w\0")
+    env, mark = store_mod.split_mark(raw[item.size:-TRAILER_SIZE])
+    assert env.endswith(b"\0Da@y\0Db@z\0Dc@w\0") and len(mark) == 32
     assert raw[item.size:].startswith(b"V2\0")
     assert data_of(store, item.id) == b"Received: x\nhello\n"  # the data untouched
 
@@ -608,8 +640,10 @@ def put(path, data=b"junk"):
         f.write(data)
 
 
-def queue_file(data=b"Received: x\nhi\n", pid=1):
-    return encode_queue_file(data, int(time.time()), 0, pid, "s", ["r"])
+def queue_file(data=b"Received: x\nhi\n", pid=1, name=""):
+    """A queue file; with `name`, commit-marked with KEY as that ID."""
+    return encode_queue_file(data, int(time.time()), 0, pid, "s", ["r"],
+                             key=KEY if name else None, msgid=name)
 
 
 def test_recover_removes_tmp_of_dead_writer(store):
@@ -631,9 +665,9 @@ def test_recover_keeps_committed_messages(store):
     item = commit(store)
     # a committed message written by a process that is gone
     name = "%d.%d.1" % (int(time.time()), dead_pid())
-    put(os.path.join(store.mess, name), queue_file())
-    # and an old one
-    old = "1000.%d.1" % dead_pid()
+    put(os.path.join(store.mess, name), queue_file(name=name))
+    # and an old one, written before the queue had its key (no mark)
+    old = "999.%d.1" % dead_pid()
     put(os.path.join(store.mess, old), queue_file())
     past = time.time() - store_mod.JUNK_AGE - 3600
     os.utime(os.path.join(store.mess, old), (past, past))
@@ -644,7 +678,8 @@ def test_recover_keeps_committed_messages(store):
     assert store.load(name).recipients == ["r"]
 
 
-def test_recover_keeps_open_draft(store):
+def test_recover_keeps_open_draft(tmp_store):
+    store = tmp_store
     d = store.draft()
     d.write(b"partial" * store_mod.CHUNK)  # on disk already
     assert store.recover(at_start=False) == 0
@@ -702,8 +737,9 @@ def test_recover_odd_names_and_non_files(store):
     assert os.listdir(store.tmp) == ["1.2.3"]
 
 
-def test_recover_after_a_crash_between_link_and_unlink(store):
+def test_recover_after_a_crash_between_link_and_unlink(tmp_store):
     # tmp/ID and mess/ID are the same file; the writer still runs (this pid)
+    store = tmp_store
     name = "%d.%d.77" % (int(time.time()), os.getpid())
     put(os.path.join(store.tmp, name), queue_file())
     os.link(os.path.join(store.tmp, name), os.path.join(store.mess, name))
@@ -720,6 +756,174 @@ def test_recover_bounce_files(store):
     put(os.path.join(store.bounce, gone))
     assert store.recover(at_start=True) == 1
     assert os.listdir(store.bounce) == [item.id]
+
+
+# -- commit mark: a message written straight into mess/ ------------------------------------------
+
+
+def young_id(store, pid=None, seq=1):
+    return "%d.%d.%d" % (int(time.time()), os.getpid() if pid is None else pid, seq)
+
+
+def test_a_message_in_writing_is_in_mess_but_not_committed(store):
+    d = store.draft()
+    d.write(b"Received: x\n" + b"y" * store_mod.CHUNK)  # on disk already
+    assert files(store) == {"mess": [d.id], "tmp": []}
+    with pytest.raises(store_mod.NotCommitted):
+        store.load(d.id)
+    assert list(store.items(clean=True)) == []  # skipped, and kept: it is open
+    assert list(store.items(clean=True, at_start=True)) == []
+    assert os.listdir(store.mess) == [d.id]
+    item = d.commit("s", ["r"])
+    assert [i.id for i in store.items(clean=True)] == [item.id]
+
+
+@pytest.mark.parametrize("writer", ["dead", "alive", "this process at start"])
+def test_an_uncommitted_file_is_junk_once_its_writer_is_gone(store, writer):
+    pid = {"dead": dead_pid(), "alive": 1, "this process at start": os.getpid()}[writer]
+    name = young_id(store, pid)
+    put(os.path.join(store.mess, name), b"Received: x\npartial")
+    assert store.load_committed(name, clean=False) is None  # a tool removes nothing
+    assert os.listdir(store.mess) == [name]
+    at_start = writer == "this process at start"
+    assert list(store.items(clean=True, at_start=at_start)) == []
+    assert os.listdir(store.mess) == ([name] if writer == "alive" else [])
+
+
+def test_forged_envelope_in_the_data_is_not_committed(store):
+    """Network bytes that end like a whole queue file -- even with a mark
+    made without the key -- left in mess/ by a crash before the real
+    envelope was written, are never delivered."""
+    name = young_id(store, dead_pid())
+    for key in (None, b"\0" * 32):
+        forged = b"Received: x\n\nbody\n" + encode_queue_file(
+            b"", 1, 0, 1, "evil@x", ["victim@elsewhere.example"], key=key, msgid=name)
+        put(os.path.join(store.mess, name), forged)
+        with pytest.raises(store_mod.NotCommitted):
+            store.load(name)
+    assert list(store.items(clean=True)) == []
+    assert os.listdir(store.mess) == []
+
+
+def test_old_bytes_of_a_reused_file_are_not_committed(store):
+    """A spare file renamed to mess/ID whose new bytes never reached the
+    disk holds a whole older message: its mark names the older ID."""
+    old = commit(store)
+    with open(store.message_path(old.id), "rb") as f:
+        raw = f.read()
+    name = young_id(store, dead_pid())
+    put(os.path.join(store.mess, name), raw)
+    with pytest.raises(store_mod.NotCommitted, match="mark does not match"):
+        store.load(name)
+
+
+@pytest.mark.parametrize("where", ["data", "sender", "recipient", "mark"])
+def test_a_torn_file_is_not_committed(store, where):
+    item = commit(store, data=b"Received: x\nhello\n", sender="s@x.org")
+    path = store.message_path(item.id)
+    with open(path, "rb") as f:
+        raw = bytearray(f.read())
+    at = {"data": 3, "sender": raw.index(b"Fs@x.org") + 1,
+          "recipient": item.offsets[1] + 1, "mark": raw.index(b"\0K") + 5}[where]
+    raw[at] ^= 0x01
+    put(path, bytes(raw))
+    with pytest.raises(store_mod.NotCommitted):
+        store.load(item.id)
+
+
+def test_unmarked_files_are_trusted_only_when_older_than_the_key(store):
+    old = "1000.%d.1" % dead_pid()  # the key's birth: written through tmp/
+    young = "1001.%d.1" % dead_pid()
+    for name in (old, young):
+        put(os.path.join(store.mess, name), queue_file())
+    assert store.load(old).recipients == ["r"]
+    with pytest.raises(store_mod.NotCommitted, match="no commit mark"):
+        store.load(young)
+
+
+def test_a_queue_without_key_commits_through_tmp_without_mark(tmp_path, monkeypatch):
+    store = Store.open(str(tmp_path))
+    os.unlink(store.keyfile)  # as a queue of an older eqmail, tools only
+    store = Store.open(str(tmp_path), create=False)
+    links = []
+    real_link = os.link
+    monkeypatch.setattr(store_mod.os, "link", lambda a, b: links.append(b) or real_link(a, b))
+    item = commit(store)
+    assert links == [store.message_path(item.id)]
+    with open(store.message_path(item.id), "rb") as f:
+        assert store_mod.split_mark(f.read()[item.size:-TRAILER_SIZE])[1] is None
+    assert store.load(item.id).recipients == ["a@y", "b@z"]
+    Store.open(str(tmp_path))  # the daemon starts: a key, younger than the message
+    assert Store.open(str(tmp_path), create=False).load(item.id).recipients == ["a@y", "b@z"]
+
+
+def test_a_message_as_young_as_the_key_goes_through_tmp_with_a_mark(tmp_store, monkeypatch):
+    links = []
+    real_link = os.link
+    monkeypatch.setattr(store_mod.os, "link", lambda a, b: links.append(b) or real_link(a, b))
+    item = commit(tmp_store)
+    assert links == [tmp_store.message_path(item.id)]
+    with open(tmp_store.message_path(item.id), "rb") as f:
+        assert len(store_mod.split_mark(f.read()[item.size:-TRAILER_SIZE])[1]) == 32
+    assert tmp_store.load(item.id).recipients == ["a@y", "b@z"]
+
+
+def test_the_key_is_made_once(tmp_path):
+    store = Store.open(str(tmp_path))
+    with open(store.keyfile, "rb") as f:
+        first = f.read()
+    assert first.startswith(b"eqmail-queue-key 1 ") and len(first.split()) == 4
+    assert os.stat(store.keyfile).st_mode & 0o777 == 0o600
+    assert abs(store.key()[0] - time.time()) < 5 and len(store.key()[1]) == 32
+    Store.open(str(tmp_path))
+    with open(store.keyfile, "rb") as f:
+        assert f.read() == first
+    assert os.listdir(os.path.dirname(store.keyfile)) == ["key", "trigger"]
+
+
+def test_a_malformed_key_commits_nothing_and_removes_nothing(store):
+    item = commit(store)
+    put(store.keyfile, b"eqmail-queue-key 1 1000 zz\n")
+    store = Store.open(os.path.dirname(store.qdir))
+    with pytest.raises(QueueError):
+        store.draft()
+    with pytest.raises(ValueError) as ei:
+        store.load(item.id)
+    assert not isinstance(ei.value, store_mod.NotCommitted)
+    assert list(store.items(clean=True, at_start=True)) == []
+    assert store.ids() == [item.id]
+
+
+@pytest.mark.parametrize("one_fsync", [True, False])
+def test_a_direct_commit_fsyncs_mess_only_where_the_file_fsync_does_not(
+        store, monkeypatch, one_fsync):
+    synced = []
+    monkeypatch.setattr(store_mod, "fsync_dir", synced.append)
+    store.one_fsync = one_fsync
+    commit(store)
+    assert synced == ([] if one_fsync else [store.mess])
+
+
+def test_fsync_covers_new_name_by_file_system(tmp_path):
+    assert store_mod.fsync_covers_new_name("/proc/self") is False
+    kind = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    expected = kind in ("ext2/ext3", "xfs")  # how stat(1) names ext4 and xfs
+    assert store_mod.fsync_covers_new_name(str(tmp_path)) is expected
+
+
+def test_a_spare_file_with_a_second_name_is_never_reused(store):
+    """After a crash in the rename mess/ID -> spare/N, fsck can leave both
+    names: the file may be a committed message and is left alone."""
+    item = commit(store, data=b"Received: x\nkeep me\n")
+    os.link(store.message_path(item.id), os.path.join(store.spare, "5"))
+    store._spare_names[:] = ["5"]
+    other = commit(store, data=b"Received: x\nnew\n")
+    assert other.id != item.id
+    assert data_of(store, item.id) == b"Received: x\nkeep me\n"
+    assert store.load(item.id).recipients == ["a@y", "b@z"]
+    assert os.stat(store.message_path(item.id)).st_nlink == 1  # its second name dropped
+    assert sorted(os.listdir(store.mess)) == sorted([item.id, other.id])
 
 
 # -- version 1 queues ------------------------------------------------------------------------
@@ -787,6 +991,16 @@ def test_version_1_data_is_never_read_as_a_version_2_file(tmp_path):
     item = store.load("1000.6.1")
     assert item.recipients == ["a@y", "b@z"] and item.sender == "s@x"
     assert data_of(store, "1000.6.1") == forged
+
+
+def test_version_1_messages_younger_than_the_key_get_a_mark(tmp_path):
+    q = v1_queue(tmp_path)
+    (q / "lock" / store_mod.KEY_FILE).write_bytes(b"eqmail-queue-key 1 999 %s\n" % (b"cd" * 32))
+    store = Store.open(str(tmp_path))
+    item = store.load("1000.6.1")
+    assert item.recipients == ["a@y", "b@z"] and item.done == [True, False]
+    with open(store.message_path(item.id), "rb") as f:
+        assert len(store_mod.split_mark(f.read()[item.size:-TRAILER_SIZE])[1]) == 32
 
 
 def test_tools_convert_before_committing(tmp_path):
