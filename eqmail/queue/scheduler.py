@@ -124,9 +124,11 @@ class Scheduler:
         from ..threads import run
 
         self.store.recover(at_start=True)
-        # reading every file to check its commit mark: off the hub
-        for item in run(lambda: list(self.store.items(clean=True, at_start=True))):
-            self._add(item)
+        # reading every file to check its commit mark: off the hub (and no
+        # threadpool, 0.5 MB of RSS, for an empty queue)
+        if self.store.ids():
+            for item in run(lambda: list(self.store.items(clean=True, at_start=True))):
+                self._add(item)
         self.store.on_commit = self.add
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._watch_trigger)]
 

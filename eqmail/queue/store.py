@@ -25,8 +25,9 @@ LAYOUT (under HOME/queue, one filesystem)
                    minute on every allocation).
     lock/trigger   a FIFO; one byte written there wakes the daemon's scheduler
     lock/key       the queue's secret for commit marks: ``eqmail-queue-key 1
-                   <birth> <64 hex digits>`` LF, made once by `Store.open`
-                   (never replaced; part of the queue: back it up with it)
+                   <birth> <64 hex digits>`` LF, made once, by the first draft
+                   of a queue without one (never replaced; part of the
+                   queue: back it up with it)
     ID = <unix time>.<pid of the writer>.<sequence>, created exclusively.
     One file per message, written where it stays, so that committing it
     takes one fsync (on ext4 and xfs; elsewhere one file fsync and one
@@ -154,7 +155,7 @@ TRAILER_SIZE = 32
 
 
 #: The queue's key file (under queue/lock/): ``eqmail-queue-key 1 <birth> <hex>``
-#: and LF.  Made once by `Store.open` and never changed: see COMMIT MARK.
+#: and LF.  Made once (by a queue's first draft) and never changed: see COMMIT MARK.
 KEY_FILE = "key"
 _KEY_MAGIC = b"eqmail-queue-key 1 "
 
@@ -510,7 +511,6 @@ class Store:
                     pass
             if os.path.isdir(os.path.join(qdir, "envelope")):
                 store.upgrade_v1()
-            store.make_key()
         else:
             if not os.path.isdir(store.mess):
                 raise FileNotFoundError(errno.ENOENT, "no queue", store.mess)
@@ -521,7 +521,8 @@ class Store:
         return store
 
     def make_key(self) -> None:
-        """Make the queue's key file (lock/key) unless it exists: 32 random
+        """Make the queue's key file (lock/key) unless it exists (the first
+        draft of a queue without one does, in `_create`): 32 random
         bytes and the time it was made (its birth), written to a file of its
         own, fsync'd and linked into place (an existing key is never
         replaced: all marks made with it would fail).  Raises OSError."""
@@ -685,7 +686,7 @@ class Store:
                 raise QueueError("qq trouble creating files in queue (#4.3.0)",
                                  errno.EACCES)
         try:
-            key = self.key()
+            key = self.key()  # None: the first write makes it (_create)
         except (OSError, ValueError) as e:
             log.alert("queue: %s" % e)
             raise QueueError("qq trouble creating files in queue (#4.3.0)",
@@ -697,8 +698,15 @@ class Store:
         mark and its ID is younger than the key (draft.direct), else in
         tmp/; a spare file renamed (draft.reused), else a new one.  A name in
         use in tmp/ or mess/ is skipped: a committed message is never
-        replaced.  Sets draft.path; returns the descriptor, at offset 0;
-        raises OSError."""
+        replaced.  A queue without a key gets one here (`make_key`; if that
+        fails, the message goes through tmp/ without a mark).  Sets
+        draft.path; returns the descriptor, at offset 0; raises OSError."""
+        if draft.key is None:
+            try:
+                self.make_key()
+                draft.key = self.key()
+            except (OSError, ValueError) as e:
+                log.warning("queue: unable to make %s: %s" % (self.keyfile, e))
         for _ in range(100):
             final = os.path.join(self.mess, draft.id)
             draft.direct = draft.key is not None and id_time(draft.id) > draft.key[0]
@@ -839,14 +847,16 @@ class Store:
             os.close(fd)
 
     def _verify(self, msgid: str, fd: int) -> Item:
-        marked = self.marked(msgid)
-        bad = NotCommitted if marked else ValueError
         try:
             base = data_size_of(fd)
             env = os.pread(fd, os.fstat(fd).st_size - TRAILER_SIZE - base, base)
             item = decode_envelope(msgid, env, base)
         except ValueError as e:
-            raise bad(str(e))
+            # the key is looked at after the file: a file written straight
+            # into mess/ exists only once the key does
+            raise (NotCommitted if self.marked(msgid) else ValueError)(str(e))
+        marked = self.marked(msgid)
+        bad = NotCommitted if marked else ValueError
         item.size = base
         env, mark = split_mark(env)
         if mark is None:

@@ -842,9 +842,14 @@ def test_unmarked_files_are_trusted_only_when_older_than_the_key(store):
 
 
 def test_a_queue_without_key_commits_through_tmp_without_mark(tmp_path, monkeypatch):
+    import errno
+
     store = Store.open(str(tmp_path))
-    os.unlink(store.keyfile)  # as a queue of an older eqmail, tools only
-    store = Store.open(str(tmp_path), create=False)
+
+    def refuse():  # lock/ not writable, say
+        raise PermissionError(errno.EACCES, "Permission denied", store.keyfile)
+
+    monkeypatch.setattr(store, "make_key", refuse)
     links = []
     real_link = os.link
     monkeypatch.setattr(store_mod.os, "link", lambda a, b: links.append(b) or real_link(a, b))
@@ -853,7 +858,7 @@ def test_a_queue_without_key_commits_through_tmp_without_mark(tmp_path, monkeypa
     with open(store.message_path(item.id), "rb") as f:
         assert store_mod.split_mark(f.read()[item.size:-TRAILER_SIZE])[1] is None
     assert store.load(item.id).recipients == ["a@y", "b@z"]
-    Store.open(str(tmp_path))  # the daemon starts: a key, younger than the message
+    commit(Store.open(str(tmp_path)))  # the next draft makes a key, younger than the message
     assert Store.open(str(tmp_path), create=False).load(item.id).recipients == ["a@y", "b@z"]
 
 
@@ -868,16 +873,25 @@ def test_a_message_as_young_as_the_key_goes_through_tmp_with_a_mark(tmp_store, m
     assert tmp_store.load(item.id).recipients == ["a@y", "b@z"]
 
 
-def test_the_key_is_made_once(tmp_path):
+def test_the_key_is_made_once_by_the_first_draft(tmp_path, monkeypatch):
     store = Store.open(str(tmp_path))
+    assert not os.path.exists(store.keyfile) and store.key() is None
+    links = []
+    real_link = os.link
+    monkeypatch.setattr(store_mod.os, "link", lambda a, b: links.append(b) or real_link(a, b))
+    item = commit(store)
+    # its ID is not younger than the key: through tmp/, with a mark
+    assert links == [store.keyfile, store.message_path(item.id)]
+    monkeypatch.undo()
     with open(store.keyfile, "rb") as f:
         first = f.read()
     assert first.startswith(b"eqmail-queue-key 1 ") and len(first.split()) == 4
     assert os.stat(store.keyfile).st_mode & 0o777 == 0o600
     assert abs(store.key()[0] - time.time()) < 5 and len(store.key()[1]) == 32
-    Store.open(str(tmp_path))
+    commit(Store.open(str(tmp_path)))
     with open(store.keyfile, "rb") as f:
         assert f.read() == first
+    assert Store.open(str(tmp_path)).load(item.id).recipients == ["a@y", "b@z"]
     assert os.listdir(os.path.dirname(store.keyfile)) == ["key", "trigger"]
 
 
