@@ -182,6 +182,11 @@ class Daemon:
         raise AssertionError("eqmaild did not listen within %s s:\n%s" % (timeout, self.log()))
 
     def log(self) -> str:
+        """The daemon's log so far: lines logged before the call are in it
+        (the daemon writes them within eqmail.log.WRITE_DELAY seconds)."""
+        from eqmail import log
+
+        time.sleep(log.WRITE_DELAY + 0.04)
         try:
             with open(self.logfile, "rb") as f:
                 return f.read().decode("utf-8", "replace")

@@ -157,7 +157,20 @@ def test_one_loop_iteration_is_one_write(tmp_path, monkeypatch):
     assert threading.get_ident() not in f.threads   # written off the hub
 
 
+def test_lines_of_many_loop_iterations_share_one_write(tmp_path, monkeypatch):
+    monkeypatch.setattr(log, "WRITE_DELAY", 0.5)
+    f = FileLog(tmp_path, monkeypatch)
+    log.start_batching()
+    for i in range(5):
+        log.line("line %d" % i)
+        gevent.sleep(0.01)                     # a new hub loop iteration each
+    assert f.writes == []                      # the writer waits WRITE_DELAY
+    settle(lambda: len(f.writes) == 1)
+    assert f.lines() == ["line %d" % i for i in range(5)]
+
+
 def test_greenlets_keep_order_one_write_in_flight(tmp_path, monkeypatch):
+    monkeypatch.setattr(log, "WRITE_DELAY", 0)     # writes while lines come
     f = FileLog(tmp_path, monkeypatch, delay=0.002)   # a slow disk
     log.start_batching()
     seq = iter(range(10 ** 6))
