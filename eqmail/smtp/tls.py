@@ -22,9 +22,6 @@ SECURITY
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import tempfile
 from typing import Optional
 
 from .. import log
@@ -89,6 +86,10 @@ def make_self_signed(home: str, name: str, days: int = 3650) -> str:
     """Write HOME/control/servercert.pem: a new RSA 2048 key and a
     self-signed certificate for `name` (CN and subjectAltName), made with
     the openssl command.  Returns the path.  Raises OSError, RuntimeError."""
+    import shutil  # here, not at the top: every session imports this module,
+    import subprocess  # and shutil brings bz2 and lzma (0.6 MB of RSS)
+    import tempfile
+
     openssl = shutil.which("openssl")
     if openssl is None:
         raise RuntimeError("the openssl command is needed (apt-get install openssl)")
@@ -120,6 +121,9 @@ def make_self_signed(home: str, name: str, days: int = 3650) -> str:
 
 def describe(path: str) -> Optional[str]:
     """The subject and end date of a certificate file, for messages."""
+    import shutil
+    import subprocess
+
     openssl = shutil.which("openssl")
     if openssl is None:
         return None
