@@ -765,6 +765,20 @@ def young_id(store, pid=None, seq=1):
     return "%d.%d.%d" % (int(time.time()), os.getpid() if pid is None else pid, seq)
 
 
+def watch_links(monkeypatch):
+    """The destinations of every link(2) the queue makes from now on."""
+    links = []
+    real_link = os.link
+    monkeypatch.setattr(store_mod.os, "link", lambda a, b: links.append(b) or real_link(a, b))
+    return links
+
+
+def mark_in(store, item):
+    """The commit mark (hex bytes) of a committed message's file, or None."""
+    with open(store.message_path(item.id), "rb") as f:
+        return store_mod.split_mark(f.read()[item.size:-TRAILER_SIZE])[1]
+
+
 def test_a_message_in_writing_is_in_mess_but_not_committed(store):
     d = store.draft()
     d.write(b"Received: x\n" + b"y" * store_mod.CHUNK)  # on disk already
@@ -850,35 +864,27 @@ def test_a_queue_without_key_commits_through_tmp_without_mark(tmp_path, monkeypa
         raise PermissionError(errno.EACCES, "Permission denied", store.keyfile)
 
     monkeypatch.setattr(store, "make_key", refuse)
-    links = []
-    real_link = os.link
-    monkeypatch.setattr(store_mod.os, "link", lambda a, b: links.append(b) or real_link(a, b))
+    links = watch_links(monkeypatch)
     item = commit(store)
     assert links == [store.message_path(item.id)]
-    with open(store.message_path(item.id), "rb") as f:
-        assert store_mod.split_mark(f.read()[item.size:-TRAILER_SIZE])[1] is None
+    assert mark_in(store, item) is None
     assert store.load(item.id).recipients == ["a@y", "b@z"]
     commit(Store.open(str(tmp_path)))  # the next draft makes a key, younger than the message
     assert Store.open(str(tmp_path), create=False).load(item.id).recipients == ["a@y", "b@z"]
 
 
 def test_a_message_as_young_as_the_key_goes_through_tmp_with_a_mark(tmp_store, monkeypatch):
-    links = []
-    real_link = os.link
-    monkeypatch.setattr(store_mod.os, "link", lambda a, b: links.append(b) or real_link(a, b))
+    links = watch_links(monkeypatch)
     item = commit(tmp_store)
     assert links == [tmp_store.message_path(item.id)]
-    with open(tmp_store.message_path(item.id), "rb") as f:
-        assert len(store_mod.split_mark(f.read()[item.size:-TRAILER_SIZE])[1]) == 32
+    assert len(mark_in(tmp_store, item)) == 32
     assert tmp_store.load(item.id).recipients == ["a@y", "b@z"]
 
 
 def test_the_key_is_made_once_by_the_first_draft(tmp_path, monkeypatch):
     store = Store.open(str(tmp_path))
     assert not os.path.exists(store.keyfile) and store.key() is None
-    links = []
-    real_link = os.link
-    monkeypatch.setattr(store_mod.os, "link", lambda a, b: links.append(b) or real_link(a, b))
+    links = watch_links(monkeypatch)
     item = commit(store)
     # its ID is not younger than the key: through tmp/, with a mark
     assert links == [store.keyfile, store.message_path(item.id)]
@@ -1013,8 +1019,7 @@ def test_version_1_messages_younger_than_the_key_get_a_mark(tmp_path):
     store = Store.open(str(tmp_path))
     item = store.load("1000.6.1")
     assert item.recipients == ["a@y", "b@z"] and item.done == [True, False]
-    with open(store.message_path(item.id), "rb") as f:
-        assert len(store_mod.split_mark(f.read()[item.size:-TRAILER_SIZE])[1]) == 32
+    assert len(mark_in(store, item)) == 32
 
 
 def test_tools_convert_before_committing(tmp_path):
