@@ -350,14 +350,16 @@ def data_size_of(fd: int) -> int:
     return offset
 
 
-def read_item(msgid: str, fd: int) -> Item:
-    """The envelope of the queue file open on `fd`.  Raises OSError/ValueError."""
+def read_item(msgid: str, fd: int):
+    """(the Item, the envelope's bytes) of the queue file open on `fd`; its
+    commit mark is not checked here (`Store.load` does).  Raises
+    OSError/ValueError."""
     base = data_size_of(fd)
     end = os.fstat(fd).st_size - TRAILER_SIZE
     env = os.pread(fd, end - base, base)
     item = decode_envelope(msgid, env, base)
     item.size = base
-    return item
+    return item, env
 
 
 class _Window(io.RawIOBase):
@@ -848,16 +850,14 @@ class Store:
 
     def _verify(self, msgid: str, fd: int) -> Item:
         try:
-            base = data_size_of(fd)
-            env = os.pread(fd, os.fstat(fd).st_size - TRAILER_SIZE - base, base)
-            item = decode_envelope(msgid, env, base)
+            item, env = read_item(msgid, fd)
         except ValueError as e:
             # the key is looked at after the file: a file written straight
             # into mess/ exists only once the key does
             raise (NotCommitted if self.marked(msgid) else ValueError)(str(e))
         marked = self.marked(msgid)
         bad = NotCommitted if marked else ValueError
-        item.size = base
+        base = item.size
         env, mark = split_mark(env)
         if mark is None:
             if marked:
