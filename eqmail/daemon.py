@@ -23,7 +23,7 @@ DESCRIPTION
     ``--checkpassword`` (default: eqmail chkpw and HOME/users/passwd).
 
     Under load on a multi-core machine, eqmaild starts up to ``--workers``
-    session workers and hands them new connections, and (when it does not
+    session workers, which accept on the same listeners, and (when it does not
     run as root) one local-delivery worker that runs its local deliveries
     (eqmail.workers); they stop again after ``--worker-idle`` seconds
     without work.
@@ -354,7 +354,7 @@ def main(argv: List[str] = None) -> int:
         for name in ("gevent.pool", "gevent.server", "gevent.ssl", "eqmail.queue.pickup",
                      "eqmail.queue.scheduler", "eqmail.smtp.session", "eqmail.smtp.spp",
                      "eqmail.smtp.tls", "eqmail.smtp.auth", "eqmail.children",
-                     "eqmail.workers"):
+                     "eqmail.concurrency", "eqmail.workers"):
             importlib.import_module(name)
 
         try:
@@ -378,15 +378,6 @@ def main(argv: List[str] = None) -> int:
                         os.unlink(args.pidfile)
             except OSError:
                 pass
-
-
-def _say(sock, r) -> None:
-    """Send one reply before hanging up; never raises."""
-    try:
-        sock.settimeout(5)
-        sock.sendall(r.render())
-    except OSError:
-        pass
 
 
 LISTENER_NAMES = {"smtp": "SMTP", "smtps": "SMTP over TLS (smtps)",
@@ -437,63 +428,26 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
     gevent.signal_handler(signal.SIGTERM, stop_event.set)
     gevent.signal_handler(signal.SIGINT, stop_event.set)
 
-    from .smtp import reply
-    from .workers import Pool, serve_connection
-
-    counts = {"total": 0, "here": 0}  # sessions: all, and those served here
-    per_ip: dict = {}
+    from .concurrency import SessionTable
     from .delivery import lspawn
+    from .workers import Pool, serve_client
 
+    # the sessions of eqmaild and its workers (concurrencyincoming, concurrencyperip)
+    table = SessionTable.create(os.path.join(holder.home, "queue", "lock"))
+    if table.fd < 0 and max_workers:
+        log.warning("no memfd_create and no O_TMPFILE: no session workers")
     # Local deliveries move to a worker too, when they run in this process
     # (not root, no privileged helper: eqmail.delivery.worker).
     workers = Pool(holder.home, store, scheduler.add, max_workers, worker_load,
                    checkpassword, worker_idle,
-                   local_deliveries=os.geteuid() != 0 and lspawn.HELPER is None)
+                   local_deliveries=os.geteuid() != 0 and lspawn.HELPER is None,
+                   table=table if table.fd >= 0 else None)
     scheduler.local_worker = workers.deliver
+    stopping = lambda: state["stopping"]  # noqa: E731
 
     def handle(sock, addr, kind):
-        """One connection: rules, limits, TLS, then the SMTP session."""
-        config = holder.current
-        ip = _plain_ip(addr[0])
-        counts["total"] += 1
-        per_ip[ip] = per_ip.get(ip, 0) + 1
-        try:
-            rule = config.client_rule(ip)
-            if rule is not None and not rule.allow:
-                log.line("smtpd: denied by control/smtprules: %s" % ip)
-                _say(sock, reply.DENIED)
-                return
-            if counts["total"] > config.concurrencyincoming or \
-                    per_ip[ip] > config.concurrencyperip:
-                log.line("smtpd: too many connections (%d, %d from %s)"
-                         % (counts["total"], per_ip[ip], ip))
-                _say(sock, reply.TOO_MANY_CONNECTIONS)
-                return
-            local = sock.getsockname()
-            env = {"TCPREMOTEIP": ip, "TCPLOCALIP": _plain_ip(local[0]),
-                   "TCPLOCALPORT": str(local[1]), "TCPLOCALHOST": config.me}
-            if kind == "submission":
-                env["TLSREQUIRED"] = "1"  # the submission listener's default
-            env.update(rule.env if rule is not None else ())
-            done = workers.offer(sock, kind, env, counts["here"])
-            if done is not None:  # a worker serves it; its place counts until it ends
-                sock.close()
-                done.wait()
-                return
-            counts["here"] += 1
-            try:
-                serve_connection(config, store, sock, kind, env,
-                                 lambda: state["stopping"], checkpassword)
-            finally:
-                counts["here"] -= 1
-        except OSError:
-            pass
-        finally:
-            counts["total"] -= 1
-            per_ip[ip] -= 1
-            if not per_ip[ip]:
-                del per_ip[ip]
-            sock.close()
+        serve_client(holder, store, table, 0, sock, addr, kind, stopping, checkpassword,
+                     workers.busy)
 
     pool = gevent.pool.Pool(2 * config.concurrencyincoming + 50)
     servers = []
@@ -504,6 +458,20 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
         server.start()
         servers.append(server)
         log.status("listening for %s on %s" % (LISTENER_NAMES[kind], spec))
+
+    def accepting(here: bool) -> None:
+        """Session workers accept on the same listeners; while one is ready,
+        eqmaild leaves the accepting to them."""
+        if state["stopping"]:  # the listeners are closed
+            return
+        for server in servers:
+            if here:
+                server.start_accepting()
+            else:
+                server.stop_accepting()
+
+    workers.listen([(kind, server.socket) for (kind, _, _), server in zip(sockets, servers)],
+                   accepting)
 
     from .queue import pickup
 
@@ -535,13 +503,6 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
     log.status("exiting")
     log.flush()
     return EX_OK
-
-
-def _plain_ip(ip: str) -> str:
-    """IPv4-mapped IPv6 addresses are shown as IPv4 (as tcp-env does)."""
-    if ip.startswith("::ffff:") and "." in ip:
-        return ip[7:]
-    return ip
 
 
 if __name__ == "__main__":

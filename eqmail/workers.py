@@ -5,26 +5,39 @@ SUMMARY
     CPython runs the Python code of one process on one core at a time, and
     eqmaild is one process: its hub runs every SMTP session and the
     scheduler.  On a machine with more than one core, when eqmaild is busy,
-    it starts up to ``--workers`` session workers (Postfix's master starts
-    smtpd processes on demand in the same way) and hands new connections to
-    them.  A worker runs the session exactly as eqmaild would (the same
-    `eqmail.smtp.session.Session`, control files and queue) and commits the
-    message to the queue itself; eqmaild keeps accepting, applying
-    control/smtprules and the concurrency limits, scheduling and delivering.
+    it starts up to ``--workers`` session workers.  Like Postfix's smtpd
+    processes, a worker accepts connections itself, on the listening
+    sockets eqmaild bound (it gets copies of them), and runs the session
+    exactly as eqmaild would (`serve_client`: control/smtprules, the
+    concurrency limits, the same `eqmail.smtp.session.Session`, control
+    files and queue), committing the message to the queue itself.  No
+    process stands between the client and its greeting.  eqmaild keeps
+    scheduling and delivering, and hears of each commit.
+
+WHO ACCEPTS
+    While a session worker is ready, eqmaild stops accepting and leaves it
+    to the workers: eqmaild's hub, busy with the previous message's
+    delivery, would delay the next greeting.  It accepts as well while
+    every ready worker holds more than `SHARE` times as many sessions as
+    eqmaild (plus one), looked at every `SHARE_POLL` seconds, so that under
+    many concurrent sessions both processes serve them; and alone again
+    when no worker is left.  Where several processes accept, the kernel
+    gives each connection to one of them.  control/concurrencyincoming and
+    control/concurrencyperip hold for all of them together: each process
+    counts its sessions in a table in shared memory
+    (eqmail.concurrency.SessionTable) before the greeting.
 
 WHEN
-    At a new connection, at most once a second, eqmaild looks at the CPU
-    time it used (all its threads) since the last look.  When that is at
-    least ``--worker-load`` of one core (default 0.5; 0 starts one at the
-    first connection) and fewer than ``--workers`` workers run, it starts
-    one.  A connection goes to the ready worker with the fewest sessions
-    unless that worker already has more than `SHARE` times as many as
-    eqmaild (plus one), because eqmaild also schedules and delivers;
-    otherwise eqmaild serves it.  A worker without a session for
-    ``--worker-idle`` seconds (default 60; Postfix's max_idle is 100) is
-    told to stop, so an idle eqmaild is one process again (its memory
-    figure).  ``--workers 0`` (the default on a single core) never starts
-    one.
+    At a session eqmaild counted, at most once a second, eqmaild looks at
+    the CPU time it used (all its threads) since the last look.  When that
+    is at least ``--worker-load`` of one core (default 0.5; 0 starts one at
+    the first connection) and fewer than ``--workers`` workers run, it
+    starts one.  A worker does the same with its own CPU time and asks for
+    another (``m``).  A worker without a session for ``--worker-idle``
+    seconds (default 60; Postfix's max_idle is 100; eqmaild reads it from
+    the session table) is told to stop, so an idle eqmaild is one process
+    again (its memory figure).  ``--workers 0`` (the default on a single
+    core) never starts one.
 
 LOCAL DELIVERIES
     With the first session worker eqmaild also starts one local-delivery
@@ -37,39 +50,37 @@ LOCAL DELIVERIES
     delivery it had in flight when it died is a temporary failure (it may
     have happened: at least once, as after a crash).
 
-HAND-OVER (a SOCK_SEQPACKET socket pair, one record per message)
-    eqmaild -> worker
-        ``s`` + JSON ``{"n": N, "kind": "smtp"|"submission"|"smtps",
-        "env": {...}}`` with the client's socket attached (SCM_RIGHTS).
-        The environment is the one eqmaild built (TCPREMOTEIP, TCPLOCALIP,
-        TCPLOCALPORT, TCPLOCALHOST, TLSREQUIRED, the smtprules variables).
+CHANNEL (a SOCK_SEQPACKET socket pair, one record per message)
     worker -> eqmaild
-        ``r`` ready; ``d`` + N: session N ended (its place in
-        concurrencyincoming and concurrencyperip is free again); ``c`` +
-        JSON of the committed `Item` (``C`` + queue ID when that would be
-        too large: eqmaild reads the envelope from the queue file).
+        ``r`` ready (a session worker accepts from now on); ``m`` busy:
+        start another worker if allowed; ``c`` + JSON of the committed
+        `Item` (``C`` + queue ID when that would be too large: eqmaild
+        reads the envelope from the queue file).
     The local-delivery worker's records are described in
     eqmail.delivery.worker (``l`` requests, ``p``/``l`` answers).
-    End of file from eqmaild (it stops, or retires an idle worker): the
-    worker stops like eqmaild on SIGTERM -- its sessions get 421 at their
-    next command outside a mail transaction -- and exits when they have
-    ended (at most `SESSION_GRACE` seconds).  End of file from the worker
-    (it exited or died): its sessions count as ended.
+    End of file from eqmaild (it stops, or retires an idle worker, after
+    accepting again itself): the worker closes its listeners and stops like
+    eqmaild on SIGTERM -- its sessions get 421 at their next command
+    outside a mail transaction -- and exits when they have ended (at most
+    `SESSION_GRACE` seconds).  End of file from the worker (it exited or
+    died): once it is reaped, eqmaild clears its sessions from the table.
 
 PROCESS
     Started with posix_spawn (no Python code runs in the child before
     exec, as eqmaild has threads) as ``python -c`` calling `main`, with the
-    channel on descriptor 3 and, when eqmaild logs to a file, that file on
-    descriptor 4.  It runs as eqmaild's user (the service user once
-    privileges are dropped: it reads the network too), ignores SIGINT (a
-    terminal's ^C goes to eqmaild, which stops it), re-reads the control
-    files on SIGHUP (eqmaild forwards its own) and stops on SIGTERM.  A
-    committed message is durable before the worker answers 250, whatever
-    happens to eqmaild afterwards: a message eqmaild never heard of is
-    found by its next queue scan or at its next start.
+    channel on descriptor 3, when eqmaild logs to a file that file on
+    descriptor 4, the session table on 5 and the listeners from 6 on.  It
+    runs as eqmaild's user (the service user once privileges are dropped:
+    it reads the network too), ignores SIGINT (a terminal's ^C goes to
+    eqmaild, which stops it), re-reads the control files on SIGHUP
+    (eqmaild forwards its own) and stops on SIGTERM.  A committed message
+    is durable before the worker answers 250, whatever happens to eqmaild
+    afterwards: a message eqmaild never heard of is found by its next queue
+    scan or at its next start.
 
 STANDARDS
-    unix(7) SCM_RIGHTS; Postfix master(8) (process limits, max_idle).
+    Postfix master(8) (process limits, max_idle) and smtpd(8) (processes
+    that accept on a shared socket); posix_spawn(3); accept(2).
 """
 from __future__ import annotations
 
@@ -88,8 +99,8 @@ from . import log
 RESPAWN_DELAY = 10
 #: Seconds a stopping worker waits for its sessions (as eqmaild does).
 SESSION_GRACE = 10
-#: Seconds a record may wait for room on the channel; then the connection
-#: is served by eqmaild (a worker that does not read is stuck).
+#: Seconds a record may wait for room on the channel (a process that does
+#: not read is stuck).
 SEND_TIMEOUT = 10
 #: Seconds a new worker has to say it is ready before it is killed.
 READY_TIMEOUT = 30
@@ -97,12 +108,16 @@ READY_TIMEOUT = 30
 MAX_RECORD = 65536
 #: Largest answer to a local delivery, in bytes (as a delivery child's report).
 MAX_ANSWER = 1 << 20
-#: A worker takes a connection unless it has more than SHARE times as many
-#: sessions as eqmaild (plus one): eqmaild also schedules and delivers.
+#: eqmaild accepts as well while every session worker holds more than SHARE
+#: times as many sessions as eqmaild (plus one); looked at every SHARE_POLL s.
 SHARE = 3
-#: The descriptors a worker finds its channel and its log file on.
+SHARE_POLL = 0.05
+#: The descriptors a worker finds its channel, its log file, the session
+#: table and its listeners (LISTEN_FD, LISTEN_FD + 1, ...) on.
 CHANNEL_FD = 3
 LOG_FD = 4
+TABLE_FD = 5
+LISTEN_FD = 6
 
 
 def default_count() -> int:
@@ -160,6 +175,92 @@ def serve_connection(config, store, sock, kind: str, env: Dict[str, str],
         tls.close(conn["sock"])
 
 
+def serve_client(holder, store, table, owner: int, sock, addr, kind: str,
+                 stopping: Callable[[], bool], checkpassword,
+                 started: Optional[Callable[[], None]] = None) -> None:
+    """One connection that process `owner` (0: eqmaild, else a session
+    worker) accepted from `addr` on a `kind` listener: control/smtprules
+    (deny: 553), then concurrencyincoming and concurrencyperip counted in
+    the shared `table` (eqmail.concurrency; beyond: 421), then the SMTP
+    session (`serve_connection`) with the environment tcpserver would give
+    (TCPREMOTEIP, TCPLOCALIP, TCPLOCALPORT, TCPLOCALHOST, TLSREQUIRED=1 on
+    submission, the rule's variables).  `started()` is called once the
+    session is counted.  Closes `sock`; never raises for the client's
+    behaviour."""
+    from .smtp import reply
+
+    config = holder.current
+    ip = plain_ip(addr[0])
+    try:
+        rule = config.client_rule(ip)
+        if rule is not None and not rule.allow:
+            log.line("smtpd: denied by control/smtprules: %s" % ip)
+            say(sock, reply.DENIED)
+            return
+        counted, total, per_ip = table.enter(owner, ip, config.concurrencyincoming,
+                                             config.concurrencyperip)
+        if not counted:
+            log.line("smtpd: too many connections (%d, %d from %s)" % (total, per_ip, ip))
+            say(sock, reply.TOO_MANY_CONNECTIONS)
+            return
+        try:
+            if started is not None:
+                started()
+            local = sock.getsockname()
+            env = {"TCPREMOTEIP": ip, "TCPLOCALIP": plain_ip(local[0]),
+                   "TCPLOCALPORT": str(local[1]), "TCPLOCALHOST": config.me}
+            if kind == "submission":
+                env["TLSREQUIRED"] = "1"  # the submission listener's default
+            env.update(rule.env if rule is not None else ())
+            serve_connection(config, store, sock, kind, env, stopping, checkpassword)
+        finally:
+            table.leave(owner, ip)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def say(sock, r) -> None:
+    """Send one reply before hanging up; never raises."""
+    try:
+        sock.settimeout(5)
+        sock.sendall(r.render())
+    except OSError:
+        pass
+
+
+def plain_ip(ip: str) -> str:
+    """IPv4-mapped IPv6 addresses are shown as IPv4 (as tcp-env does)."""
+    if ip.startswith("::ffff:") and "." in ip:
+        return ip[7:]
+    return ip
+
+
+class CpuLoad:
+    """Whether this process used at least `threshold` of one core (all its
+    threads) since the last look, looked at most once a second; with a
+    threshold of 0, always."""
+
+    __slots__ = ("threshold", "t0", "cpu0")
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.t0 = time.monotonic()
+        self.cpu0 = _cpu_seconds()
+
+    def busy(self) -> bool:
+        if self.threshold <= 0:
+            return True
+        now = time.monotonic()
+        if now - self.t0 < 1.0:
+            return False
+        cpu = _cpu_seconds()
+        used = (cpu - self.cpu0) / (now - self.t0)  # cores
+        self.t0, self.cpu0 = now, cpu
+        return used >= self.threshold
+
+
 def _sender(sock):
     """sendall() for SMTP replies: one send() call, and gevent's sendall
     (which asks the kernel for SO_SNDBUF every time) only for what a short
@@ -189,22 +290,22 @@ class _Worker:
     """One worker process as eqmaild sees it."""
 
     __slots__ = ("pid", "role", "chan", "lock", "ready", "retiring", "active", "waiting",
-                 "parts", "last")
+                 "parts", "last", "owner")
 
-    def __init__(self, pid: int, role: str, chan) -> None:
+    def __init__(self, pid: int, role: str, chan, owner: int = 0) -> None:
         import gevent.lock
 
         self.pid = pid
         self.role = role            # "session" or "local"
         self.chan = chan            # gevent socket, eqmaild's end
+        self.owner = owner          # a session worker's index in the SessionTable
         self.lock = gevent.lock.Semaphore()  # one sender at a time
         self.ready = False          # said "r"
         self.retiring = False       # told to stop (its channel half-closed)
-        self.active = 0             # sessions (deliveries) handed over and not ended
-        # session number -> Event; delivery number -> AsyncResult
-        self.waiting: Dict[int, object] = {}
+        self.active = 0             # deliveries handed over and not answered
+        self.waiting: Dict[int, object] = {}  # delivery number -> AsyncResult
         self.parts: Dict[int, bytearray] = {}  # delivery answers arriving in parts
-        self.last = time.monotonic()  # last hand-over (or start)
+        self.last = time.monotonic()  # last delivery handed over (or start)
 
     @property
     def name(self) -> str:
@@ -213,84 +314,97 @@ class _Worker:
 
 
 class Pool:
-    """eqmaild's session workers: starts them under load, hands connections
-    over, hears about commits and ended sessions, retires idle ones.
+    """eqmaild's workers: starts them under load, hears about commits, runs
+    local deliveries in the local-delivery worker, retires idle ones.
 
     `on_commit(item)` is called in eqmaild for every message a worker
     committed (the scheduler's `add`); `store` reads the envelope when the
-    worker only sent the ID.
+    worker only sent the ID.  `table` is the SessionTable the workers count
+    their sessions in (None: no session workers can start).  Session
+    workers accept on the listeners given to `listen`.
     """
 
     def __init__(self, home: str, store, on_commit: Callable, max_workers: int,
                  load: float, checkpassword, idle: float = 60,
-                 local_deliveries: bool = False) -> None:
+                 local_deliveries: bool = False, table=None) -> None:
         self.home = home
         self.store = store
         self.on_commit = on_commit
-        self.max_workers = max(0, max_workers)
+        self.max_workers = max(0, max_workers) if table is not None else 0
         self.load = load
         self.idle = idle
         self.checkpassword = checkpassword
+        self.table = table
         # a local-delivery worker as well (eqmaild delivers as itself)
         self.local_deliveries = local_deliveries and self.max_workers > 0
         self.workers: List[_Worker] = []  # session workers
         self.local: Optional[_Worker] = None  # the local-delivery worker
+        self.listeners: List[Tuple[str, object]] = []  # (kind, listening socket)
+        self.on_accepting: Optional[Callable[[bool], None]] = None
+        self._accepting = True   # what on_accepting was last told
+        self._sharing = None     # the greenlet that looks at the sessions (_share)
         self._numbers = itertools.count(1)
-        self._t0 = time.monotonic()
-        self._cpu0 = _cpu_seconds()
+        self._load = CpuLoad(load)
         self._no_spawn_until = 0.0
         self._monitor = None
         self.stopping = False
 
-    # -- hand-over ---------------------------------------------------------------
+    # -- accepting -----------------------------------------------------------------
 
-    def offer(self, sock, kind: str, env: Dict[str, str], local_sessions: int):
-        """Hand the accepted connection `sock` to a worker if one should take
-        it.  Returns an Event that is set when the worker's session ended
-        (eqmaild may close its own copy of the socket at once), or None:
-        serve it here.  `local_sessions` is the count eqmaild serves itself.
-        May start a worker (for later connections).  Never raises."""
-        if self.max_workers == 0 or self.stopping:
-            return None
-        self._maybe_spawn()
-        best = None
-        for w in self.workers:
-            if w.ready and not w.retiring and (best is None or w.active < best.active):
-                best = w
-        if best is None or best.active > SHARE * (local_sessions + 1):
-            return None
+    def listen(self, listeners: List[Tuple[str, object]],
+               on_accepting: Callable[[bool], None]) -> None:
+        """The listeners session workers accept on: (kind, socket) pairs.
+        `on_accepting(False)` is called when a session worker is ready
+        (eqmaild then stops accepting: the worker does, without eqmaild's
+        hub between the client and its greeting), `on_accepting(True)` when
+        none is left that accepts."""
+        self.listeners = list(listeners)
+        self.on_accepting = on_accepting
+
+    def _accepting_changed(self) -> None:
+        """Tell eqmaild whether it should accept too: when no session worker
+        accepts, or every one that does holds more than SHARE times as many
+        sessions as eqmaild (plus one).  While a worker accepts, this is
+        looked at again every SHARE_POLL seconds."""
+        ready = [w for w in self.workers if w.ready and not w.retiring]
+        here = True
+        if ready:
+            mine = self.table.owner(0)[0]
+            here = all(self.table.owner(w.owner)[0] > SHARE * (mine + 1) for w in ready)
+            if self._sharing is None and not self.stopping:
+                import gevent
+                self._sharing = gevent.spawn(self._share)
+        if here != self._accepting and not self.stopping and self.on_accepting is not None:
+            self._accepting = here
+            self.on_accepting(here)
+
+    def _share(self) -> None:
         import gevent
-        import gevent.event
 
-        n = next(self._numbers)
-        done = gevent.event.Event()
-        record = b"s" + json.dumps({"n": n, "kind": kind, "env": env}).encode("ascii")
-        best.waiting[n] = done
-        best.active += 1
-        best.last = time.monotonic()
         try:
-            with gevent.Timeout(SEND_TIMEOUT):  # a worker that stopped reading
-                with best.lock:
-                    socket.send_fds(best.chan, [record], [sock.fileno()])
-        except (OSError, ValueError, gevent.Timeout) as e:
-            best.waiting.pop(n, None)
-            best.active -= 1
-            log.warning("unable to hand a connection to worker %d: %s" % (best.pid, e))
-            return None
-        return done
+            while not self.stopping and any(w.ready and not w.retiring for w in self.workers):
+                gevent.sleep(SHARE_POLL)
+                self._accepting_changed()
+        finally:
+            self._sharing = None
 
-    def _maybe_spawn(self) -> None:
-        now = time.monotonic()
-        if now - self._t0 >= 1.0 or self.load <= 0:
-            cpu = _cpu_seconds()
-            busy = (cpu - self._cpu0) / max(now - self._t0, 1e-6)  # cores used
-            self._t0, self._cpu0 = now, cpu
-            if busy < self.load or now < self._no_spawn_until:
-                return
-            if sum(1 for w in self.workers if not w.retiring) < self.max_workers:
-                self.spawn()
-            if self.local_deliveries and self.local is None:
-                self.spawn("local")
+    def busy(self) -> None:
+        """Called by eqmaild at each session it counted: start a session
+        worker (and the local-delivery worker) when eqmaild used at least
+        `load` of a core over the last second.  Never raises."""
+        if self.max_workers and not self.stopping and self._load.busy():
+            self.more()
+
+    def more(self) -> None:
+        """Start another session worker if fewer than `max_workers` run
+        (and the local-delivery worker if there is none): eqmaild is busy,
+        or a worker said it is (``m``)."""
+        if self.stopping or time.monotonic() < self._no_spawn_until:
+            return
+        if sum(1 for w in self.workers if not w.retiring) < self.max_workers:
+            self.spawn()
+        if self.local_deliveries and self.local is None:
+            self.spawn("local")
 
     def spawn(self, role: str = "session") -> Optional[_Worker]:
         """Start one worker now: a session worker, or with `role` "local" the
@@ -299,27 +413,55 @@ class Pool:
         import gevent
         import gevent.socket
 
+        import fcntl
+
+        from .concurrency import OWNERS
+
+        owner = 0
+        if role == "session":
+            used = {w.owner for w in self.workers}
+            owner = next((o for o in range(1, OWNERS) if o not in used), 0)
+            if not owner:
+                log.warning("no room for another session worker in the session table")
+                return None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         dest, what = log.destination()
-        actions = [(os.POSIX_SPAWN_DUP2, theirs.fileno(), CHANNEL_FD)]
+        # what the worker gets, and on which descriptor; every source is
+        # first copied above the targets, so no dup2 overwrites another's source
+        wanted = [(theirs.fileno(), CHANNEL_FD)]
         if dest == "fd":
-            actions.append((os.POSIX_SPAWN_DUP2, what, LOG_FD))
+            wanted.append((what, LOG_FD))
+        listen = []
+        if role == "session":
+            wanted.append((self.table.fd, TABLE_FD))
+            for i, (kind, lsock) in enumerate(self.listeners):
+                wanted.append((lsock.fileno(), LISTEN_FD + i))
+                listen.append([kind, LISTEN_FD + i])
         conf = {"home": self.home, "checkpassword": self.checkpassword, "role": role,
-                "log": dest, "ident": what if dest == "syslog" else None}
+                "log": dest, "ident": what if dest == "syslog" else None,
+                "owner": owner, "listen": listen, "load": self.load}
         argv = [sys.executable, "-c", "import sys; from eqmail.workers import main; "
                 "sys.exit(main(sys.argv[1:]))", json.dumps(conf)]
+        copies: List[int] = []
         try:
+            above = LISTEN_FD + len(self.listeners)
+            for fd, _ in wanted:
+                copies.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above))
+            actions = [(os.POSIX_SPAWN_DUP2, copy, target)
+                       for copy, (_, target) in zip(copies, wanted)]
             pid = os.posix_spawn(sys.executable, argv, dict(os.environ), file_actions=actions)
         except OSError as e:
             ours.close()
-            theirs.close()
             self._no_spawn_until = time.monotonic() + RESPAWN_DELAY
             log.alert("unable to start a %s worker: %s"
                       % ("local delivery" if role == "local" else "session", e))
             return None
-        theirs.close()
+        finally:
+            theirs.close()
+            for fd in copies:
+                os.close(fd)
         chan = gevent.socket.socket(ours.family, ours.type, fileno=ours.detach())
-        w = _Worker(pid, role, chan)
+        w = _Worker(pid, role, chan, owner)
         if role == "local":
             self.local = w
             log.status("started %s" % w.name)
@@ -420,12 +562,7 @@ class Pool:
                 break
             kind, rest = data[:1], data[1:]
             try:
-                if kind == b"d":
-                    done = w.waiting.pop(int(rest), None)
-                    if done is not None:
-                        w.active -= 1
-                        done.set()
-                elif kind == b"c":
+                if kind == b"c":
                     self.on_commit(Item(**json.loads(rest)))
                 elif kind == b"C":
                     self._commit_by_id(rest.decode("ascii"))
@@ -433,20 +570,18 @@ class Pool:
                     self._answer(w, kind, rest)
                 elif kind == b"r":
                     w.ready = True
+                    self._accepting_changed()
+                elif kind == b"m":
+                    self.more()
             except Exception as e:  # a bad record must not stop the listening
                 log.alert("%s: bad record: %s: %s" % (w.name, type(e).__name__, e))
         for done in list(w.waiting.values()):
-            if w.role == "local":
-                done.set(None)  # deliver(): the worker died
-            else:
-                done.set()
+            done.set(None)  # deliver(): the worker died
         w.waiting.clear()
-        if w.role == "session":
-            w.active = 0
-        if w in self.workers:
-            self.workers.remove(w)
+        w.ready = False
         if self.local is w:
             self.local = None
+        self._accepting_changed()  # eqmaild accepts again if no worker does
         try:
             w.chan.close()
         except OSError:
@@ -458,6 +593,9 @@ class Pool:
             except OSError:
                 pass
             status = children.wait(w.pid, time.time() + 5)
+        if w in self.workers:
+            self.workers.remove(w)
+            self.table.clear(w.owner)  # it is gone, and so are its sessions
         clean = status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         if clean and w.retiring:
             log.status("%s stopped" % w.name)
@@ -493,12 +631,22 @@ class Pool:
                         os.kill(w.pid, signal.SIGKILL)
                     except OSError:
                         pass
-                elif not w.retiring and w.active == 0 and now - w.last >= self.idle:
+                elif not w.retiring and self._idle(w, now):
                     self._retire(w)
 
+    def _idle(self, w: _Worker, now: float) -> bool:
+        """No session (delivery) in `w` for `idle` seconds."""
+        active, last = w.active, w.last
+        if w.role == "session":
+            active, started = self.table.owner(w.owner)
+            last = max(last, started)
+        return active == 0 and now - last >= self.idle
+
     def _retire(self, w: _Worker) -> None:
-        """Tell `w` to stop: no more hand-overs, end of file on its channel."""
+        """Tell `w` to stop: eqmaild accepts again if no other worker does,
+        then end of file on the worker's channel."""
         w.retiring = True
+        self._accepting_changed()
         try:
             w.chan.shutdown(socket.SHUT_WR)
         except OSError:
@@ -541,15 +689,22 @@ def _cpu_seconds() -> float:
 # -- the worker's side ------------------------------------------------------------------
 
 def main(argv: List[str]) -> int:
-    """A session worker: ``argv[0]`` is JSON ``{"home", "checkpassword",
-    "log": "stderr"|"fd"|"syslog"|"null", "ident"}``; the channel is on
-    descriptor 3.  Returns the exit code (0 after a clean stop, 78 when the
-    control files cannot be read, 64 on bad arguments)."""
+    """A worker: ``argv[0]`` is JSON ``{"home", "checkpassword", "role":
+    "session"|"local", "log": "stderr"|"fd"|"syslog"|"null", "ident",
+    "owner": its index in the session table, "listen": [[kind, descriptor],
+    ...], "load": share of a core}``; the channel is on descriptor 3, the
+    session table on 5.  Returns the exit code (0 after a clean stop, 78
+    when the control files, the queue or the session table cannot be used,
+    64 on bad arguments)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         conf = json.loads(argv[0])
         home = conf["home"]
+        if conf.get("role") != "local":
+            owner = int(conf["owner"])
+            listen = [(str(kind), int(fd)) for kind, fd in conf["listen"]]
+            load = float(conf["load"])
     except (IndexError, ValueError, KeyError, TypeError):
         sys.stderr.write("eqmail worker: started by eqmaild only\n")
         return 64
@@ -568,14 +723,17 @@ def main(argv: List[str]) -> int:
     import gevent.event
     import gevent.lock
     import gevent.pool
+    import gevent.server
     import gevent.socket
 
+    from .concurrency import SessionTable
     from .control import ConfigError, ConfigHolder
     from .queue.store import Store
 
     try:
         holder = ConfigHolder(home)
         store = Store.open(home, create=False)
+        table = SessionTable.attach(TABLE_FD)
     except (ConfigError, OSError) as e:
         log.alert("session worker: unable to start: %s" % e)
         return 78
@@ -585,6 +743,8 @@ def main(argv: List[str]) -> int:
     chan = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=CHANNEL_FD)
     lock = gevent.lock.Semaphore()
     state = {"stopping": False, "chan": True}
+    stopping = lambda: state["stopping"]  # noqa: E731
+    checkpassword = conf.get("checkpassword")
 
     def send(record: bytes) -> bool:
         if not state["chan"]:
@@ -606,46 +766,44 @@ def main(argv: List[str]) -> int:
     stop = gevent.event.Event()
     gevent.signal_handler(signal.SIGHUP, holder.reload)
     gevent.signal_handler(signal.SIGTERM, stop.set)
-    pool = gevent.pool.Pool()
+    # as eqmaild's: a full pool stops the accepting until a session ends
+    pool = gevent.pool.Pool(2 * holder.current.concurrencyincoming + 50)
+    cpu = CpuLoad(load)
 
-    def one(n: int, fd: int, kind: str, env: Dict[str, str]) -> None:
+    def started() -> None:
+        if cpu.busy():
+            send(b"m")  # eqmaild may start another worker
+
+    servers = []
+    for kind, fd in listen:
         try:
-            sock = gevent.socket.socket(fileno=fd)
-        except OSError:
-            os.close(fd)
-        else:
-            serve_connection(holder.current, store, sock, kind, env,
-                             lambda: state["stopping"], conf.get("checkpassword"))
-        finally:
-            send(b"d%d" % n)
+            lsock = gevent.socket.socket(fileno=fd)
+        except OSError as e:
+            log.alert("session worker: no listener on descriptor %d: %s" % (fd, e))
+            return 78
+        server = gevent.server.StreamServer(
+            lsock, lambda sock, addr, kind=kind: serve_client(
+                holder, store, table, owner, sock, addr, kind, stopping, checkpassword,
+                started), spawn=pool)
+        server.start()
+        servers.append(server)
 
     def receive() -> None:
+        """eqmaild sends nothing; end of file: stop."""
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(chan, MAX_RECORD, 1)
+                if not chan.recv(MAX_RECORD):
+                    break
             except OSError:
                 break
-            if not data:
-                break
-            try:
-                req = json.loads(data[1:])
-                n, kind, env = int(req["n"]), str(req["kind"]), dict(req["env"])
-            except (ValueError, KeyError, TypeError):
-                for fd in fds:
-                    os.close(fd)
-                continue
-            if not fds:
-                send(b"d%d" % n)
-                continue
-            for fd in fds[1:]:
-                os.close(fd)
-            pool.spawn(one, n, fds[0], kind, env)
         stop.set()
 
     if not send(b"r"):
         return 0
     reader = gevent.spawn(receive)
     stop.wait()
+    for server in servers:  # eqmaild accepts again (or stops)
+        server.close()
     state["stopping"] = True
     pool.join(timeout=SESSION_GRACE)
     pool.kill(timeout=1)

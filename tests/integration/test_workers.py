@@ -1,6 +1,7 @@
-"""eqmaild's session workers (eqmail.workers): under load, connections go to
-a second process that runs the same sessions; eqmaild keeps the limits,
-the scheduling, the signals and the stop."""
+"""eqmaild's session workers (eqmail.workers): under load, a second process
+accepts on the same listeners and runs the same sessions; the limits count
+the sessions of both; eqmaild keeps the scheduling, the signals and the
+stop."""
 from __future__ import annotations
 
 import contextlib
@@ -146,7 +147,7 @@ def test_limits_count_the_sessions_workers_hold(home, daemon_factory):
         assert sessions_in(pid) >= 1  # the limit spans both processes
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
             assert s.recv(200).startswith(b"421 ")
-    # the ended sessions (the worker's "d" records) free their places
+    # the ended sessions free their places in the shared table
     deadline = time.time() + 10
     while True:
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
@@ -154,6 +155,46 @@ def test_limits_count_the_sessions_workers_hold(home, daemon_factory):
                 break
         assert time.time() < deadline, d.log()
         time.sleep(0.1)
+
+
+def test_the_ready_worker_accepts_and_eqmaild_leaves_it_the_connections(home,
+                                                                        daemon_factory):
+    d, pid = started_worker(home, daemon_factory)
+    replies = [send(d) for _ in range(8)]
+    # one session at a time: never more than SHARE times eqmaild's, so eqmaild
+    # does not accept at all
+    assert all(".%d." % pid in r for r in replies), replies
+    assert len(home.wait_messages(len(replies), timeout=20)) >= len(replies)
+
+
+def test_the_per_address_limit_counts_both_processes(home, daemon_factory):
+    d, pid = started_worker(home, daemon_factory, concurrencyperip="2\n")
+    with greeted(d, 2):
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+            assert s.recv(200).startswith(b"421 ")
+    assert wait_log(d, "smtpd: too many connections (3, 3 from 127.0.0.1)", 10), d.log()
+
+
+def test_eqmaild_accepts_too_when_the_worker_holds_many_sessions(home, daemon_factory):
+    d, pid = started_worker(home, daemon_factory)
+    with greeted(d, 5) as held:
+        assert sessions_in(pid) == 5  # eqmaild left them to the worker
+        time.sleep(0.3)  # 5 > 3 x (0 + 1): eqmaild accepts as well now
+        more = []
+        try:
+            # where both accept, the kernel wakes both and one wins: eqmaild,
+            # which is idle, gets some of these
+            for _ in range(30):
+                s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+                more.append(s)
+                assert s.recv(100).startswith(b"220 ")
+                if sessions_in(d.proc.pid):
+                    break
+            assert sessions_in(d.proc.pid) >= 1, d.log()
+            assert len(held) + len(more) == sessions_in(pid) + sessions_in(d.proc.pid)
+        finally:
+            for s in more:
+                s.close()
 
 
 def test_sighup_reaches_the_worker(home, daemon_factory):
