@@ -2,12 +2,12 @@
 
 SUMMARY
     Under load eqmaild (eqmail.workers) moves its local deliveries to this
-    process, so that its own hub only accepts, hands over and schedules.
-    Each delivery here is exactly what eqmaild would run in its threadpool
-    (delivery.lspawn.resolve_and_deliver: users/assign, the dot-qmail file,
-    Maildir, mbox, programs, forwards), done by plain threads: no gevent,
-    no hub to hand results back to, so a delivery costs no thread switch
-    besides its own system calls.
+    process, so that its own hub only schedules (and serves the sessions
+    the session workers leave it).  Each delivery here is exactly what
+    eqmaild would run in its threadpool (delivery.lspawn.resolve_and_deliver:
+    users/assign, the dot-qmail file, Maildir, mbox, programs, forwards),
+    done by plain threads: no gevent, no hub to hand results back to, so a
+    delivery costs no thread switch besides its own system calls.
 
     Only started when eqmaild is not root and has no privileged helper:
     deliveries as eqmaild's own user.  A target with another uid (or root)
