@@ -730,6 +730,14 @@ def main(argv: List[str]) -> int:
     from .control import ConfigError, ConfigHolder
     from .queue.store import Store
 
+    # what eqmaild gave (dup2 leaves it inheritable) stays out of the programs
+    # this process starts (spp plugins, checkpassword)
+    for fd in [CHANNEL_FD, TABLE_FD] + [fd for _, fd in listen] + (
+            [LOG_FD] if dest == "fd" else []):
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            pass
     try:
         holder = ConfigHolder(home)
         store = Store.open(home, create=False)
