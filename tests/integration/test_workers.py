@@ -197,6 +197,15 @@ def test_eqmaild_accepts_too_when_the_worker_holds_many_sessions(home, daemon_fa
                 s.close()
 
 
+def test_what_the_worker_got_is_not_passed_to_its_programs(home, daemon_factory):
+    d, pid = started_worker(home, daemon_factory)
+    for fd in (3, 5, 6):  # channel, session table, listener
+        with open("/proc/%d/fdinfo/%d" % (pid, fd)) as f:
+            flags = int(re.search(r"flags:\s*(\d+)", f.read()).group(1), 8)
+        assert flags & os.O_CLOEXEC, (fd, oct(flags))
+    assert os.readlink("/proc/%d/fd/5" % pid).startswith("/memfd:eqmail-sessions")
+
+
 def test_sighup_reaches_the_worker(home, daemon_factory):
     d, pid = started_worker(home, daemon_factory)
     home.write("databytes", "50\n")
