@@ -154,7 +154,8 @@ class SessionTable:
             yield i
             pos = i + _SLOT_SIZE
 
-    def _total(self) -> int:
+    def total(self) -> int:
+        """Sessions of all processes."""
         return sum(_SESSIONS.unpack_from(self.mm, _HEAD))
 
     def _add_owner(self, owner: int, n: int) -> None:
@@ -191,7 +192,7 @@ class SessionTable:
         key = address_key(ip)
         self._lock()
         try:
-            total = self._total() + 1
+            total = self.total() + 1
             mine, per_ip = -1, 1
             for i in self._slots(key):
                 o, n = _SLOT_TAIL.unpack_from(self.mm, i + 16)
@@ -253,7 +254,3 @@ class SessionTable:
             return held
         finally:
             self._unlock()
-
-    def total(self) -> int:
-        """Sessions of all processes."""
-        return self._total()

@@ -357,7 +357,8 @@ class Pool:
         `on_accepting(False)` is called when a session worker is ready
         (eqmaild then stops accepting: the worker does, without eqmaild's
         hub between the client and its greeting), `on_accepting(True)` when
-        none is left that accepts."""
+        none is left that accepts, or every one holds more than SHARE times
+        eqmaild's sessions (see `_accepting_changed`)."""
         self.listeners = list(listeners)
         self.on_accepting = on_accepting
 
@@ -366,7 +367,7 @@ class Pool:
         accepts, or every one that does holds more than SHARE times as many
         sessions as eqmaild (plus one).  While a worker accepts, this is
         looked at again every SHARE_POLL seconds."""
-        ready = [w for w in self.workers if w.ready and not w.retiring]
+        ready = self._accepting_workers()
         here = True
         if ready:
             mine = self.table.owner(0)[0]
@@ -378,11 +379,15 @@ class Pool:
             self._accepting = here
             self.on_accepting(here)
 
+    def _accepting_workers(self) -> List[_Worker]:
+        """The session workers that accept: ready, not retiring."""
+        return [w for w in self.workers if w.ready and not w.retiring]
+
     def _share(self) -> None:
         import gevent
 
         try:
-            while not self.stopping and any(w.ready and not w.retiring for w in self.workers):
+            while not self.stopping and self._accepting_workers():
                 gevent.sleep(SHARE_POLL)
                 self._accepting_changed()
         finally:
