@@ -4,11 +4,19 @@ As root (CI) the daemon runs as the unprivileged user ``eqmailtest``,
 created here with useradd when missing, as a new user without root would
 run it.  Every daemon is started on a free 127.0.0.1 port and stopped by
 PID at the end of its test.
+
+Tests that check how eqmail meets a permission it lacks (root has every
+one) run that part through ``as_test_user()``: as root in a forked child
+that is ``eqmailtest``, on files in a ``user_dir()`` given to that user
+with ``give_to_user()``; as a normal user in the test's own process.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -16,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import pytest
 
@@ -40,6 +49,116 @@ def _test_user():
     """(uid, gid) the daemon runs as; creates the user when root."""
     pw = ensure_user(TEST_USER)
     return pw.pw_uid, pw.pw_gid
+
+
+@contextlib.contextmanager
+def user_dir(prefix: str = "eqmail-test-"):
+    """A throwaway directory under /tmp, mode 755, removed at the end.
+
+    Unlike pytest's tmp_path (under /tmp/pytest-of-root, mode 700, when
+    root) the test user can reach it: put there what ``as_test_user()``
+    runs on, and ``give_to_user()`` it."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def give_to_user(path: str) -> None:
+    """As root: `path` and everything under it owned by the test user, so
+    that only the modes a test sets stand in its way.  No-op otherwise."""
+    if not ROOT:
+        return
+    pw = ensure_user(TEST_USER)
+    for top, dirs, files in os.walk(path):
+        for n in [top] + [os.path.join(top, x) for x in dirs + files]:
+            os.lchown(n, pw.pw_uid, pw.pw_gid)
+
+
+class ChildTraceback(Exception):
+    """The traceback, as text, of an exception raised in as_test_user()'s child."""
+
+
+def as_test_user(func, *args, timeout: float = 60.0, **kwargs):
+    """func(*args, **kwargs) as the unprivileged test user; its result.
+
+    As root: in a forked child that drops to TEST_USER's uid and gid (no
+    supplementary groups), so that file permissions apply to it.  The
+    result comes back pickled; an exception (a failed assert too) is
+    raised again here, caused by a ChildTraceback with the child's
+    traceback.  The child never returns into pytest: it ends with
+    os._exit().  Not root: func runs here, as the test runs today.
+    """
+    if not ROOT:
+        return func(*args, **kwargs)
+    pw = ensure_user(TEST_USER)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: whatever happens, it ends here with os._exit
+        code = 1
+        try:
+            os.close(r)
+            try:
+                if "gevent" in sys.modules:  # a fresh event loop, not the parent's
+                    import gevent
+                    gevent.reinit()
+                os.setgroups([])
+                os.setgid(pw.pw_gid)
+                os.setuid(pw.pw_uid)
+                out = ("ok", func(*args, **kwargs))
+            except BaseException as e:  # handed to the parent
+                text = traceback.format_exc()
+                try:
+                    pickle.loads(pickle.dumps(e))
+                    out = ("raised", e, text)
+                except Exception:
+                    out = ("raised", None, text)
+            try:
+                data = pickle.dumps(out)
+            except Exception:
+                data = pickle.dumps(("raised", None, "the result of %r cannot be pickled:\n%s"
+                                     % (func, traceback.format_exc())))
+            with os.fdopen(w, "wb") as f:
+                f.write(data)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    os.close(w)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                raise AssertionError("%r as user %s took over %s s" % (func, TEST_USER, timeout))
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+    if not chunks:
+        raise AssertionError("%r as user %s: the child ended (wait status %d) without a result"
+                             % (func, TEST_USER, status))
+    out = pickle.loads(b"".join(chunks))
+    if out[0] == "ok":
+        return out[1]
+    _, exc, text = out
+    if exc is None:
+        exc = AssertionError("in the child as user %s:\n%s" % (TEST_USER, text))
+    raise exc from ChildTraceback("as user %s:\n%s" % (TEST_USER, text))
 
 
 def wait_log(daemon, text: str, timeout: float = 15.0) -> bool:
@@ -97,10 +216,7 @@ class Home:
             f.write(text)
 
     def chown(self) -> None:
-        if ROOT:
-            for top, dirs, files in os.walk(self.path):
-                for n in [top] + [os.path.join(top, x) for x in dirs + files]:
-                    os.lchown(n, self.uid, self.gid)
+        give_to_user(self.path)
 
     def messages(self):
         """Bytes of every message in alias/Maildir/new, oldest first."""

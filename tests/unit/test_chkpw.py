@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from helpers import as_test_user, give_to_user, user_dir
 from eqmail import children, chkpw
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,8 +52,7 @@ def digest(secret: bytes, challenge: bytes = CHALLENGE) -> bytes:
     return hmac.new(secret, challenge, hashlib.md5).hexdigest().encode()
 
 
-@pytest.fixture
-def users(home, monkeypatch):
+def add_users(home, monkeypatch):
     """joe (scrypt, `secret`), cram (cram, `s3cret`), and a comment."""
     with open(passwd_file(home), "wb") as f:
         f.write(b"# SMTP AUTH users\n")
@@ -60,6 +60,23 @@ def users(home, monkeypatch):
     assert set_password(monkeypatch, home, "joe", stdin=b"secret\n") == 0
     assert set_password(monkeypatch, home, "cram", "--cram", stdin=b"s3cret\n") == 0
     return home
+
+
+@pytest.fixture
+def users(home, monkeypatch):
+    """A home with add_users()'s password file."""
+    return add_users(home, monkeypatch)
+
+
+@pytest.fixture
+def user_users(monkeypatch):
+    """`users` in a directory the test user owns and can reach, for
+    as_test_user() (root's tmp_path is out of its reach)."""
+    with user_dir("eqmail-chkpw-") as home:
+        os.mkdir(os.path.join(home, "users"))
+        add_users(home, monkeypatch)
+        give_to_user(home)
+        yield home
 
 
 # -- eqmail passwd ------------------------------------------------------------------------
@@ -245,10 +262,12 @@ def test_chkpw_missing_file_means_no_users(home):
     assert run_chkpw(home, b"joe\0secret\0\0").code == 1
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_chkpw_unreadable_file_is_temporary(users):
-    os.chmod(passwd_file(users), 0o000)
-    assert run_chkpw(users, b"joe\0secret\0\0").code == 111
+def test_chkpw_unreadable_file_is_temporary(user_users):
+    # root reads any file: as root, chkpw runs as the unprivileged test user
+    assert as_test_user(run_chkpw, user_users, b"joe\0secret\0\0").code == 0
+    os.chmod(passwd_file(user_users), 0o000)
+    f = as_test_user(run_chkpw, user_users, b"joe\0secret\0\0")
+    assert f.code == 111 and b"unable to open" in f.stderr and f.stderr.count(b"\n") == 1
 
 
 def test_chkpw_misuse(users):
