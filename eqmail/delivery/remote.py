@@ -10,7 +10,8 @@ SUMMARY
 ROUTING
     control/smtproutes first (exact domain, ``.suffix`` longest first, the
     catch-all ``:relay``); a relay is looked up by AAAA and A only, or taken
-    as an ``[IP]`` literal, and its port used.  Otherwise the MX records of
+    as an address when it is an ``[IP]`` literal or a plain dotted quad
+    (``192.0.2.7``, as qmail's dns_ip does), and its port used.  Otherwise the MX records of
     the domain, by preference, equal preferences in random order; without
     MX the domain's own AAAA and A (RFC 5321 section 5.1).  For every host,
     IPv6 addresses come first, then IPv4 (eQmail 1.09).  A null MX
@@ -183,6 +184,22 @@ def mx_hosts(domain: str) -> List[Tuple[int, str]]:
     return mx
 
 
+def dotted_quad(host: str) -> Optional[str]:
+    """`host` as an IPv4 address when it is a plain dotted quad
+    (``192.0.2.7``), else None.  qmail's dns_ip and dns_mxip take such a
+    name as the address itself before any DNS look-up (qmail-remote(8)),
+    for an smtproutes relay and for a recipient domain alike; unlike
+    qmail's ip_scan, an octet above 255 is not an address."""
+    if not host[:1].isdigit() or host.count(".") != 3:
+        return None
+    import ipaddress
+
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        return None
+
+
 def plan(config: Config, domain: str) -> Tuple[List[Tuple[str, str, int]], Optional[SmtpRoute]]:
     """Where to connect: [(host name, IP, port)] in order, and the
     smtproutes entry used.  Blocking (DNS): call it from the threadpool.
@@ -191,7 +208,7 @@ def plan(config: Config, domain: str) -> Tuple[List[Tuple[str, str, int]], Optio
     if route is not None and route.relay:
         hosts = [(route.relay, route.port)]
     else:
-        literal = ip_literal(domain) if domain.startswith("[") else None
+        literal = ip_literal(domain) if domain.startswith("[") else dotted_quad(domain)
         if literal is not None:
             return [(domain, literal, 25)], route
         if domain.startswith("["):
@@ -205,6 +222,10 @@ def plan(config: Config, domain: str) -> Tuple[List[Tuple[str, str, int]], Optio
             ip = ip_literal(host) or ip_literal("[IPv6:%s]" % inner)
             if ip:
                 out.append((host, ip, port))
+            continue
+        ip = dotted_quad(host)
+        if ip is not None:
+            out.append((host, ip, port))
             continue
         out += [(host, ip, port) for ip in addresses(host)]
     if not out:

@@ -429,6 +429,20 @@ def test_smtproute_with_auth_over_starttls_on_587(home, daemon_factory, scripted
         assert secret not in d.log()
 
 
+@pytest.mark.parametrize("form", ["plain.test:127.0.0.1:%d\n", ":127.0.0.1:%d\n"])
+def test_smtproute_relay_as_a_plain_dotted_quad_is_the_address(home, daemon_factory,
+                                                                scripted_smtp, form):
+    # qmail's dns_ip takes "192.0.2.7" as the address itself, before any DNS:
+    # with no resolver at all, the mail must still reach the relay
+    srv = scripted_smtp("127.0.0.1")
+    d = start(home, daemon_factory, routes=form % srv.port)
+    inject(home, ["r@plain.test"], simple("dotted quad", to="r@plain.test"))
+    (m,) = srv.wait_messages(1)
+    assert m.rcpt_tos == ["r@plain.test"]
+    assert wait_log(d, ": success: "), d.log()
+    assert deliveries(d, "failure") == []
+
+
 def test_smtproute_wrong_credentials_defer_and_keep_the_message(home, daemon_factory,
                                                                 scripted_smtp):
     srv = scripted_smtp("127.0.0.27", 587, starttls=True, auth=("user", PASSWORD))
