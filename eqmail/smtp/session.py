@@ -243,8 +243,11 @@ class Session:
     # -- plumbing ---------------------------------------------------------------
 
     def _reset(self) -> None:
-        """RSET, HELO, EHLO and the end of DATA: a new transaction, and the
-        plugins' H and L* texts are forgotten."""
+        """RSET and the end of DATA: a new transaction, and the plugins' H
+        and L* texts are forgotten (qmail-spp's spp_rset).  HELO, EHLO,
+        MAIL and STARTTLS start a new transaction only: what the
+        [connection] and [helo] plugins said stays, as in eQmail, so that
+        a client cannot shed a plugin's verdict by sending HELO again."""
         self._new_transaction()
         self.spp_headers: list = []
         self.later = {}
@@ -445,7 +448,7 @@ class Session:
         return self._helo(arg, True) or reply.ehlo(self.greeting, self.extensions())
 
     def _helo(self, arg: str, esmtp: bool) -> Optional[Reply]:
-        self._reset()
+        self._new_transaction()
         self.env["SMTPHELOHOST"] = arg
         refusal = self._spp_refusal(self._spp("helo"))
         if refusal is not None:
@@ -507,7 +510,7 @@ class Session:
             for name in ("SMTPAUTHUSER", "SMTPAUTHMETHOD", "TCPREMOTEINFO"):
                 self.env.pop(name, None)
             self.auth_user = self.auth_method = self.remoteinfo = None
-        self._reset()
+        self._new_transaction()
         return None
 
     # -- AUTH (RFC 4954) -------------------------------------------------------------------
@@ -611,9 +614,11 @@ class Session:
     def smtp_MAIL(self, arg: str) -> Reply:
         if self.submission and self.auth_user is None:
             return reply.AUTH_REQUIRED
-        if "mail" in self.later:
-            return reply.raw(self.later.pop("mail"))
-        # qmail-smtpd: a second MAIL simply starts a new transaction.
+        # qmail-smtpd: a second MAIL simply starts a new transaction.  Here
+        # it ends the earlier one even when it is refused (eQmail kept it),
+        # so that RCPT and DATA pipelined behind a refused MAIL get 503
+        # instead of going out with the sender of the transaction before.
+        self._new_transaction()
         try:
             sender, rest = address.parse_path(arg)
         except address.AddressError:
@@ -622,9 +627,10 @@ class Session:
         refusal = policy.check_size(self.databytes, params)
         if refusal is not None:
             return refusal
+        if "mail" in self.later:  # LM: every MAIL until RSET (qmail-spp)
+            return reply.raw(self.later["mail"])
         # AUTH=<...> is ignored: eQmail let unauthenticated clients put any
         # identity into the Received line with it.
-        self._new_transaction()
         override = False
         if self.plugins is not None:
             self.env["SMTPMAILFROM"] = sender
@@ -685,10 +691,8 @@ class Session:
             return reply.MAIL_FIRST
         if not self.rcpts:
             return reply.RCPT_FIRST
-        if "data" in self.later:
-            text = self.later.pop("data")
-            self._reset()
-            return reply.raw(text)
+        if "data" in self.later:  # LD: every DATA until RSET; the transaction stays
+            return reply.raw(self.later["data"])
         refusal = self._spp_refusal(self._spp("data"))
         if refusal is not None:
             return refusal

@@ -72,9 +72,14 @@ COMMANDS
         H<text>   add the header line <text> under the Received line;
                   a line starting with a blank continues the previous one
         C<addr>   replace the MAIL or RCPT address (mail and rcpt only)
-        LM<text>  refuse the next MAIL with <text>
-        LR<text>  refuse the next RCPT with <text>
-        LD<text>  refuse the next DATA with <text>
+        LM<text>  refuse every MAIL with <text> until RSET
+        LR<text>  refuse every RCPT with <text> until RSET or DATA
+        LD<text>  refuse every DATA with <text> until RSET; the
+                  transaction stays open
+
+    H and L texts are forgotten at RSET and at DATA (qmail-spp's
+    spp_rset), not at HELO, EHLO or STARTTLS: a [connection] plugin's
+    ``LD554 you are listed`` holds for the whole session.
 
     Any other line is ignored, with a log line.  A plugin that prints
     nothing means "go on".
