@@ -19,6 +19,7 @@ dkim = pytest.importorskip("dkim")
 serialization = pytest.importorskip("cryptography.hazmat.primitives.serialization")
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa  # noqa: E402
 
+from helpers import as_test_user, give_to_user, user_dir  # noqa: E402
 from eqmail import dkimsign  # noqa: E402
 from eqmail.control import load  # noqa: E402
 from eqmail.dkimsign import cmd_dkimsign, sign, wire_form  # noqa: E402
@@ -62,6 +63,17 @@ def home(tmp_path):
     ctl.mkdir()
     (ctl / "me").write_text("mx.example.org\n")
     return str(tmp_path)
+
+
+@pytest.fixture
+def user_home():
+    """`home` in a directory the test user owns and can reach, for
+    as_test_user() (root's tmp_path is out of its reach)."""
+    with user_dir("eqmail-dkim-") as d:
+        os.mkdir(os.path.join(d, "control"))
+        with open(os.path.join(d, "control", "me"), "w") as f:
+            f.write("mx.example.org\n")
+        yield d
 
 
 def put_key(home, directory, key, selector=None):
@@ -292,11 +304,14 @@ def test_missing_key_option_exit_111(home, monkeypatch):
     assert (rc, out) == (111, b"") and "nope.pem" in err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_key_exit_111(home, keys, monkeypatch):
-    path = put_key(home, "example.org", keys[0])
+def test_unreadable_key_exit_111(user_home, keys, monkeypatch):
+    # root reads any file: as root, dkimsign runs as the unprivileged test user
+    path = put_key(user_home, "example.org", keys[0])
+    give_to_user(user_home)
+    rc, out, _ = as_test_user(run, ["--home", user_home], MSG, monkeypatch=monkeypatch)
+    assert rc == 0 and out.endswith(MSG)
     os.chmod(path, 0)
-    rc, out, err = run(["--home", home], MSG, monkeypatch=monkeypatch)
+    rc, out, err = as_test_user(run, ["--home", user_home], MSG, monkeypatch=monkeypatch)
     assert (rc, out) == (111, b"") and "unable to read key" in err
 
 
