@@ -318,9 +318,13 @@ def program_env(target: Target, local: str, domain: str, sender: str, newsender:
     words = ext.split("-")
     for n in (2, 3, 4):
         env["EXT%d" % n] = "-".join(words[n - 1:])
-    labels = domain.split(".")
+    host = domain
     for n in (2, 3, 4):
-        env["HOST%d" % n] = ".".join(labels[:max(0, len(labels) - (n - 1))])
+        # qmail-local cuts at the last dot each time and keeps what it has
+        # when no dot is left: example.org gives example three times
+        cut = host.rfind(".")
+        host = host if cut == -1 else host[:cut]
+        env["HOST%d" % n] = host
     if default is not None:
         env["DEFAULT"] = default
     return env
@@ -498,7 +502,7 @@ def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: 
     ext = target.ext
     env = None
     forwards: List[str] = []
-    counts = [0, 0, 0]  # forwards, files, programs
+    counts = [0, 0, 0]  # files, forwards, programs: qmail-local's "did" order
     notes = []
     for line in lines:
         if not line or line.startswith("#"):
@@ -526,7 +530,7 @@ def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: 
                 r = deliver_maildir(path, msgfile, rpline + dtline)
             else:
                 r = deliver_mbox(path, msgfile, sender, rpline + dtline)
-            counts[1] += 1
+            counts[0] += 1
             if r.kind != SUCCESS:
                 return LocalResult(r)
             continue
@@ -535,7 +539,7 @@ def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: 
             continue  # qmail-local's forward-only marker line; no effect here
         if address:
             forwards.append(address)
-            counts[0] += 1
+            counts[1] += 1
     report = "did %d+%d+%d/" % tuple(counts)
     if notes:
         report += "/".join(notes)

@@ -367,13 +367,32 @@ def test_program_environment_and_stdin(mailhome, daemon_factory):
     rcpt = "joe+foo-bar-baz@mx.example.org"
     expect = {"SENDER": "s@x.org", "NEWSENDER": "s@x.org", "RECIPIENT": rcpt,
               "LOCAL": "joe+foo-bar-baz", "HOST": "mx.example.org",
-              "HOST2": "mx.example", "HOST3": "mx", "EXT": "foo-bar-baz",
+              "HOST2": "mx.example", "HOST3": "mx", "HOST4": "mx", "EXT": "foo-bar-baz",
               "EXT2": "bar-baz", "EXT3": "baz", "DEFAULT": "bar-baz",
               "USER": "joe", "HOME": joe,
               "DTLINE": "Delivered-To: %s\n" % rcpt, "RPLINE": "Return-Path: <s@x.org>\n"}
     assert {k: env.get(k) for k in expect} == expect
     assert re.match(r"From s@x\.org \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\n\Z",
                     env["UFLINE"]), env["UFLINE"]
+
+
+def test_host2_to_4_and_did_counts_as_qmail_local(mailhome, daemon_factory):
+    # qmail-local cuts HOST at the last dot and keeps what is left when no
+    # dot remains (example.org: example three times); it reports
+    # did FILES+FORWARDS+PROGRAMS
+    home = mailhome
+    home.write("locals", "mx.example.org\nlocalhost\nexample.org\n")
+    joe = joe_home(home, {"-foo-default": "./Maildir/\n|%s dump.py foo\n&fwd@localhost\n"
+                                          "./mail-ext/\n" % PY})
+    write_assign(home, [assign_line(home, "+", "joe+", "joe", joe, "-")])
+    d = daemon_factory(home)
+    send(d, "s@x.org", ["joe+foo-x@example.org"], b"Subject: hosts\r\n\r\nx\r\n")
+    text = wait_result(d, "joe+foo-x@example.org", "success")
+    assert text.startswith("did 2+1+1/"), text
+    with open(os.path.join(joe, "foo.env")) as f:
+        env = json.load(f)
+    assert [env["HOST%s" % n] for n in ("", 2, 3, 4)] == \
+        ["example.org", "example", "example", "example"], env
 
 
 @pytest.mark.parametrize("size", [0, 20000])
@@ -442,7 +461,7 @@ def test_program_exit_99_skips_following_lines(mailhome, daemon_factory):
     d = daemon_factory(home)
     send(d, "s@x.org", ["joe+z@localhost"], b"Subject: z\r\n\r\nx\r\n")
     text = wait_result(d, "joe+z@localhost", "success")
-    assert text.startswith("did 1+0+1/"), text
+    assert text.startswith("did 0+1+1/"), text  # qmail-local: files+forwards+programs
     msgs = home.wait_messages(1)
     assert wait_empty_queue(home), d.log()
     time.sleep(0.3)
