@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import as_test_user, give_to_user, user_dir
 from eqmail import control
 from eqmail.queue.store import Store, open_message
 from eqmail.smtp import reply, session
@@ -76,15 +77,18 @@ def write_control(home, **files):
             f.write(text)
 
 
-@pytest.fixture
-def qhome(tmp_path):
-    home = str(tmp_path / "home")
+def make_qhome(home):
     write_control(home,
                   me="mx.example.org\n",
                   locals="mx.example.org\nlocalhost\n",
                   rcpthosts="mx.example.org\nexample.org\n.example.net\n",
                   badmailfrom="spam@bad.com\n@evil.com\n.spammer.org\n")
     return home
+
+
+@pytest.fixture
+def qhome(tmp_path):
+    return make_qhome(str(tmp_path / "home"))
 
 
 class Env:
@@ -128,6 +132,16 @@ class Env:
 @pytest.fixture
 def env(qhome):
     return Env(qhome)
+
+
+@pytest.fixture
+def user_env():
+    """`env` in a directory the test user owns and can reach, for
+    as_test_user() (root's tmp_path is out of its reach)."""
+    with user_dir("eqmail-session-") as d:
+        e = Env(make_qhome(os.path.join(d, "home")))
+        give_to_user(d)
+        yield e
 
 
 def R(r, esmtp=False):
@@ -942,16 +956,20 @@ def test_commit_failure_gets_451(env, monkeypatch):
     assert os.listdir(env.store.mess) == [] and os.listdir(env.store.tmp) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")
-def test_read_only_mess_dir_gets_451(env):
+def test_read_only_mess_dir_gets_451(user_env):
+    # root ignores permissions: as root, the session runs as the unprivileged test user
+    env = user_env
     os.chmod(env.store.mess, 0o500)
     try:
-        out = env.talk(send_mail(b"hi\r\n.\r\n"))
+        out = as_test_user(env.talk, send_mail(b"hi\r\n.\r\n"))
     finally:
         os.chmod(env.store.mess, 0o700)
     assert R(reply.QQT_FAILURE) in out
     assert b"354 go ahead" not in out
     assert env.queue_empty()
+    # with mess/ writable again the same user queues the message
+    out = as_test_user(env.talk, send_mail(b"hi\r\n.\r\n"))
+    assert re.match(ACCEPT_RE, out[-1]) and len(env.queued()) == 1
 
 
 def test_timeout_while_skipping_long_line(env):
