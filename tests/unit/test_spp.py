@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from helpers import as_test_user, give_to_user
 from eqmail.smtp import spp
 from eqmail.smtp.spp import Plugin, Plugins, SppConfigError, run_section
 
@@ -115,12 +116,22 @@ def test_unreadable_directory_raises(home):
     assert "smtpplugins" in str(e.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads mode 000 files")
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
 def test_unreadable_permission_raises(home):
+    # root reads mode 000 files: as root, load() runs as the unprivileged test
+    # user, who owns the home (under /tmp, which it can traverse)
     config(home, "[helo]\nbin/h\n")
-    os.chmod(os.path.join(home, "control", "smtpplugins"), 0)
-    with pytest.raises(SppConfigError):
-        load(home)
+    path = os.path.join(home, "control", "smtpplugins")
+    give_to_user(home)
+    assert as_test_user(read_text, path) == "[helo]\nbin/h\n"
+    os.chmod(path, 0)
+    with pytest.raises(SppConfigError) as e:
+        as_test_user(load, home)
+    assert str(e.value).startswith(path + ": cannot read: ")
 
 
 def test_undecodable_raises(home):
