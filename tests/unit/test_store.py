@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from helpers import as_test_user, give_to_user, user_dir
 from eqmail.delivery.route import LOCAL, REMOTE
 from eqmail.queue import store as store_mod
 from eqmail.queue.scheduler import next_retry
@@ -20,7 +21,6 @@ from eqmail.queue.store import (TRAILER_SIZE, Item, QueueError, Store, data_copy
                                 decode_envelope, encode_envelope, encode_queue_file,
                                 encode_trailer, open_message)
 
-ROOT = os.geteuid() == 0
 KEY = b"\xab" * 32  # the key of keyed_store()
 
 
@@ -38,6 +38,16 @@ def keyed_store(home, birth):
 def store(tmp_path):
     """The common case: the key is older than every message."""
     return keyed_store(tmp_path, 1000)
+
+
+@pytest.fixture
+def user_store():
+    """`store` in a directory the test user owns and can reach, for
+    as_test_user() (root's tmp_path is out of its reach)."""
+    with user_dir("eqmail-store-") as d:
+        s = keyed_store(d, 1000)
+        give_to_user(d)
+        yield s
 
 
 @pytest.fixture
@@ -350,29 +360,40 @@ def test_commit_on_a_file_system_without_hard_links(tmp_store, monkeypatch):
     assert store.load(item.id).recipients == ["a@y", "b@z"]
 
 
-@pytest.mark.skipif(ROOT, reason="root ignores permissions")
-def test_draft_into_read_only_mess_raises_queue_error(store):
+# Root ignores permissions: as root, the tests of a queue directory or file
+# that is not writable use the queue as the unprivileged test user.
+
+def commit_id(store, **kw):
+    return commit(store, **kw).id
+
+
+def test_draft_into_read_only_mess_raises_queue_error(user_store):
+    store = user_store
     os.chmod(store.mess, 0o500)
     try:
         with pytest.raises(QueueError):
-            d = store.draft()
-            d.write(b"x")
-            d.commit("s", ["r"])
+            as_test_user(commit, store, b"x", "s", ["r"])
     finally:
         os.chmod(store.mess, 0o700)
     assert empty(store)
+    msgid = as_test_user(commit_id, store)  # mess/ writable again: the same user queues
+    assert files(store) == {"mess": [msgid], "tmp": []}
 
 
-@pytest.mark.skipif(ROOT, reason="root ignores permissions")
 @pytest.mark.parametrize("which", ["mess"])
-def test_commit_into_read_only_dir_raises_queue_error(store, which):
-    d = store.draft()
-    d.write(b"x\n")
+def test_commit_into_read_only_dir_raises_queue_error(user_store, which):
+    store = user_store
     path = os.path.join(store.qdir, which)
-    os.chmod(path, 0o500)
+
+    def draft_then_commit():
+        d = store.draft()
+        d.write(b"x\n")
+        os.chmod(path, 0o500)
+        d.commit("s", ["r"])
+
     try:
         with pytest.raises(QueueError):
-            d.commit("s", ["r"])
+            as_test_user(draft_then_commit)
     finally:
         os.chmod(path, 0o700)
     assert empty(store)
@@ -559,7 +580,9 @@ def test_recover_trims_spare_files(store, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["dir", "symlink", "fifo", "unwritable"])
-def test_a_bad_spare_file_is_dropped(store, kind):
+def test_a_bad_spare_file_is_dropped(user_store, kind):
+    # root writes any file: as root, the queue is used by the unprivileged test user
+    store = user_store
     path = os.path.join(store.spare, "7")
     if kind == "dir":
         os.mkdir(path)
@@ -570,13 +593,14 @@ def test_a_bad_spare_file_is_dropped(store, kind):
     elif kind == "fifo":
         os.mkfifo(path)
     else:
-        if ROOT:
-            pytest.skip("root writes any file")
         put(path)
         os.chmod(path, 0o400)
-    item = commit(store)
-    assert data_of(store, item.id) == b"Received: x\nhello\n"
-    assert os.listdir(store.spare) == []
+    give_to_user(store.qdir)
+    msgid = as_test_user(commit_id, store)
+    assert data_of(store, msgid) == b"Received: x\nhello\n"
+    assert os.listdir(store.spare) == [] and os.listdir(store.mess) == [msgid]
+    if kind == "unwritable":  # a new file, not the spare one
+        assert os.stat(store.message_path(msgid)).st_mode & 0o777 == 0o600
     if kind == "symlink":
         with open(victim, "rb") as f:
             assert f.read() == b"keep me"
