@@ -23,6 +23,9 @@ LAYOUT (under HOME/queue, one filesystem)
                    system an inode allocation and a free per message (ext4
                    without a journal scans the inodes freed in the last
                    minute on every allocation).
+    bad/ID         a damaged queue file set aside, never delivered (see
+                   DAMAGED FILES); ``eqmail qbad`` lists, shows and removes
+                   them.  Made when the first one is moved there.
     lock/trigger   a FIFO; one byte written there wakes the daemon's scheduler
     lock/key       the queue's secret for commit marks: ``eqmail-queue-key 1
                    <birth> <64 hex digits>`` LF, made once, by the first draft
@@ -97,6 +100,27 @@ STATES (after a crash at any instant; compare qmail's INTERNALS S1-S5)
     flight at the crash is delivered again (at least once); one marked D
     never is.
 
+DAMAGED FILES
+    A committed file in mess/ that no longer reads as a queue file (the
+    disk cut it short, zeroed it or flipped bits in it) is `Damaged`: the
+    daemon's scans (`load_committed` with `clean`) move it to bad/ID once,
+    with one alert line naming it, and never deliver it; qstat and qread
+    do not count it.  Only files that need no commit mark can be told
+    apart from a write in progress or cut short: those went through tmp/
+    and were linked into mess/ whole, so a bad one there is damage.  A
+    file that must carry a mark and fails it is NotCommitted, junk as in
+    STATES (it may be a crashed write, the bytes of a reused file or bytes
+    from the network); a problem with lock/key itself (malformed, or
+    missing while files carry marks) is never blamed on the files: it is
+    alerted and nothing moves.  The move (`set_aside`) checks the file
+    again on its own descriptor and moves only that very file: link to
+    bad/ID (never replacing one: a name taken gets a suffix -N), fsync
+    bad/, unlink mess/ID; a crash between the two leaves both names, and
+    the next scan drops the one in mess/.  Nothing is moved while a
+    version 1 queue is being converted (queue/envelope/ exists).  A file
+    that cannot be read at all (EIO, EACCES) stays and is alerted once
+    per process and error.
+
 SECURITY
     The queue is owned by the daemon's user, mode 0700 dirs and 0600 files;
     nothing here parses network input beyond storing it.  Envelope addresses
@@ -163,6 +187,15 @@ _KEY_MAGIC = b"eqmail-queue-key 1 "
 class NotCommitted(ValueError):
     """A mess/ file that does not prove it was committed (COMMIT MARK):
     one being written, or one a crash left half-written.  Never delivered."""
+
+
+class Damaged(ValueError):
+    """A mess/ file that was committed but cannot be read any more (cut
+    short, zeroed, bits flipped): one that needs no commit mark (see
+    COMMIT MARK) and is not a queue file, or whose mark does not match.
+    Never a file being written (those are NotCommitted) and never a
+    problem of the key (plain ValueError).  The daemon sets it aside in
+    bad/ (`Store.set_aside`, DAMAGED FILES)."""
 
 
 def _mark_hash(key: bytes, msgid: str):
@@ -473,6 +506,9 @@ class Store:
         self.tmp = os.path.join(qdir, "tmp")
         self.bounce = os.path.join(qdir, "bounce")
         self.spare = os.path.join(qdir, "spare")
+        self.bad = os.path.join(qdir, "bad")
+        #: msgid -> the last alert logged for it (one alert per problem)
+        self._reported: dict = {}
         #: Whether spare/ exists (a queue made by an older eqmail has none
         #: until the daemon starts).
         self.spares_on = True
@@ -514,8 +550,15 @@ class Store:
             if os.path.isdir(os.path.join(qdir, "envelope")):
                 store.upgrade_v1()
         else:
-            if not os.path.isdir(store.mess):
-                raise FileNotFoundError(errno.ENOENT, "no queue", store.mess)
+            try:
+                st = os.stat(store.mess)
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, "no queue", store.mess) from None
+            # PermissionError (queue/ belongs to the daemon's user) goes up as it is
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a queue", store.mess)
+            if not os.access(store.mess, os.R_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "Permission denied", store.mess)
             store.spares_on = os.path.isdir(store.spare)
             old = os.path.join(qdir, "envelope")
             if os.path.isdir(old) and os.access(old, os.W_OK):  # never commit into v1
@@ -854,9 +897,9 @@ class Store:
         except ValueError as e:
             # the key is looked at after the file: a file written straight
             # into mess/ exists only once the key does
-            raise (NotCommitted if self.marked(msgid) else ValueError)(str(e))
+            raise (NotCommitted if self.marked(msgid) else Damaged)(str(e))
         marked = self.marked(msgid)
-        bad = NotCommitted if marked else ValueError
+        bad = NotCommitted if marked else Damaged
         base = item.size
         env, mark = split_mark(env)
         if mark is None:
@@ -905,9 +948,164 @@ class Store:
                 fsync_dir_soon(self.mess)
                 log.status("queue: removed %s, never committed (%s)" % (msgid, e))
             return None
-        except (OSError, ValueError) as e:
-            log.alert("unable to read queue file %s: %s" % (msgid, e))
+        except Damaged as e:
+            if clean:
+                try:
+                    moved = self.set_aside(msgid)
+                except OSError as e2:
+                    self._report(msgid, "msg %s: damaged queue file (%s); unable to move it "
+                                 "to %s: %s" % (msgid, e, self.bad, e2))
+                    return None
+                if moved is not None:
+                    self._reported.pop(msgid, None)
+                    log.alert("msg %s: damaged queue file (%s); moved to %s, never "
+                              "delivered (eqmail qbad shows and removes it)"
+                              % (msgid, moved[1], moved[0]))
+                    return None
+                try:  # not damaged after all (the file changed meanwhile)
+                    return self.load(msgid)
+                except (OSError, ValueError):
+                    return None
+            self._report(msgid, "msg %s: damaged queue file (%s)" % (msgid, e))
             return None
+        except (OSError, ValueError) as e:
+            self._report(msgid, "unable to read queue file %s: %s" % (msgid, e))
+            return None
+
+    def _report(self, msgid: str, text: str) -> None:
+        """log.alert(text), unless it is what was said last for `msgid` (a
+        file that stays unreadable is not alerted at every scan)."""
+        if self._reported.get(msgid) == text:
+            return
+        if len(self._reported) > 10000:
+            self._reported.clear()
+        self._reported[msgid] = text
+        log.alert(text)
+
+    # -- damaged files (DAMAGED FILES) ---------------------------------------------
+
+    def set_aside(self, msgid: str) -> Optional[Tuple[str, str]]:
+        """Move mess/ID to bad/ when it is `Damaged` (checked here again, on
+        the file's own descriptor).  Returns (its path in bad/, why), or
+        None when it is not damaged (any more), gone, being written, or a
+        version 1 queue is being converted.  Blocking; raises OSError."""
+        if msgid in self.open_drafts or os.path.isdir(os.path.join(self.qdir, "envelope")):
+            return None
+        src = os.path.join(self.mess, msgid)
+        try:
+            fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            return None
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                return None
+            try:
+                self._verify(msgid, fd)
+                return None
+            except Damaged as e:
+                why = str(e)
+            except (NotCommitted, ValueError):
+                return None
+            after = os.fstat(fd)
+            now = os.lstat(src)
+        finally:
+            os.close(fd)
+        same = (before.st_size, before.st_mtime_ns, before.st_ino, before.st_dev)
+        if ((after.st_size, after.st_mtime_ns, after.st_ino, after.st_dev) != same
+                or (now.st_size, now.st_mtime_ns, now.st_ino, now.st_dev) != same):
+            return None  # it changed while being read: look again at the next scan
+        if not os.path.isdir(self.bad):
+            os.makedirs(self.bad, mode=0o700, exist_ok=True)
+            fsync_dir(self.qdir)
+        for n in range(1000):
+            dst = os.path.join(self.bad, msgid if n == 0 else "%s-%d" % (msgid, n))
+            try:
+                os.link(src, dst)  # never replaces a file in bad/
+            except FileExistsError:
+                try:
+                    if os.path.samefile(src, dst):
+                        break  # linked before a crash: only the unlink is left
+                except OSError:
+                    pass
+                continue
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if os.path.lexists(dst):
+                    continue
+                os.rename(src, dst)  # a file system without hard links
+                fsync_dir(self.bad)
+                fsync_dir_soon(self.mess)
+                return dst, why
+            break
+        else:
+            raise OSError(errno.EEXIST, "no free name in bad/", self.bad)
+        fsync_dir(self.bad)
+        try:
+            os.unlink(src)
+        except FileNotFoundError:
+            pass
+        fsync_dir_soon(self.mess)
+        return dst, why
+
+    def bad_names(self) -> List[str]:
+        """The names of the files in bad/ (IDs, maybe with a suffix -N),
+        oldest ID first; [] when there is no bad/.  Raises OSError."""
+        try:
+            names = [n for n in os.listdir(self.bad) if not n.startswith(".")]
+        except FileNotFoundError:
+            return []
+
+        def key(n):
+            fields = n.split("-", 1)[0].split(".")
+            return ([int(f) if f.isdigit() else 0 for f in fields], n)
+
+        return sorted(names, key=key)
+
+    def bad_path(self, name: str) -> str:
+        """The path of bad/NAME.  Raises ValueError for a name that is not a
+        plain file name (a path, ``.``, ``..``)."""
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            raise ValueError("not a file name in bad/: %r" % name)
+        return os.path.join(self.bad, name)
+
+    def examine_bad(self, name: str):
+        """(the Item as far as it can be read or None, why it is damaged or
+        None when it reads well now, the size of the file) of bad/NAME.
+        Raises OSError (FileNotFoundError for an unknown name), ValueError
+        as `bad_path`."""
+        path = self.bad_path(name)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_NONBLOCK", 0))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "not a regular file", path)
+            msgid = name.split("-", 1)[0]
+            item, why = None, None
+            try:
+                item, _ = read_item(msgid, fd)
+            except ValueError as e:
+                why = str(e)
+            if why is None:
+                try:
+                    self._verify(msgid, fd)
+                except ValueError as e:
+                    why = str(e)
+            return item, why, st.st_size
+        finally:
+            os.close(fd)
+
+    def remove_bad(self, name: str) -> None:
+        """Unlink bad/NAME and fsync bad/.  Raises OSError
+        (FileNotFoundError for an unknown name), ValueError as `bad_path`."""
+        path = self.bad_path(name)
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a file", path)
+        os.unlink(path)
+        fsync_dir(self.bad)
 
     def _is_junk(self, msgid: str, at_start: bool) -> bool:
         if msgid in self.open_drafts:
