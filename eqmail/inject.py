@@ -710,9 +710,14 @@ def prepare(config, stream: BinaryIO, env: Mapping[str, str], recipients: Sequen
 
 # -- queueing ---------------------------------------------------------------------------------
 
-def _submit(prog: str, home: str, prepared: Prepared) -> int:
-    """Hand `prepared` to the queue; the exit code, with one line on stderr
-    when it fails (qmail-queue codes 11-40 are permanent)."""
+def _submit(prog: str, home: str, prepared: Prepared,
+            env: Optional[Mapping[str, str]] = None) -> int:
+    """Hand `prepared` to the queue, or to the program named by QMAILQUEUE
+    in `env` (netqmail's qmail-inject); the exit code, with one line on
+    stderr when it fails (qmail-queue codes 11-40 are permanent: 100)."""
+    env = os.environ if env is None else env
+    if env.get("QMAILQUEUE"):
+        return _submit_program(prog, home, prepared, env)
     try:
         from eqmail.queue import pickup
     except ImportError as e:
@@ -728,6 +733,35 @@ def _submit(prog: str, home: str, prepared: Prepared) -> int:
     except OSError as e:
         sys.stderr.write("%s: fatal: unable to queue: %s\n" % (prog, e))
         return 111
+    return 0
+
+
+def _submit_program(prog: str, home: str, prepared: Prepared, env: Mapping[str, str]) -> int:
+    """qmail-inject with QMAILQUEUE: the program gets the message (no
+    Received line: qmail-queue adds its own) and the envelope; a ``D``
+    answer exits 100, anything else that is not success 111."""
+    from .queue.qmailqueue import ProgramDraft, QueueError
+
+    draft = ProgramDraft(env["QMAILQUEUE"], home, dict(env), timeout=300)
+    try:
+        draft.write(prepared.header)
+        while True:
+            try:
+                chunk = prepared.body.read(65536)
+            except OSError:
+                draft.abort()
+                sys.stderr.write("%s: fatal: unable to read the message\n" % prog)
+                return 111
+            if not chunk:
+                break
+            draft.write(chunk)
+        draft.commit(prepared.sender, prepared.recipients)
+    except QueueError as e:
+        sys.stderr.write("%s: fatal: %s\n" % (prog, e.text))
+        return 100 if getattr(e, "permanent", False) else 111
+    finally:
+        if draft.said:
+            sys.stderr.write("%s: QMAILQUEUE said: %s\n" % (prog, _printable(draft.said, 500)))
     return 0
 
 
@@ -764,7 +798,7 @@ def _run(prog: str, home: str, queue: bool, env: Optional[Mapping[str, str]] = N
         return e.code
     if not queue:
         return _print(prepared)
-    return _submit(prog, home, prepared)
+    return _submit(prog, home, prepared, env)
 
 
 # -- eqmail inject --------------------------------------------------------------------------

@@ -211,6 +211,8 @@ def serve_client(holder, store, table, owner: int, sock, addr, kind: str,
                    "TCPLOCALPORT": str(local[1]), "TCPLOCALHOST": config.me}
             if kind == "submission":
                 env["TLSREQUIRED"] = "1"  # the submission listener's default
+            if os.environ.get("QMAILQUEUE"):  # eqmaild's own, as qmail-smtpd inherits it
+                env["QMAILQUEUE"] = os.environ["QMAILQUEUE"]
             env.update(rule.env if rule is not None else ())
             serve_connection(config, store, sock, kind, env, stopping, checkpassword)
         finally:

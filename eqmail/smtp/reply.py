@@ -163,6 +163,12 @@ def accepted(when: int, msgid: str) -> Reply:
     return R(250, "2.0.0", "ok %d qp %s" % (when, msgid))
 
 
-def queue_failure(text: str) -> Reply:
-    """A temporary queue failure with qmail-queue's text (``qq ... (#4.3.0)``)."""
-    return R(451, "4.3.0", text)
+def queue_failure(text: str, permanent: bool = False) -> Reply:
+    """A queue failure with qmail-queue's text (``qq ... (#4.3.0)``):
+    451, or 554 when `permanent` (qmail-smtpd's answer to a ``D`` text of
+    qmail_close); the status is the one the text ends with."""
+    import re
+
+    m = re.search(r"\(#([245]\.\d{1,3}\.\d{1,3})\)$", text)
+    status = m.group(1) if m else ("5.3.0" if permanent else "4.3.0")
+    return R(554 if permanent else 451, status, text)

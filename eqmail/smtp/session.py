@@ -57,6 +57,10 @@ MAX_RCPT = 1000
 MAX_ERRORS = 20
 MAX_HOPS = 100
 DATA_CHUNK = 8192
+#: Seconds a QMAILQUEUE program may stall reading the message, and may take
+#: to exit after the envelope (at most; timeoutsmtpd when shorter): RFC
+#: 5321 section 4.5.3.2.6 gives the client 10 minutes for the final reply.
+QMAILQUEUE_TIMEOUT = 300
 #: AUTH responses may be longer than commands (RFC 4954 section 4: 12288).
 MAX_AUTH_LINE = 12288
 #: Seconds before a failed AUTH is answered (qmail-smtpd-auth: 5), and the
@@ -697,15 +701,31 @@ class Session:
         if refusal is not None:
             return refusal
         try:
-            draft = self.store.draft()
+            draft = self._draft()
         except QueueError as e:
             log.alert("smtpd: unable to open a queue file: %s" % e.text)
+            return reply.QQT_FAILURE
+        except OSError as e:  # no pipes for the QMAILQUEUE program
+            log.alert("smtpd: unable to start QMAILQUEUE: %s" % e)
             return reply.QQT_FAILURE
         try:
             return self._data(draft)
         finally:
             draft.abort()  # no-op after a commit
             self._reset()
+
+    def _draft(self):
+        """Where the message goes: the queue, or the program named by
+        QMAILQUEUE (session environment: smtprules, eqmaild's or
+        smtpd's environment, a plugin's S line), as netqmail's
+        qmail-smtpd does.  Raises QueueError, OSError."""
+        program = self.env.get("QMAILQUEUE")
+        if not program:
+            return self.store.draft()
+        from ..queue.qmailqueue import ProgramDraft
+
+        return ProgramDraft(program, self.config.home, self._child_env(),
+                            min(self.timeout, QMAILQUEUE_TIMEOUT))
 
     def _data(self, draft) -> Optional[Reply]:
         """Stream the message into `draft`; behaviour reference section 2.4.
@@ -821,8 +841,14 @@ class Session:
         try:
             item = draft.commit(self.mailfrom, self.rcpts)
         except QueueError as e:
-            self._log("message delayed (%s)" % e.text)
-            return reply.queue_failure(e.text)
+            permanent = getattr(e, "permanent", False)  # qmailqueue.QueueRefused
+            self._log("message %s (%s)" % ("rejected" if permanent else "delayed", e.text))
+            return reply.queue_failure(e.text, permanent)
+        finally:
+            said = getattr(draft, "said", "")
+            if said:
+                log.line("smtpd: QMAILQUEUE %s said: %s"
+                         % (self.env.get("QMAILQUEUE"), log.clean(said[:500])))
         self.messages += 1
         self._log("message accepted")
         return reply.accepted(int(time.time()), item.id)

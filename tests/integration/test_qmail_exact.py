@@ -128,3 +128,134 @@ def test_refused_second_mail_ends_the_earlier_transaction(home):
                      "MAIL FROM:<bad@b.c>", "RCPT TO:<x@example.org>", "DATA", "QUIT"])
     assert codes(r) == ["220", "250", "250", "250", "553", "503", "503", "221"], r
     assert home.queued() == []
+
+
+# ----------------------------------------------------------------- QMAILQUEUE
+
+CAPTURE = r'''#!/bin/sh
+# a qmail-queue stand-in: keep the message (fd 0) and the envelope (fd 1)
+cat > "$OUT.msg" || exit 54
+cat <&1 > "$OUT.env" || exit 54
+echo "scanned by capture" >&2
+exit ${CODE:-0}
+'''
+
+
+def scanner(home, name, text):
+    path = os.path.join(home.path, name)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    return path
+
+
+DIALOGUE = ["EHLO client.example", "MAIL FROM:<a@b.c>", "RCPT TO:<x@example.org>",
+            "RCPT TO:<y@example.org>", "DATA", "Subject: scan me", "", "..dot", "body", ".",
+            "QUIT"]
+
+
+def test_qmailqueue_gets_message_and_envelope_and_its_pid_is_the_qp(home):
+    scanner(home, "capture", CAPTURE)
+    out = os.path.join(home.path, "got")
+    r = smtpd(home, DIALOGUE, env={"QMAILQUEUE": "capture", "OUT": out})
+    m = re.match(r"250 2\.0\.0 ok \d+ qp (\d+)$", r[-2])
+    assert m, r
+    with open(out + ".env", "rb") as f:
+        assert f.read() == b"Fa@b.c\0Tx@example.org\0Ty@example.org\0\0"
+    with open(out + ".msg", "rb") as f:
+        msg = f.read()
+    assert msg.startswith(b"Received: from unknown (HELO client.example) (192.0.2.1)\n"), msg
+    assert msg.endswith(b"\nSubject: scan me\n\n.dot\nbody\n"), msg
+    assert home.queued() == []  # the program, not eqmail, queues it
+
+
+@pytest.mark.parametrize("code,reply", [
+    (31, "554 5.3.0 mail server permanently rejected message (#5.3.0)"),
+    (11, "554 5.1.3 envelope address too long for qq (#5.1.3)"),
+    (20, "554 5.3.0 qq permanent problem (#5.3.0)"),
+    (53, "451 4.3.0 qq write error or disk full (#4.3.0)"),
+    (71, "451 4.3.0 mail server temporarily rejected message (#4.3.0)"),
+    (73, "451 4.4.1 connection to mail server rejected (#4.4.1)"),
+    (99, "451 4.3.0 qq temporary problem (#4.3.0)"),
+])
+def test_qmailqueue_exit_codes_as_qmail_smtpd_answers(home, code, reply):
+    scanner(home, "capture", CAPTURE)
+    r = smtpd(home, DIALOGUE, env={"QMAILQUEUE": "capture", "CODE": str(code),
+                                   "OUT": os.path.join(home.path, "got")})
+    assert r[-2] == reply, r
+    assert r[-1].startswith("221"), r
+    assert home.queued() == []
+
+
+@pytest.mark.parametrize("program,reply", [
+    ("#!/bin/sh\nkill -9 $$\n", "451 4.3.0 qq crashed (#4.3.0)"),
+    ("#!/bin/sh\nexit 0\n", "451 4.3.0 qq read error (#4.3.0)"),  # read nothing, said ok
+    ("#!/bin/sh\nsleep 60\n", "451 4.3.0 qq timeout (#4.3.0)"),   # hangs
+    (None, "451 4.3.0 unable to exec qq (#4.3.0)"),                # missing
+])
+def test_qmailqueue_that_dies_hangs_or_is_missing_loses_nothing(home, program, reply):
+    home.write("timeoutsmtpd", "2\n")
+    if program is not None:
+        scanner(home, "bad", program)
+    body = ["line %d of a message long enough to fill a pipe" % i for i in range(3000)]
+    r = smtpd(home, DIALOGUE[:5] + body + [".", "QUIT"], env={"QMAILQUEUE": "bad"})
+    assert r[-2] == reply, r[-3:]   # temporary: the client keeps the message
+    assert home.queued() == []
+
+
+def test_qmailqueue_from_smtprules_in_the_daemon(home, daemon_factory):
+    import smtplib
+
+    scanner(home, "capture", CAPTURE)
+    out = os.path.join(home.path, "got")
+    home.write("smtprules", '127.0.0.1:allow,QMAILQUEUE="capture",OUT="%s",CODE="31"\n' % out)
+    d = daemon_factory(home)
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=20) as s:
+        s.ehlo("client.example")
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            s.sendmail("a@b.c", ["x@example.org"], b"Subject: daemon\r\n\r\nscan\r\n")
+        assert e.value.smtp_code == 554
+    with open(out + ".env", "rb") as f:
+        assert f.read() == b"Fa@b.c\0Tx@example.org\0\0"
+    assert "QMAILQUEUE capture said: scanned by capture" in d.log(), d.log()
+    assert home.queued() == []
+
+
+def test_qmailqueue_from_eqmailds_environment_and_smtprules_turns_it_off(home, daemon_factory):
+    import smtplib
+
+    scanner(home, "capture", CAPTURE)
+    out = os.path.join(home.path, "got")
+    home.write("smtprules", '127.0.0.2:allow,QMAILQUEUE=""\n:allow,OUT="%s"\n' % out)
+    d = daemon_factory(home, env={"QMAILQUEUE": "capture"})
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=20) as s:
+        s.sendmail("a@b.c", ["x@example.org"], b"Subject: one\r\n\r\nscan\r\n")
+    with open(out + ".env", "rb") as f:
+        assert f.read() == b"Fa@b.c\0Tx@example.org\0\0"
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=20, source_address=("127.0.0.2", 0)) as s:
+        s.sendmail("a@b.c", ["x@example.org"], b"Subject: two\r\n\r\nnot scanned\r\n")
+    assert len(home.wait_messages(1)) == 1  # the second went to the queue and was delivered
+
+
+@pytest.mark.parametrize("tool", ["inject", "sendmail"])
+@pytest.mark.parametrize("code,status", [(0, 0), (31, 100), (71, 111)])
+def test_qmailqueue_in_inject_and_sendmail(home, tool, code, status):
+    scanner(home, "capture", CAPTURE)
+    out = os.path.join(home.path, "got")
+    argv = [PY, "-m", "eqmail", tool, "--home", home.path]
+    argv += ["-f", "me@mx.example.org", "you@example.org"] if tool == "sendmail" else \
+        ["-fme@mx.example.org", "you@example.org"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": home.path, "QMAILQUEUE": "capture", "OUT": out,
+           "CODE": str(code)}
+    p = subprocess.run(argv, input=b"Subject: injected\n\nhello\n", capture_output=True,
+                       timeout=30, env=env, **as_user(home))
+    assert p.returncode == status, p
+    with open(out + ".env", "rb") as f:
+        assert f.read() == b"Fme@mx.example.org\0Tyou@example.org\0\0"
+    with open(out + ".msg", "rb") as f:
+        msg = f.read()
+    assert b"Subject: injected\n" in msg and msg.endswith(b"\n\nhello\n"), msg
+    assert not msg.startswith(b"Received:"), msg  # the real qmail-queue adds that
+    if code == 31:
+        assert b"mail server permanently rejected message (#5.3.0)" in p.stderr, p.stderr
+    assert home.queued() == []
