@@ -418,8 +418,13 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
     scheduler = Scheduler(holder, store)
     stop_event = gevent.event.Event()
     state = {"stopping": False}
+    from .workers import fit_session_pool, session_pool
+
+    pool = session_pool(config)  # SMTP sessions in this process
+
     def reload():
-        holder.reload()
+        if holder.reload():
+            fit_session_pool(pool, holder.current)
         scheduler.wake()
         workers.signal(signal.SIGHUP)
 
@@ -449,7 +454,6 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
         serve_client(holder, store, table, 0, sock, addr, kind, stopping, checkpassword,
                      workers.busy)
 
-    pool = gevent.pool.Pool(2 * config.concurrencyincoming + 50)
     servers = []
     for kind, spec, s in sockets:
         gs = gevent.socket.socket(s.family, s.type, fileno=s.detach())

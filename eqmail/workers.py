@@ -120,6 +120,33 @@ TABLE_FD = 5
 LISTEN_FD = 6
 
 
+def session_pool(config):
+    """A gevent Pool for the SMTP sessions of one process, sized by
+    `fit_session_pool`: a full pool stops the accepting until a session
+    ends (connections wait in the kernel's backlog)."""
+    import gevent.pool
+
+    pool = gevent.pool.Pool(1)
+    fit_session_pool(pool, config)
+    return pool
+
+
+def fit_session_pool(pool, config) -> None:
+    """Size `pool` for `config` (at start and on every reload, so that a
+    SIGHUP gives the service a restart would): room for every session
+    concurrencyincoming allows, as many more that are told 421 at once,
+    and 50.  Growing wakes a listener that stopped on a full pool;
+    shrinking takes effect as sessions end."""
+    size = 2 * config.concurrencyincoming + 50
+    grow = size - pool.size
+    pool.size = size
+    # gevent's StreamServer waits on the pool's semaphore when the pool is
+    # full (as gevent.baseserver itself reaches it); a semaphore with more
+    # permits than the size is harmless: the server asks pool.full() first
+    for _ in range(max(0, grow)):
+        pool._semaphore.release()
+
+
 def default_count() -> int:
     """Workers to allow by default: one on a multi-core machine, none on
     a single core (where a second process only costs memory)."""
@@ -779,10 +806,14 @@ def main(argv: List[str]) -> int:
 
     store.on_commit = committed
     stop = gevent.event.Event()
-    gevent.signal_handler(signal.SIGHUP, holder.reload)
+    pool = session_pool(holder.current)  # as eqmaild's
+
+    def reload() -> None:
+        if holder.reload():
+            fit_session_pool(pool, holder.current)
+
+    gevent.signal_handler(signal.SIGHUP, reload)
     gevent.signal_handler(signal.SIGTERM, stop.set)
-    # as eqmaild's: a full pool stops the accepting until a session ends
-    pool = gevent.pool.Pool(2 * holder.current.concurrencyincoming + 50)
     cpu = CpuLoad(load)
 
     def started() -> None:

@@ -259,3 +259,46 @@ def test_qmailqueue_in_inject_and_sendmail(home, tool, code, status):
     if code == 31:
         assert b"mail server permanently rejected message (#5.3.0)" in p.stderr, p.stderr
     assert home.queued() == []
+
+
+# ----------------------------------------------------------- reload = restart
+
+def greeted(port, count, timeout=10.0):
+    """Open `count` connections; returns (sockets, how many got a 220)."""
+    import socket
+    import time
+
+    socks, got = [], 0
+    for _ in range(count):
+        socks.append(socket.create_connection(("127.0.0.1", port), timeout=timeout))
+    deadline = time.time() + timeout
+    for s in socks:
+        s.settimeout(max(0.1, deadline - time.time()))
+        try:
+            if s.recv(100).startswith(b"220 "):
+                got += 1
+        except OSError:
+            pass
+    return socks, got
+
+
+def test_sighup_raising_concurrencyincoming_grows_the_session_pool(home, daemon_factory):
+    # the pool was sized at start (2 x 10 + 50 = 70) and kept after a HUP:
+    # the 71st client connected and then heard nothing at all
+    import signal
+
+    from helpers import wait_log
+
+    home.write("concurrencyincoming", "10\n")
+    home.write("concurrencyperip", "10\n")
+    d = daemon_factory(home, extra_args=["--workers", "0"])
+    home.write("concurrencyincoming", "100\n")
+    home.write("concurrencyperip", "100\n")
+    d.signal(signal.SIGHUP)
+    assert wait_log(d, "control files reloaded"), d.log()
+    socks, got = greeted(d.port, 90)
+    try:
+        assert got == 90, d.log()[-2000:]
+    finally:
+        for s in socks:
+            s.close()
