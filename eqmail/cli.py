@@ -5,24 +5,45 @@ TOOLS
     config-fast  write the basic control files for a host name
     maildirmake  create a Maildir
     qstat        count the messages in the queue
-    qread        list the messages in the queue with their recipients
+    qread        list the messages in the queue with their recipients (mailq)
+    qbad         list, show and remove damaged queue files set aside in queue/bad/
+    (`eqmail --help` lists them all)
 
-Every tool finds the home the same way as eqmaild: ``--home DIR``, else
-``$EQMAIL_HOME``, else /var/qmail (root, or when /var/qmail/control
-exists), else ~/eqmail-home.
+HOME
+    Every tool finds the home the same way as eqmaild (eqmail.paths: --home,
+    $EQMAIL_HOME, ./eqmail-home of yours, ~/eqmail-home of yours, /var/qmail,
+    ~/eqmail-home), and every failure message names the home it used and
+    how it was chosen.
+
+EXIT CODES (sysexits, besides each tool's own: queue, inject and sendmail
+keep qmail's)
+    64 bad usage or argument; 65 a bad queue file; 66 no such home, queue or
+    file; 73 cannot write; 74 read or write error; 77 permission denied
+    (the queue belongs to the daemon's user); 78 bad control file.  Errors
+    are one line on stderr, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import textwrap
 import time
 from typing import List, Optional
 
 from . import __version__
-from .paths import resolve_home
+from .paths import HOME_RULE, find_home, resolve_home
 
 TOOLS = {}
+
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_IOERR = 74
+EX_NOPERM = 77
+EX_CONFIG = 78
 
 
 def tool(name: str, summary: str):
@@ -32,10 +53,66 @@ def tool(name: str, summary: str):
     return register
 
 
-def _parser(name: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eqmail " + name, description=description)
-    p.add_argument("--home", metavar="DIR", help="the eqmail home (default: see `eqmail --help`)")
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 64 (EX_USAGE)."""
+
+    def error(self, message):
+        self.exit(EX_USAGE, "%s: usage: %s (%s --help)\n" % (self.prog, message, self.prog))
+
+
+def _parser(name: str, description: str, home: bool = True) -> argparse.ArgumentParser:
+    p = _Parser(prog="eqmail " + name, description=description, epilog=HOME_RULE if home else None)
+    if home:
+        p.add_argument("--home", metavar="DIR",
+                       help="the eqmail home (default: see below and `eqmail --help`)")
     return p
+
+
+def _fatal(tool: str, code: int, text: str) -> int:
+    """One line on stderr; returns `code`."""
+    sys.stderr.write("eqmail %s: fatal: %s\n" % (tool, text))
+    return code
+
+
+def _home_text(home_arg: Optional[str]) -> str:
+    """``home DIR (how it was chosen)``: every failure message names it."""
+    path, how = find_home(home_arg)
+    return "home %s (%s)" % (path, how)
+
+
+def _owner(path: str) -> str:
+    import pwd
+
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return ""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "uid %d" % uid
+
+
+def _queue_failure(tool: str, home_arg: Optional[str], e: OSError) -> int:
+    """The exit code and one line for an OSError met opening the queue."""
+    home = resolve_home(home_arg)
+    where = _home_text(home_arg)
+    qdir = os.path.join(home, "queue")
+    if isinstance(e, PermissionError):
+        # the queue is the daemon user's (mode 0700): name that user
+        owner = _owner(qdir) or _owner(home) or "another user"
+        run_as = "root" if owner == "root" else "%s or as root" % (
+            owner if owner != "another user" else "that user")
+        return _fatal(tool, EX_NOPERM, "permission denied reading the queue %s of %s: it "
+                      "belongs to %s; run this as %s" % (qdir, where, owner, run_as))
+    if isinstance(e, FileNotFoundError):
+        if not os.path.isdir(home):
+            return _fatal(tool, EX_NOINPUT, "no such %s; give the daemon's with --home DIR "
+                          "or $EQMAIL_HOME" % where)
+        return _fatal(tool, EX_NOINPUT, "no queue in %s (eqmaild makes it at its first "
+                      "start)" % where)
+    return _fatal(tool, EX_IOERR, "unable to read the queue of %s: %s"
+                  % (where, e.strerror or e))
 
 
 # -- smtpd ----------------------------------------------------------------------------
@@ -98,7 +175,7 @@ def cmd_smtpd(argv: List[str]) -> int:
         # write it (xinetd's service user)
         store = queue_for(home)
     except (ConfigError, OSError) as e:
-        log.alert("unable to read controls or queue in %s: %s" % (home, e))
+        log.alert("unable to read controls or queue of %s: %s" % (_home_text(args.home), e))
         send(reply.CONTROLS.render())
         return 1
     if not env.get("TCPLOCALHOST"):
@@ -139,16 +216,20 @@ def cmd_mkservercert(argv: List[str]) -> int:
     from .control import read_line
     from .smtp.tls import describe, make_self_signed
 
+    from .control import ConfigError
+
     home = resolve_home(args.home)
-    name = args.name or read_line(os.path.join(home, "control", "me"), None)
+    try:
+        name = args.name or read_line(os.path.join(home, "control", "me"), None)
+    except (ConfigError, OSError) as e:
+        return _fatal("mkservercert", EX_CONFIG, "%s: %s" % (_home_text(args.home), e))
     if not name:
-        sys.stderr.write("eqmail mkservercert: fatal: no NAME and no control/me\n")
-        return 100
+        return _fatal("mkservercert", EX_USAGE, "no NAME and no control/me in %s"
+                      % _home_text(args.home))
     try:
         path = make_self_signed(home, name, args.days)
     except (OSError, RuntimeError) as e:
-        sys.stderr.write("eqmail mkservercert: fatal: %s\n" % e)
-        return 111
+        return _fatal("mkservercert", EX_CANTCREAT, "%s: %s" % (_home_text(args.home), e))
     print("%s: %s" % (path, describe(path) or "written"))
     return 0
 
@@ -160,21 +241,56 @@ def cmd_config_fast(argv: List[str]) -> int:
     p = _parser("config-fast", "Write control/me and control/defaultdomain for FQDN, and "
                 "plusdomain, locals, rcpthosts and an empty smtpplugins when missing "
                 "(eQmail's config-fast).")
-    p.add_argument("fqdn", nargs="?", help="this host's FQDN (default: hostname -f)")
+    p.add_argument("fqdn", nargs="?", help="this host's FQDN (default: hostname -f); "
+                   "refused unless it is a host name (letters, digits, '-' and '_' in "
+                   "dot-separated labels)")
     args = p.parse_args(argv)
     from .control import config_fast, host_fqdn
 
     home = resolve_home(args.home)
-    config_fast(home, args.fqdn or host_fqdn())
+    fqdn = (args.fqdn if args.fqdn is not None else host_fqdn()).strip().lower()
+    problem = fqdn_problem(fqdn)
+    if problem:
+        return _fatal("config-fast", EX_USAGE, "%r is not a host name (%s); nothing written "
+                      "to %s" % (fqdn, problem, _home_text(args.home)))
+    try:
+        config_fast(home, fqdn)
+    except OSError as e:
+        code = EX_NOPERM if isinstance(e, PermissionError) else EX_CANTCREAT
+        return _fatal("config-fast", code, "unable to write the control files of %s: %s"
+                      % (_home_text(args.home), e))
     return 0
+
+
+def fqdn_problem(name: str) -> str:
+    """Why `name` cannot be control/me (and the other names config-fast
+    writes), or "" when it can: dot-separated labels of ASCII letters,
+    digits, ``-`` and ``_`` (no label empty or longer than 63, no ``-`` at
+    either end), at most 253 characters.  eqmaild refuses a control/me
+    with white space at its start (exit 78); this refuses more, at once."""
+    if not name:
+        return "empty"
+    if len(name) > 253:
+        return "longer than 253 characters"
+    for label in name.split("."):
+        if not label:
+            return "an empty label"
+        if len(label) > 63:
+            return "a label longer than 63 characters"
+        bad = [ch for ch in label if not (ch.isascii() and (ch.isalnum() or ch in "-_"))]
+        if bad:
+            return "the character %r" % bad[0]
+        if label.startswith("-") or label.endswith("-"):
+            return "a label that begins or ends with '-'"
+    return ""
 
 
 # -- maildirmake ------------------------------------------------------------------------
 
 @tool("maildirmake", "create a Maildir (tmp/, new/, cur/)")
 def cmd_maildirmake(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog="eqmail maildirmake",
-                                description="Create the Maildir DIR with tmp/, new/ and cur/, mode 0700.")
+    p = _parser("maildirmake", "Create the Maildir DIR with tmp/, new/ and cur/, mode 0700.",
+                home=False)
     p.add_argument("dir")
     args = p.parse_args(argv)
     from .delivery.local import maildirmake
@@ -182,12 +298,12 @@ def cmd_maildirmake(argv: List[str]) -> int:
     try:
         maildirmake(args.dir)
     except OSError as e:
-        sys.stderr.write("eqmail maildirmake: fatal: %s\n" % e)
-        return 111
+        return _fatal("maildirmake", EX_NOPERM if isinstance(e, PermissionError)
+                      else EX_CANTCREAT, str(e))
     return 0
 
 
-# -- qstat / qread ------------------------------------------------------------------------
+# -- qstat / qread / qbad -------------------------------------------------------------------
 
 def _open_store(home: str):
     from .queue.store import Store
@@ -195,27 +311,64 @@ def _open_store(home: str):
     return Store.open(home, create=False)
 
 
+def _survey(tool: str, store):
+    """(the committed messages, the count of problems) of the queue, read
+    as eqmaild reads them; a damaged file or one that cannot be read is
+    named on stderr, files being written are skipped.  Raises OSError
+    when mess/ cannot be listed."""
+    from .queue.store import Damaged, NotCommitted
+
+    items, problems = [], 0
+    for msgid in store.ids():
+        try:
+            items.append(store.load(msgid))
+        except (FileNotFoundError, NotCommitted):
+            continue  # finished meanwhile, or being written
+        except Damaged as e:
+            problems += 1
+            sys.stderr.write("eqmail %s: warning: msg %s: damaged queue file (%s), not "
+                             "counted; eqmaild moves it to %s/\n" % (tool, msgid, e, store.bad))
+        except (OSError, ValueError) as e:
+            problems += 1
+            sys.stderr.write("eqmail %s: warning: msg %s: unable to read: %s\n"
+                             % (tool, msgid, e))
+    try:
+        bad = len(store.bad_names())
+    except OSError:
+        bad = 0
+    if bad:
+        sys.stderr.write("eqmail %s: note: %d damaged queue file%s set aside in %s/, not "
+                         "counted (eqmail qbad)\n" % (tool, bad, "" if bad == 1 else "s",
+                                                      store.bad))
+    return items, problems
+
+
 @tool("qstat", "count the messages in the queue (qmail-qstat)")
 def cmd_qstat(argv: List[str]) -> int:
-    p = _parser("qstat", "Print the number of messages in the queue, as qmail-qstat does.")
+    p = _parser("qstat", "Print the number of messages in the queue, as qmail-qstat does. "
+                "Every file is read as eqmaild reads it: a message still being written "
+                "is not counted, nor a damaged queue file (named on stderr; eqmaild moves "
+                "those to queue/bad/, see eqmail qbad). Exit 66 without a queue, 77 when "
+                "the queue belongs to another user (the daemon's: run it as that user).")
     args = p.parse_args(argv)
     try:
         store = _open_store(resolve_home(args.home))
-        count = len(store.ids())
+        items, _ = _survey("qstat", store)
     except OSError as e:
-        sys.stderr.write("eqmail qstat: fatal: unable to read the queue: %s\n" % e)
-        return 111
-    print("messages in queue: %d" % count)
+        return _queue_failure("qstat", args.home, e)
+    print("messages in queue: %d" % len(items))
     print("messages in queue but not yet preprocessed: 0")
     return 0
 
 
-@tool("qread", "list queued messages and their recipients (qmail-qread)")
+@tool("qread", "list queued messages and their recipients (qmail-qread; also mailq)")
 def cmd_qread(argv: List[str]) -> int:
     p = _parser("qread", "List each queued message: date, #id, size, <sender>, then one "
                 "line per recipient, local or remote, `done` when finished; ` bouncing` "
                 "when failures wait for the bounce "
-                "(qmail-qread's format; dates in UTC).")
+                "(qmail-qread's format; dates in UTC). Damaged queue files are named on "
+                "stderr, not listed (see eqmail qbad). Exit 66 without a queue, 77 when "
+                "the queue belongs to another user, 78 for a bad control file.")
     args = p.parse_args(argv)
     home = resolve_home(args.home)
     from .control import ConfigError, load
@@ -223,11 +376,20 @@ def cmd_qread(argv: List[str]) -> int:
 
     try:
         store = _open_store(home)
+    except OSError as e:
+        return _queue_failure("qread", args.home, e)
+    try:
         config = load(home)
-    except (OSError, ConfigError) as e:
-        sys.stderr.write("eqmail qread: fatal: %s\n" % e)
-        return 111
-    for item in store.items():
+    except ConfigError as e:
+        return _fatal("qread", EX_CONFIG, "%s: %s" % (_home_text(args.home), e))
+    except OSError as e:
+        return _fatal("qread", EX_IOERR, "%s: unable to read the control files: %s"
+                      % (_home_text(args.home), e))
+    try:
+        items, _ = _survey("qread", store)
+    except OSError as e:
+        return _queue_failure("qread", args.home, e)
+    for item in items:
         date = time.strftime("%d %b %Y %H:%M:%S", time.gmtime(item.birth))
         bouncing = os.path.exists(os.path.join(store.bounce, item.id))
         print("%s GMT  #%s  %d  <%s> %s" % (date, item.id, max(item.size, 0), item.sender,
@@ -238,13 +400,128 @@ def cmd_qread(argv: List[str]) -> int:
     return 0
 
 
+QBAD_DESCRIPTION = (
+    "Damaged queue files: a committed message whose queue file no longer reads as one "
+    "(cut short, zeroed, bits flipped) is never delivered; eqmaild moves it once to "
+    "HOME/queue/bad/ and logs one alert line naming it. "
+    "`eqmail qbad` (or `qbad list`) prints one line per file: its name (the queue ID), "
+    "its size, when it was set aside, the sender if it can be read, and what is wrong. "
+    "`qbad show NAME` prints what can be read of its envelope, an empty line, then the "
+    "file's bytes as they are (the message data when its end still says where the data "
+    "ends). `qbad rm NAME...` deletes files for good. Run it as the daemon's user or "
+    "root (the queue is theirs). Exit 66 for an unknown NAME, 77 without permission.")
+
+
+@tool("qbad", "list, show or remove damaged queue files set aside in queue/bad/")
+def cmd_qbad(argv: List[str]) -> int:
+    p = _parser("qbad", QBAD_DESCRIPTION)
+    p.add_argument("action", nargs="?", default="list", choices=("list", "show", "rm"),
+                   help="list (the default), show NAME, rm NAME...")
+    p.add_argument("names", nargs="*", metavar="NAME", help="a file in queue/bad/")
+    args = p.parse_args(argv)
+    if args.action == "list" and args.names:
+        p.error("list takes no NAME")
+    if args.action == "show" and len(args.names) != 1:
+        p.error("show takes one NAME")
+    if args.action == "rm" and not args.names:
+        p.error("rm takes at least one NAME")
+    try:
+        store = _open_store(resolve_home(args.home))
+        names = store.bad_names()
+    except OSError as e:
+        return _queue_failure("qbad", args.home, e)
+    if args.action == "list":
+        for name in names:
+            code = _qbad_line(store, name, args.home)
+            if code:
+                return code
+        return 0
+    for name in args.names:
+        if name not in names:
+            return _fatal("qbad", EX_NOINPUT, "no damaged queue file %r in %s/ of %s"
+                          % (name, store.bad, _home_text(args.home)))
+    if args.action == "show":
+        return _qbad_show(store, args.names[0], args.home)
+    for name in args.names:
+        try:
+            store.remove_bad(name)
+        except OSError as e:
+            return _bad_file_failure(store, name, args.home, e)
+    return 0
+
+
+def _bad_file_failure(store, name: str, home_arg: Optional[str], e: OSError) -> int:
+    if isinstance(e, PermissionError):
+        return _queue_failure("qbad", home_arg, e)
+    if isinstance(e, FileNotFoundError):
+        return _fatal("qbad", EX_NOINPUT, "no damaged queue file %r in %s/ of %s"
+                      % (name, store.bad, _home_text(home_arg)))
+    return _fatal("qbad", EX_IOERR, "%s/%s: %s" % (store.bad, name, e.strerror or e))
+
+
+def _qbad_line(store, name: str, home_arg: Optional[str]) -> int:
+    try:
+        item, why, size = store.examine_bad(name)
+        when = os.lstat(store.bad_path(name)).st_ctime
+    except FileNotFoundError:
+        return 0  # removed meanwhile
+    except OSError as e:
+        return _bad_file_failure(store, name, home_arg, e)
+    sender = "<%s>" % item.sender if item is not None else "(no envelope)"
+    print("%s  %d bytes  set aside %s GMT  %s  %s"
+          % (name, size, time.strftime("%d %b %Y %H:%M:%S", time.gmtime(when)), sender,
+             why or "reads as a good queue file now"))
+    return 0
+
+
+def _qbad_show(store, name: str, home_arg: Optional[str]) -> int:
+    from .queue.store import data_size
+
+    path = store.bad_path(name)
+    try:
+        item, why, size = store.examine_bad(name)
+        when = os.lstat(path).st_ctime
+        try:
+            end = data_size(path)
+        except ValueError:
+            end = size  # no trailer: all of it
+        out = sys.stdout.buffer
+        lines = ["file: %s" % path, "size: %d bytes" % size,
+                 "set aside: %s GMT" % time.strftime("%d %b %Y %H:%M:%S", time.gmtime(when)),
+                 "damage: %s" % (why or "none found now")]
+        if item is not None:
+            lines.append("born: %s GMT" % time.strftime("%d %b %Y %H:%M:%S",
+                                                        time.gmtime(item.birth)))
+            lines.append("sender: <%s>" % item.sender)
+            lines += ["recipient: <%s>%s" % (r, " done" if d else "")
+                      for r, d in zip(item.recipients, item.done)]
+        else:
+            lines.append("envelope: unreadable")
+        lines.append("data: %s" % ("the first %d bytes of the file" % end if end != size
+                                   else "the whole file (no readable end)"))
+        out.write(("\n".join(lines) + "\n\n").encode("utf-8", "backslashreplace"))
+        with open(path, "rb") as f:
+            left = end
+            while left > 0:
+                chunk = f.read(min(65536, left))
+                if not chunk:
+                    break
+                out.write(chunk)
+                left -= len(chunk)
+        out.flush()
+    except OSError as e:
+        return _bad_file_failure(store, name, home_arg, e)
+    return 0
+
+
 # -- queue / newu -------------------------------------------------------------------------
 
 @tool("queue", "qmail-queue: queue the message on fd 0 with the envelope on fd 1")
 def cmd_queue(argv: List[str]) -> int:
     p = _parser("queue", "qmail-queue compatible: read the message on fd 0 and the envelope "
                 "(F<sender>\\0T<rcpt>\\0...\\0) on fd 1, queue them, print nothing, and "
-                "exit 0, or with qmail-queue's codes (11-40 permanent, others temporary). "
+                "exit 0, or with qmail-queue's codes (11-40 permanent, others temporary) "
+                "and one line on stderr naming the home. "
                 "Works for any local user through eqmaild's pickup socket.")
     args = p.parse_args(argv)
     from .queue import pickup
@@ -260,6 +537,7 @@ def cmd_queue(argv: List[str]) -> int:
         sender, recipients = pickup.parse_envelope(env)
         pickup.submit(resolve_home(args.home), sender, recipients, b"", sys.stdin.buffer)
     except pickup.SubmitError as e:
+        sys.stderr.write("eqmail queue: %s: %s\n" % (_home_text(args.home), e.text))
         return e.code
     return 0
 
@@ -274,9 +552,11 @@ def cmd_newu(argv: List[str]) -> int:
 
     try:
         count = newu(resolve_home(args.home))
-    except (ConfigError, OSError) as e:
-        sys.stderr.write("eqmail newu: fatal: %s\n" % e)
-        return 111
+    except ConfigError as e:
+        return _fatal("newu", EX_CONFIG, "%s: %s" % (_home_text(args.home), e))
+    except OSError as e:
+        code = {PermissionError: EX_NOPERM, FileNotFoundError: EX_NOINPUT}.get(type(e), EX_IOERR)
+        return _fatal("newu", code, "%s: %s" % (_home_text(args.home), e))
     print("users/cdb: %d assignments" % count)
     return 0
 
@@ -305,13 +585,11 @@ def cmd_mkusers(argv: List[str]) -> int:
     from .privsep import mkusers
 
     if os.geteuid() != 0:
-        sys.stderr.write("eqmail mkusers: fatal: must be run as root\n")
-        return 100
+        return _fatal("mkusers", EX_NOPERM, "must be run as root")
     try:
         made = mkusers(resolve_home(args.home))
-    except RuntimeError as e:
-        sys.stderr.write("eqmail mkusers: fatal: %s\n" % e)
-        return 111
+    except (RuntimeError, OSError) as e:
+        return _fatal("mkusers", EX_SOFTWARE, "%s: %s" % (_home_text(args.home), e))
     print("created: %s" % (", ".join(made) if made else "nothing (the users exist)"))
     return 0
 
@@ -345,11 +623,18 @@ def usage() -> str:
              "tools:"]
     for name, (_, summary) in TOOLS.items():
         lines.append("  %-13s %s" % (name, summary))
-    lines += ["", "The daemon is `eqmaild` (eqmaild --help).",
-              "Called as sendmail, mailq, qmail-inject, qmail-queue, qmail-qread, "
-              "qmail-qstat, qmail-smtpd or qmail-newu (a symlink to eqmail), it is that tool.",
-              "Home: --home DIR, else $EQMAIL_HOME, else /var/qmail (as root, or when "
-              "/var/qmail/control exists), else ~/eqmail-home."]
+    lines += [""]
+    for para in ("mailq is qread (`eqmail mailq`), as are the names below. The daemon is "
+                 "`eqmaild` (eqmaild --help). Called as sendmail, mailq, qmail-inject, "
+                 "qmail-queue, qmail-qread, qmail-qstat, qmail-smtpd or qmail-newu (a "
+                 "symlink to eqmail), eqmail is that tool.",
+                 HOME_RULE + " So tools run where `eqmaild --home ./eqmail-home` was "
+                 "started reach that daemon. A tool that fails names the home it used.",
+                 "Exit codes: sysexits (64 usage, 66 no such home, queue or file, 77 "
+                 "permission denied, 78 bad control file ...); queue, inject and sendmail "
+                 "keep qmail's."):
+        lines += [textwrap.fill(para, 79, break_on_hyphens=False), ""]
+    lines.pop()
     return "\n".join(lines) + "\n"
 
 
@@ -372,10 +657,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[0] == "--version":
         print("eqmail " + __version__)
         return 0
-    entry = TOOLS.get(argv[0])
+    entry = TOOLS.get(argv[0]) or TOOLS.get(ALIASES.get(argv[0], ""))
     if entry is None:
-        sys.stderr.write("eqmail: unknown tool %r\n\n%s" % (argv[0], usage()))
-        return 64
+        sys.stderr.write("eqmail: usage: unknown tool %r (eqmail --help lists them)\n"
+                         % argv[0])
+        return EX_USAGE
     return entry[0](argv[1:]) or 0
 
 
