@@ -145,6 +145,22 @@ def fit_session_pool(pool, config) -> None:
     # permits than the size is harmless: the server asks pool.full() first
     for _ in range(max(0, grow)):
         pool._semaphore.release()
+    # one descriptor per session, and room for the queue, deliveries and
+    # plugins: the soft limit (often 1024) goes up to the hard one
+    import resource
+
+    want = size + 2 * config.concurrencylocal + 200
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            new = soft
+        if new < want:
+            log.warning("only %d file descriptors (RLIMIT_NOFILE) for %d sessions: raise "
+                        "the hard limit or lower control/concurrencyincoming"
+                        % (new, config.concurrencyincoming))
 
 
 def default_count() -> int:

@@ -289,9 +289,16 @@ def test_sighup_raising_concurrencyincoming_grows_the_session_pool(home, daemon_
 
     from helpers import wait_log
 
+    import resource
+
     home.write("concurrencyincoming", "10\n")
     home.write("concurrencyperip", "10\n")
-    d = daemon_factory(home, extra_args=["--workers", "0"])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, soft), hard))  # the usual default
+    try:
+        d = daemon_factory(home, extra_args=["--workers", "0"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     home.write("concurrencyincoming", "100\n")
     home.write("concurrencyperip", "100\n")
     d.signal(signal.SIGHUP)
@@ -302,3 +309,26 @@ def test_sighup_raising_concurrencyincoming_grows_the_session_pool(home, daemon_
     finally:
         for s in socks:
             s.close()
+    # 1100 sessions need more descriptors than the usual soft limit of 1024
+    home.write("concurrencyincoming", "1100\n")
+    d.signal(signal.SIGHUP)
+    import time
+
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        soft, hard = open_files_limit(d.proc.pid)
+        if soft >= min(hard, 2 * 1100 + 50):
+            break
+        time.sleep(0.05)
+    assert soft >= min(hard, 2 * 1100 + 50), (soft, hard)
+
+
+def open_files_limit(pid):
+    with open("/proc/%d/limits" % pid) as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                big = 1 << 62
+                return (big if soft == "unlimited" else int(soft),
+                        big if hard == "unlimited" else int(hard))
+    raise AssertionError("no Max open files in /proc/%d/limits" % pid)
