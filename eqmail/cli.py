@@ -17,8 +17,8 @@ HOME
 
 EXIT CODES (sysexits, besides each tool's own: queue, inject and sendmail
 keep qmail's)
-    64 bad usage or argument; 65 a bad queue file; 66 no such home, queue or
-    file; 73 cannot write; 74 read or write error; 77 permission denied
+    64 bad usage or argument; 66 no such home, queue or file; 70 internal
+    error; 73 cannot write; 74 read or write error; 77 permission denied
     (the queue belongs to the daemon's user); 78 bad control file.  Errors
     are one line on stderr, never a traceback.
 """
@@ -37,7 +37,6 @@ from .paths import HOME_RULE, find_home, resolve_home
 TOOLS = {}
 
 EX_USAGE = 64
-EX_DATAERR = 65
 EX_NOINPUT = 66
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73

@@ -7,7 +7,6 @@ name that is not a host name at once."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
