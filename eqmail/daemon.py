@@ -38,7 +38,8 @@ SIGNALS
 
 EXIT CODES (sysexits.h)
     0 clean stop; 64 bad usage; 66 home missing or unusable; 67 --user
-    names no user; 69 an address cannot be bound (port in use); 75 pidfile
+    names no user; 69 an address cannot be bound (port in use); 73 the
+    pidfile cannot be written (a missing directory is made); 75 pidfile
     names a running eqmaild; 77 privileges cannot be dropped; 78 bad
     control file.
 
@@ -65,6 +66,7 @@ EX_USAGE = 64
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_NOUSER = 67
+EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
@@ -234,7 +236,18 @@ def _pid_running(pidfile: str) -> int:
     return pid if b"eqmail" in cmd else 0
 
 
+def prepare_pidfile(path: str) -> None:
+    """Make the directory of `path` when it is missing (as ``mkdir -p``,
+    mode 755), and check that a pidfile can be written there.  Raises
+    OSError."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "permission denied", directory)
+
+
 def write_pidfile(path: str) -> None:
+    """Write this process's pid into `path` atomically.  Raises OSError."""
     tmp = "%s.%d.tmp" % (path, os.getpid())
     with open(tmp, "w") as f:
         f.write("%d\n" % os.getpid())
@@ -322,6 +335,13 @@ def main(argv: List[str] = None) -> int:
     except OSError as e:
         return fatal(EX_CONFIG, "unable to read control files: %s" % e)
 
+    if args.pidfile:
+        try:
+            prepare_pidfile(args.pidfile)
+        except OSError as e:
+            return fatal(EX_CANTCREAT, "unable to write the pidfile %s: %s"
+                         % (args.pidfile, e.strerror or e))
+
     sockets = []
     for kind, spec in listen:
         try:
@@ -341,7 +361,12 @@ def main(argv: List[str] = None) -> int:
             os.makedirs(os.path.join(home, "log"), exist_ok=True)
             log.to_file(os.path.join(home, "log", "eqmaild.log"))
     if args.pidfile:
-        write_pidfile(args.pidfile)
+        try:
+            write_pidfile(args.pidfile)
+        except OSError as e:
+            log.alert("unable to write the pidfile %s: %s" % (args.pidfile, e.strerror or e))
+            return fatal(EX_CANTCREAT, "unable to write the pidfile %s: %s"
+                         % (args.pidfile, e.strerror or e))
     if run_as is not None:
         # bound as root; now the root helper for deliveries, then nobody
         # reading the network keeps root (eqmail.privsep)

@@ -332,3 +332,33 @@ def open_files_limit(pid):
                 return (big if soft == "unlimited" else int(soft),
                         big if hard == "unlimited" else int(hard))
     raise AssertionError("no Max open files in /proc/%d/limits" % pid)
+
+
+# ------------------------------------------------------------------ the pidfile
+
+def test_pidfile_in_a_directory_not_made_yet(home, daemon_factory):
+    pidfile = os.path.join(home.path, "run", "eqmaild", "eqmaild.pid")
+    d = daemon_factory(home, extra_args=["--pidfile", pidfile])
+    with open(pidfile) as f:
+        assert f.read() == "%d\n" % d.proc.pid
+    assert d.stop() == 0
+    assert not os.path.exists(pidfile)
+
+
+def test_pidfile_that_cannot_be_written_is_one_line_and_exit_73(home, daemon_factory):
+    import tempfile
+
+    locked = tempfile.mkdtemp(dir="/tmp")   # the daemon's user may not write here
+    try:
+        os.chmod(locked, 0o555)
+        d = daemon_factory(home, extra_args=["--pidfile", os.path.join(locked, "x", "e.pid")],
+                           start=False)
+        d.start(wait=False)
+        assert d.proc.wait(20) == 73
+        out = d.log()
+        assert "Traceback" not in out, out
+        assert out.strip().splitlines()[-1].startswith(
+            "eqmaild: fatal: unable to write the pidfile %s/x/e.pid: " % locked), out
+    finally:
+        os.chmod(locked, 0o755)
+        os.rmdir(locked) if not os.listdir(locked) else None
