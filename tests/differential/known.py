@@ -1,0 +1,300 @@
+"""Where eqmail differs from eQmail 1.09, and the eqmail bugs the suite
+expects to fail for now.
+
+KNOWN_DIFFERENCES maps a case id to a `Known`: why the two differ, the
+behaviour reference's §10 bug number when eqmail fixes that bug on
+purpose, and the difference itself exactly as the comparison reports it:
+field -> (eQmail 1.09, eqmail), and for replies {reply index: (eQmail
+1.09, eqmail)} (index 0 is the greeting; None = no such reply).  A listed
+case must differ in exactly that way: one that starts agreeing, or differs
+in another way, fails.  Entries marked UNDECIDED record what eQmail does
+today; the lead decides and edits them.
+
+EXPECTED_FAILURES maps a case id to (reason, field): an eqmail bug; the case
+is an xfail(strict=True) that must fail in exactly that field ("several"
+for more than one field), so it turns red both when fixed (remove the
+entry) and when it breaks in some other way.
+
+`python tests/differential/known.py > tests/differential/DIFFERENCES.md`
+writes the README table from KNOWN_DIFFERENCES; test_table.py checks
+that the file matches.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import pytest
+
+NOGATEWAY = "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
+SYNTAX = "555 syntax error (#5.5.4)"
+QUIT = "221 mx.example.org"
+RECEIVED = "Received: from unknown (192.0.2.1)\n  by mx.example.org with SMTP; <date>\n"
+
+
+@dataclass
+class Known:
+    reason: str
+    diff: Dict[str, object]
+    bug: Optional[int] = None         # behaviour reference §10 bug number
+    undecided: bool = False
+
+
+def _queued(sender, rcpts, body="Subject: t\n\nhi\n"):
+    return {"envelope": ([(sender, rcpts)], []), "message": ([body], []),
+            "received": ([RECEIVED], [])}
+
+
+# A refused MAIL/DATA followed by DATA, "Subject: t", "", "hi", ".", QUIT: eQmail
+# went on and queued; eqmail answers the body lines as commands.
+def _body_as_commands(start, eq_from_start, py_from_start):
+    d = {}
+    for i in range(max(len(eq_from_start), len(py_from_start))):
+        a = eq_from_start[i] if i < len(eq_from_start) else None
+        b = py_from_start[i] if i < len(py_from_start) else None
+        if a != b:
+            d[start + i] = (a, b)
+    return d
+
+
+_PY_BODY = ["500 unrecognised (#5.5.2)"] * 4 + [QUIT]   # "Subject: t" "" "hi" "." QUIT
+
+PROGRAM_SILENT = ("a program that fails without a word: eqmail's report names the exit "
+                  "code, qmail-local's report is empty")
+
+KNOWN_DIFFERENCES: Dict[str, Known] = {
+    # -- SMTP ---------------------------------------------------------------------------
+    "help": Known(
+        "eqmail's own HELP text (netqmail's points at netqmail's home page)",
+        {"replies": {1: ("214 netqmail home page: http://qmail.org/netqmail",
+                         "214 eqmail: see RFC 5321; commands HELO EHLO MAIL RCPT DATA RSET "
+                         "NOOP VRFY HELP QUIT")}}),
+    "rcpthosts-missing": Known(
+        "without control/rcpthosts eQmail accepts every recipient (an open relay); eqmail "
+        "accepts the locals only and logs a warning",
+        {"replies": {2: ("250 ok", NOGATEWAY)}}, bug=3),
+    "morercpthosts-plain": Known(
+        "eqmail reads control/morercpthosts as a plain list; eQmail reads only the "
+        "morercpthosts.cdb that qmail-newmrh builds",
+        {"replies": {2: (NOGATEWAY, "250 ok")}}),
+    "relayclient-set-by-plugin": Known(
+        "a plugin that sets RELAYCLIENT (S) opens the relay check in eqmail, the one way a "
+        "plugin can (O cannot, bug 2); eQmail reads RELAYCLIENT once at start-up",
+        {"replies": {2: (NOGATEWAY, "250 ok")}}),
+    "percenthack-relay": Known(
+        "with percenthack, eQmail checks rcpthosts only for user%other@local as given and "
+        "so relays to other; eqmail checks the address delivery will use as well",
+        {"replies": {2: ("250 ok", NOGATEWAY)}}),
+    "rcpt-null": Known(
+        "RCPT TO:<> names no mailbox (RFC 5321); eQmail queues an empty recipient",
+        {"replies": {2: ("250 ok", SYNTAX)}}),
+    "mail-unclosed": Known(
+        "a path without its closing > is refused; qmail-smtpd takes it ('why bother?')",
+        {"replies": {1: ("250 ok", SYNTAX), 2: ("250 ok", "503 MAIL first (#5.5.1)")}}),
+    "mail-bare": Known(
+        "UNDECIDED: a bare MAIL. eQmail takes it as MAIL FROM:<> (250; the message is "
+        "queued with the null sender); eqmail refuses it (555)",
+        dict(_queued("", ["x@example.org"]), replies=_body_as_commands(
+            1, ["250 ok", "250 ok", "354 go ahead", "250 ok <time> qp <qp>", QUIT],
+            [SYNTAX, "503 MAIL first (#5.5.1)", "503 MAIL first (#5.5.1)"] + _PY_BODY)),
+        undecided=True),
+    "mail-no-colon": Known(
+        "UNDECIDED with mail-bare: MAIL without < and without : is the null sender in "
+        "eQmail (250), refused (555) in eqmail",
+        {"replies": {1: ("250 ok", SYNTAX), 2: ("250 ok", "503 MAIL first (#5.5.1)")}},
+        undecided=True),
+    "address-control-char": Known(
+        "eqmail refuses control characters in an address; eQmail queues them",
+        {"replies": {1: ("250 ok", SYNTAX), 2: ("250 ok", "503 MAIL first (#5.5.1)")}}),
+    "mail-param-auth": Known(
+        "MAIL's AUTH= parameter is ignored: in eQmail an unauthenticated client puts the "
+        "identity of its choice into the Received line",
+        {"received": (["Received: from unknown (?fake+user@evil?@192.0.2.1)\n"
+                       "  by mx.example.org with SMTP; <date>\n"], [RECEIVED])}, bug=9),
+    "size-abc": Known(
+        "UNDECIDED: SIZE=abc with databytes set. eQmail reads it as 0 and accepts (250; "
+        "queued); eqmail refuses the parameter (555)",
+        dict(_queued("a@b.c", ["x@example.org"]), replies=_body_as_commands(
+            1, ["250 ok", "250 ok", "354 go ahead", "250 ok <time> qp <qp>", QUIT],
+            [SYNTAX, "503 MAIL first (#5.5.1)", "503 MAIL first (#5.5.1)"] + _PY_BODY)),
+        undecided=True),
+    "long-command-line": Known(
+        "command lines are limited to 1000 octets (RFC 5321 4.5.3.1.4); eQmail reads "
+        "lines of any length into memory",
+        {"replies": {1: ("250 ok", "500 line too long (#5.5.2)")}}, bug=14),
+    "many-errors": Known(
+        "eqmail hangs up with 421 at the 20th refused command; eQmail answers for ever",
+        {"replies": {20: ("500 unrecognised (#5.5.2)", "421 too many errors, closing (#4.7.0)"),
+                     21: ("500 unrecognised (#5.5.2)", None), 22: ("250 ok", None),
+                     23: (QUIT, None)}}),
+    "http-get": Known(
+        "eqmail hangs up on an HTTP verb before HELO (cross-protocol requests); eQmail "
+        "answers 500 and goes on",
+        {"replies": {2: ("250 ok", None), 3: (QUIT, None)}}),
+    "auth-login-cancel": Known(
+        "AUTH LOGIN prompts are base64 (RFC 4954); eQmail sends them in plain text",
+        {"replies": {1: ("334 Username:", "334 VXNlcm5hbWU6")}}),
+    "auth-plain-four-fields": Known(
+        "an AUTH PLAIN response of four NUL-separated fields is malformed (RFC 4616): "
+        "eqmail answers 501, eQmail checks fields 2 and 3 as user and password",
+        {"replies": {1: ("535 authentication failed (#5.7.1)",
+                         "501 malformed auth input (#5.5.4)")}}),
+    "submission-no-auth": Known(
+        "eQmail's 530 ends with a stray space before CRLF",
+        {"replies": {1: ("530 Authorization required (#5.7.1) ",
+                         "530 Authorization required (#5.7.1)")}}),
+    "spp-helo-LM-twice": Known(
+        "a [helo] plugin's LM at two HELOs: eQmail keeps both texts and sends two 550 "
+        "lines (two replies) to one MAIL; eqmail sends one",
+        {"replies": {4: ("550 later mail", QUIT), 5: (QUIT, None)}}),
+    "spp-mail-E-second-mail": Known(
+        "UNDECIDED: a [mail] plugin's E on a second MAIL. eQmail keeps the earlier "
+        "transaction (its DATA is accepted and queued with the first sender and "
+        "recipients); eqmail ends it (DATA gets 503 MAIL first)",
+        dict(_queued("a@b.c", ["x@example.org"]), replies=_body_as_commands(
+            4, ["354 go ahead", "250 ok <time> qp <qp>", QUIT],
+            ["503 MAIL first (#5.5.1)"] + _PY_BODY)),
+        undecided=True),
+    "spp-mail-O-relay": Known(
+        "a [mail] plugin's O skips badmailfrom only; in eQmail it also skips rcpthosts for "
+        "the transaction (an open relay)",
+        {"replies": {2: ("250 ok", NOGATEWAY)}}, bug=2),
+    "spp-mail-LR": Known(
+        "eQmail never runs the RCPT checks of qmail-spp, so LR texts are never sent; "
+        "eqmail refuses the next RCPT with it",
+        {"replies": {2: ("250 ok", "550 later rcpt")}}, bug=1),
+    "spp-rcpt-E": Known(
+        "eQmail never runs [rcpt] plugins; eqmail does",
+        {"replies": {2: ("250 ok", "550 rcpt refused")}}, bug=1),
+    "spp-rcpt-env": Known(
+        "eQmail never runs [rcpt] plugins (SMTPRCPTTO is never set); eqmail does",
+        {"replies": {2: ("250 ok", "550 x@example.org")}}, bug=1),
+    "spp-no-newline": Known(
+        "eQmail drops the last character of a plugin's last line when it has no LF",
+        {"replies": {1: ("553 no newlin", "553 no newline")}}),
+    # -- local delivery --------------------------------------------------------------------
+    "prog-100-silent": Known(PROGRAM_SILENT, {"report": (
+        [], ["program failed with exit code 100. (#5.0.0)"])}),
+    "prog-111-silent": Known(PROGRAM_SILENT, {"report": (
+        [], ["program failed with exit code 111. (#4.3.0)"])}),
+    "prog-65": Known(PROGRAM_SILENT, {"report": (
+        [], ["program failed with exit code 65. (#5.0.0)"])}),
+    "prog-70": Known(PROGRAM_SILENT, {"report": (
+        [], ["program failed with exit code 70. (#5.0.0)"])}),
+    "prog-76": Known(PROGRAM_SILENT, {"report": (
+        [], ["program failed with exit code 76. (#5.0.0)"])}),
+    "prog-77": Known(PROGRAM_SILENT, {"report": (
+        [], ["program failed with exit code 77. (#5.0.0)"])}),
+    "prog-78": Known(PROGRAM_SILENT, {"report": (
+        [], ["program failed with exit code 78. (#5.0.0)"])}),
+    "prog-112": Known(PROGRAM_SILENT, {"report": (
+        [], ["program failed with exit code 112. (#5.0.0)"])}),
+    "prog-2": Known(PROGRAM_SILENT, {"report": (
+        [], ["program failed with exit code 2. (#4.3.0)"])}),
+    "prog-75": Known(PROGRAM_SILENT, {"report": (
+        [], ["program failed with exit code 75. (#4.3.0)"])}),
+    "prog-fails-after-maildir": Known(PROGRAM_SILENT, {"report": (
+        [], ["program failed with exit code 111. (#4.3.0)"])}),
+    "prog-crash": Known(
+        "a program killed by a signal: eqmail's report names the signal, qmail-local "
+        "says 'Aack, child crashed.'",
+        {"report": (["Aack, child crashed. (#4.3.0)"],
+                    ["Unable to run: killed by signal 11. (#4.3.0)"])}),
+    "maildir-missing": Known(
+        "a missing Maildir: eqmail's report names it",
+        {"report": (["Unable to chdir to maildir. (#4.2.1)"],
+                    ["Maildir {HOME}/./NoMaildir/ does not exist or is not a Maildir. "
+                     "(#4.2.1)"])}),
+    "mbox-missing-dir": Known(
+        "an mbox that cannot be opened: eqmail gives the full path and the system's error "
+        "text (qmail's error_str words it differently)",
+        {"report": (["Unable to open ./nodir/mbox: file does not exist. (#4.2.1)"],
+                    ["Unable to open {HOME}/./nodir/mbox: No such file or directory. "
+                     "(#4.2.1)"])}),
+}
+
+OWNER = ("eqmail bug: with .qmail-EXT-owner, qmail-local forwards with the sender "
+         "LOCAL-owner@HOST (VERP LOCAL-owner-@HOST-@[] when -owner-default exists too) and "
+         "sets NEWSENDER to it; eqmail keeps the original sender")
+EXPECTED_FAILURES: Dict[str, Tuple[str, str]] = {
+    "env-owner": (OWNER, "files"),
+    "env-owner-default": (OWNER, "files"),
+    "forward-owner": (OWNER, "forwards"),
+    "forward-owner-default": (OWNER, "forwards"),
+    "mbox-sender-with-space": (
+        "eqmail bug: Return-Path of a sender whose local part needs quoting: qmail-local "
+        "writes <\"a b\"@x.org> (quote2), eqmail <a b@x.org>", "files"),
+    "plus-list-then-file": (
+        "eqmail bug: a '+list' line makes the rest of the .qmail forward-only in "
+        "qmail-local (a later file line is a temporary failure, 'has file delivery but "
+        "has x bit set'); eqmail ignores the line", "several"),
+}
+
+
+# -- used by the tests ------------------------------------------------------------------------
+
+def params(cases):
+    """pytest params for `cases`, with the strict xfail of EXPECTED_FAILURES."""
+    import eqdiff
+
+    out = []
+    for case in cases:
+        marks = []
+        if case.id in EXPECTED_FAILURES:
+            reason, fieldname = EXPECTED_FAILURES[case.id]
+            marks.append(pytest.mark.xfail(strict=True, reason=reason,
+                                           raises=eqdiff.FIELD_ERRORS[fieldname]))
+        out.append(pytest.param(case, id=case.id, marks=marks))
+    return out
+
+
+def judge(case_id: str, diffs: Dict[str, object], shown: str) -> None:
+    import eqdiff
+
+    known = KNOWN_DIFFERENCES.get(case_id)
+    if known is not None:
+        assert diffs == known.diff, (
+            "%s is listed in KNOWN_DIFFERENCES but now %s" % (
+                case_id, "agrees: remove the entry" if not diffs else
+                "differs like this instead:\n" + eqdiff.explain(case_id, diffs, shown)))
+        return
+    eqdiff.raise_for(case_id, diffs, shown)
+
+
+# -- the README table -------------------------------------------------------------------------
+
+def _first(diff: Dict[str, object]) -> Tuple[str, str]:
+    """The first differing value of each side, for the table."""
+    if "replies" in diff and diff["replies"]:
+        i = min(diff["replies"])
+        a, b = diff["replies"][i]
+        return (a or "(connection closed)"), (b or "(connection closed)")
+    name = next(iter(diff))
+    a, b = diff[name]
+    return "%s: %r" % (name, a), "%s: %r" % (name, b)
+
+
+def _cell(text: str) -> str:
+    text = text.replace("\n", "\\n").replace("|", "\\|")
+    return "`%s`" % text.replace("`", "'") if text else ""
+
+
+def table() -> str:
+    out = ["## Where eqmail differs from eQmail 1.09, and why", "",
+           "Generated by `python tests/differential/known.py` from KNOWN_DIFFERENCES in "
+           "tests/differential/known.py; the differential suite runs each case against "
+           "the real eQmail 1.09 and asserts exactly this difference. \"§10 bug\" is the "
+           "bug of the behaviour reference that eqmail fixes on purpose. The first "
+           "differing reply (or field) is shown.", "",
+           "| case | eQmail 1.09 | eqmail | why | §10 bug |", "|---|---|---|---|---|"]
+    for case_id, k in KNOWN_DIFFERENCES.items():
+        a, b = _first(k.diff)
+        out.append("| %s | %s | %s | %s | %s |" % (
+            case_id, _cell(a), _cell(b), k.reason.replace("|", "\\|"),
+            "" if k.bug is None else str(k.bug)))
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(table())
