@@ -265,8 +265,9 @@ def fqdn_problem(name: str) -> str:
     """Why `name` cannot be control/me (and the other names config-fast
     writes), or "" when it can: dot-separated labels of ASCII letters,
     digits, ``-`` and ``_`` (no label empty or longer than 63, no ``-`` at
-    either end), at most 253 characters.  eqmaild refuses a control/me
-    with white space at its start (exit 78); this refuses more, at once."""
+    either end), at most 253 characters.  eqmaild's next start would
+    refuse a control/me with white space in it (exit 78); this refuses
+    that and more, at once, before anything is written."""
     if not name:
         return "empty"
     if len(name) > 253:
