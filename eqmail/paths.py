@@ -94,6 +94,16 @@ def describe_home(arg: Optional[str]) -> str:
     return "%s (%s)" % find_home(arg)
 
 
+def explain(home: str) -> str:
+    """``home DIR (how it was chosen)`` for a home already resolved (by
+    `resolve_home`), for a tool's failure message: the rule's reason when
+    the rule gives this very home, else it came from --home."""
+    path, how = find_home(None)
+    if os.path.abspath(home) != path:
+        how = "from --home"
+    return "home %s (%s)" % (os.path.abspath(home), how)
+
+
 def init_home(home: str, fqdn: Optional[str] = None) -> bool:
     """Create the embedded default configuration in `home` if it has none.
 

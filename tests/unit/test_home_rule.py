@@ -87,3 +87,11 @@ def test_a_vanished_current_directory(place, tmp_path):
     os.chdir(gone)
     os.rmdir(gone)
     assert os.path.isabs(paths.resolve_home(None))
+
+
+def test_explain_names_the_home_and_the_reason(place):
+    cwd, _, _ = place
+    make_home(cwd / "eqmail-home")
+    assert paths.explain(paths.resolve_home(None)) == (
+        "home %s (./eqmail-home in the current directory)" % (cwd / "eqmail-home"))
+    assert paths.explain("/x/y") == "home /x/y (from --home)"
