@@ -65,7 +65,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from . import log
 from .address import dot_suffixes
@@ -530,6 +530,48 @@ def load(home: str) -> Config:
         _route_map={r.key: r for r in reversed(routes)},  # the first line wins
     )
     return config
+
+
+#: qmail-spp's sections, in control/smtpplugins as ``[connection]`` and so on
+#: (only the second character of the line counts).
+SPP_SECTIONS = ("connection", "helo", "mail", "rcpt", "data", "auth")
+
+
+def check_smtpplugins(home: str) -> List[str]:
+    """Problems of HOME/control/smtpplugins that every SMTP session would
+    meet: a plugin line naming a file that is missing, not a regular file
+    or not executable (``:`` lines run the shell and are not looked at), or
+    a file that cannot be read.  Each problem is one line naming the file
+    and the line, as a ConfigError does.  eqmaild checks at start (exit 78)
+    and on SIGHUP (an alert); the sessions read the file themselves, as
+    qmail-smtpd does (qmail-spp), and answer 451 for such a plugin."""
+    path = os.path.join(home, "control", "smtpplugins")
+    try:
+        entries = read_list(path)
+    except ConfigError as e:
+        return [str(e)]
+    except OSError as e:
+        return ["%s: cannot read: %s" % (path, e.strerror or e)]
+    letters = {s[0] for s in SPP_SECTIONS}
+    problems = []
+    in_section = False
+    for lineno, text in entries or ():
+        if text.startswith("["):
+            in_section = text[1:2] in letters
+            continue
+        if not in_section or text.startswith(":"):
+            continue
+        program = os.path.join(home, text)
+        if not os.path.exists(program):
+            why = "no such file"
+        elif not os.path.isfile(program):
+            why = "not a regular file"
+        elif not os.access(program, os.X_OK):
+            why = "not executable"
+        else:
+            continue
+        problems.append("%s line %d: plugin %s: %s" % (path, lineno, text, why))
+    return problems
 
 
 class ConfigHolder:

@@ -326,7 +326,7 @@ def main(argv: List[str] = None) -> int:
     except OSError as e:
         return fatal(EX_NOINPUT, "unable to set up home %s: %s" % (home, e))
 
-    from .control import ConfigError, ConfigHolder
+    from .control import ConfigError, ConfigHolder, check_smtpplugins
 
     try:
         holder = ConfigHolder(home)
@@ -334,6 +334,9 @@ def main(argv: List[str] = None) -> int:
         return fatal(EX_CONFIG, "bad control file: %s" % e)
     except OSError as e:
         return fatal(EX_CONFIG, "unable to read control files: %s" % e)
+    problems = check_smtpplugins(home)
+    if problems:
+        return fatal(EX_CONFIG, "bad control file: %s" % "; ".join(problems))
 
     if args.pidfile:
         try:
@@ -450,6 +453,11 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
     def reload():
         if holder.reload():
             fit_session_pool(pool, holder.current)
+        from .control import check_smtpplugins
+
+        for problem in check_smtpplugins(holder.home):
+            log.alert("bad control file: %s: MAIL and RCPT get 451 qmail-spp failure "
+                      "until it is mended" % problem)
         scheduler.wake()
         workers.signal(signal.SIGHUP)
 

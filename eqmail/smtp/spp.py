@@ -131,9 +131,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from .. import children
+from ..control import SPP_SECTIONS as SECTIONS
 from ..control import ConfigError, read_list
-
-SECTIONS = ("connection", "helo", "mail", "rcpt", "data", "auth")
 
 #: The second character of a ``[section]`` line and what it opens.
 _SECTION_CHARS = {s[0]: s for s in SECTIONS}
@@ -250,6 +249,7 @@ class Plugins:
 
 
 _loaded: Dict[str, tuple] = {}
+
 
 
 def path_of(home: str, env: Mapping[str, str]) -> str:

@@ -143,6 +143,7 @@ exit ${CODE:-0}
 
 def scanner(home, name, text):
     path = os.path.join(home.path, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
     os.chmod(path, 0o755)
@@ -362,3 +363,37 @@ def test_pidfile_that_cannot_be_written_is_one_line_and_exit_73(home, daemon_fac
     finally:
         os.chmod(locked, 0o755)
         os.rmdir(locked) if not os.listdir(locked) else None
+
+
+# ------------------------------------------------- smtpplugins checked at load
+
+def test_missing_or_not_executable_plugin_stops_the_start_with_file_and_line(
+        home, daemon_factory):
+    scanner(home, "plugins/ok", "#!/bin/sh\nexit 0\n")
+    with open(os.path.join(home.path, "plugins", "noexec"), "w") as f:
+        f.write("#!/bin/sh\n")
+    home.write("smtpplugins", "[connection]\nplugins/ok\n:true\n[mail]\nplugins/missing\n"
+                              "[rcpt]\nplugins/noexec\n")
+    d = daemon_factory(home, start=False)
+    d.start(wait=False)
+    assert d.proc.wait(20) == 78
+    out = d.log()
+    assert "Traceback" not in out, out
+    sp = os.path.join(home.path, "control", "smtpplugins")
+    assert "%s line 5: plugin plugins/missing: no such file" % sp in out, out
+    assert "%s line 7: plugin plugins/noexec: not executable" % sp in out, out
+    assert len(out.strip().splitlines()) == 1, out
+
+
+def test_plugin_that_goes_missing_is_alerted_on_hup(home, daemon_factory):
+    import signal
+
+    from helpers import wait_log
+
+    scanner(home, "plugins/ok", "#!/bin/sh\nexit 0\n")
+    home.write("smtpplugins", "[mail]\nplugins/ok\n")
+    d = daemon_factory(home)
+    os.unlink(os.path.join(home.path, "plugins", "ok"))
+    d.signal(signal.SIGHUP)
+    assert wait_log(d, "control/smtpplugins line 2: plugin plugins/ok: no such file: "
+                       "MAIL and RCPT get 451 qmail-spp failure"), d.log()
