@@ -217,6 +217,9 @@ def parse_smtprule(path: str, lineno: int, text: str) -> ClientRule:
             raise ConfigError(path, lineno, "expected VAR=VALUE, got %r" % item)
         if len(value) >= 2 and value[0] == value[-1] == '"':
             value = value[1:-1]
+        if name == "DATABYTES" and value.strip() and parse_size(value) is None:
+            raise ConfigError(path, lineno, "DATABYTES: expected bytes from 0 to %d, got %r"
+                              % (MAX_NUMBER, value[:20]))
         env.append((name, value))
     if action == "deny" and env:
         raise ConfigError(path, lineno, "deny takes no variables")
@@ -362,8 +365,14 @@ def read_name(path: str, default: Optional[str]) -> Optional[str]:
     return value
 
 
+#: The largest number a control file or DATABYTES may hold: qmail's int.
+MAX_NUMBER = 2 ** 31 - 1
+
+
 def read_int(path: str, default: int) -> int:
-    """qmail's control_readint(): a decimal number on the first line."""
+    """qmail's control_readint(): a decimal number on the first line, at
+    most MAX_NUMBER either way (qmail's scan_ulong wrapped a longer one
+    silently).  Raises ConfigError naming the file."""
     value = read_line(path, None)
     if value is None:
         return default
@@ -371,6 +380,18 @@ def read_int(path: str, default: int) -> int:
     digits = text[1:] if text.startswith("-") else text
     if not (digits.isascii() and digits.isdigit()):
         raise ConfigError(path, 1, "expected a number, got %r" % value)
+    if len(digits) > 10 or int(digits) > MAX_NUMBER:
+        raise ConfigError(path, 1, "number too large (at most %d): %s"
+                          % (MAX_NUMBER, text[:20] + ("..." if len(text) > 20 else "")))
+    return int(text)
+
+
+def parse_size(text: str) -> Optional[int]:
+    """A DATABYTES value (environment, smtprules): bytes from 0 to
+    MAX_NUMBER, or None when `text` is not such a number."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 10 or int(text) > MAX_NUMBER:
+        return None
     return int(text)
 
 

@@ -47,7 +47,7 @@ from typing import Callable, Dict, Optional, Sequence
 import gevent
 
 from .. import address, log
-from ..control import Config
+from ..control import Config, parse_size
 from ..queue.store import QueueError, Store
 from . import policy, reply
 from .reply import Reply
@@ -212,9 +212,9 @@ class Session:
         self.local_ip = env.get("TCPLOCALIP") or None
         self.local_host = env.get("TCPLOCALHOST") or config.me
         self.databytes = config.databytes
-        databytes = (env.get("DATABYTES") or "").strip()
-        if databytes.isascii() and databytes.isdigit():
-            self.databytes = int(databytes)
+        databytes = parse_size(env.get("DATABYTES") or "")
+        if databytes is not None:  # else control/databytes (qmail: scan_ulong)
+            self.databytes = databytes
         self.timeout = config.timeoutsmtpd
         self.greeting = config.smtpgreeting
         self.starttls = starttls          # None: STARTTLS not offered

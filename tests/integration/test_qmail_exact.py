@@ -397,3 +397,34 @@ def test_plugin_that_goes_missing_is_alerted_on_hup(home, daemon_factory):
     d.signal(signal.SIGHUP)
     assert wait_log(d, "control/smtpplugins line 2: plugin plugins/ok: no such file: "
                        "MAIL and RCPT get 451 qmail-spp failure"), d.log()
+
+
+# ----------------------------------------------------------- bounded numbers
+
+def test_databytes_of_40_digits_is_refused_with_file_and_line(home, daemon_factory):
+    home.write("databytes", "1" + "0" * 39 + "\n")
+    d = daemon_factory(home, start=False)
+    d.start(wait=False)
+    assert d.proc.wait(20) == 78
+    out = d.log()
+    assert "control/databytes line 1: number too large (at most 2147483647)" in out, out
+    assert "Traceback" not in out, out
+
+
+def test_databytes_at_the_bound_is_advertised(home):
+    home.write("databytes", "2147483647\n")
+    r = smtpd(home, ["EHLO x", "QUIT"])
+    assert "250-SIZE 2147483647" in r, r
+    # a DATABYTES from the environment past the bound is not taken
+    r = smtpd(home, ["EHLO x", "QUIT"], env={"DATABYTES": "9" * 40})
+    assert "250-SIZE 2147483647" in r, r
+    r = smtpd(home, ["EHLO x", "QUIT"], env={"DATABYTES": "1000"})
+    assert "250-SIZE 1000" in r, r
+
+
+def test_smtprules_databytes_must_be_a_bounded_number(home, daemon_factory):
+    home.write("smtprules", ":allow,DATABYTES=\"%s\"\n" % ("9" * 40))
+    d = daemon_factory(home, start=False)
+    d.start(wait=False)
+    assert d.proc.wait(20) == 78
+    assert "control/smtprules line 1: DATABYTES: expected bytes from 0 to 2147483647" in d.log()
