@@ -59,7 +59,7 @@ import sys
 from typing import List, Tuple
 
 from . import __version__, log
-from .paths import init_home, resolve_home
+from .paths import HOME_RULE, init_home, resolve_home
 
 EX_OK = 0
 EX_USAGE = 64
@@ -150,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="eqmaild",
         description="eqmail daemon: SMTP listeners, durable queue and deliveries "
                     "in one process.",
-        epilog="Home: --home, else $EQMAIL_HOME, else /var/qmail as root (or when "
-               "/var/qmail/control exists), else ~/eqmail-home. A home without "
+        epilog=HOME_RULE + " A home without "
                "control/me is created with the embedded default configuration. "
                "Signals: HUP reloads control files, ALRM retries the queue now, "
                "TERM stops cleanly.")

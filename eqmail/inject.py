@@ -788,7 +788,10 @@ def _run(prog: str, home: str, queue: bool, env: Optional[Mapping[str, str]] = N
     try:
         config = load(home)
     except (ConfigError, OSError) as e:
-        sys.stderr.write("%s: fatal: unable to read controls: %s\n" % (prog, e))
+        from .paths import explain
+
+        sys.stderr.write("%s: fatal: unable to read controls of %s: %s\n"
+                         % (prog, explain(home), e))
         return 111
     stdin = getattr(sys.stdin, "buffer", sys.stdin)
     try:
