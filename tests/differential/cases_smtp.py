@@ -294,4 +294,26 @@ CASES = [
       spp_raw="[connection]\n[helo]\n[mail]\n[rcpt]\n[data]\n#[auth]\n"),
     S("spp-order-stops-at-E", MAIL, plugins=[spp("mail", "SX=1"), spp("mail", "E550 first"),
                                              spp("mail", "E550 second")]),
+
 ]
+
+# -- qmail-spp matrix: every section x every verdict letter ------------------------------
+# The dialogue passes through all six sections (AUTH first, then HELO and two
+# transactions).  In the section under test, a plugin prints the verdict; a
+# second plugin (the witness) adds a header naming its section and $FOO, so
+# the queued messages show whether it still ran and what S/U did.
+VERDICTS = {"A": "A", "N": "N", "O": "O", "E": "E550 refused by plugin",
+            "R": "R421 closing by plugin", "D": "D", "P": "P250-note by plugin",
+            "S": "SFOO=bar", "U": "UFOO", "H": "HX-Verdict: yes", "C": "Cnew@example.org",
+            "LM": "LM550 later mail", "LR": "LR550 later rcpt", "LD": "LD554 later data"}
+SECTIONS = ("connection", "helo", "mail", "rcpt", "data", "auth")
+MATRIX = (PLAIN, HELO, MAIL, RCPT, *BODY, "MAIL FROM:<b@b.c>", "RCPT TO:<y@example.org>", *BODY)
+
+
+def _witness(section):
+    return sh(section, 'echo "HX-Witness-%s: ${FOO-unset}"' % section)
+
+
+CASES += [S("m-%s-%s" % (section, letter), *MATRIX, env={"FOO": "base"},
+            plugins=[spp(section, line), _witness(section)])
+          for section in SECTIONS for letter, line in VERDICTS.items()]

@@ -18,8 +18,7 @@ SMTP
     dialogue on a pipe (stdin), closes it, and returns an `SmtpOutcome`:
     the normalised replies and what was queued.  Both sides hand accepted
     messages to a capture program through QMAILQUEUE (message on fd 0,
-    envelope on fd 1); until eqmail smtpd honours QMAILQUEUE the eqmail side
-    is read back from its own queue instead.
+    envelope on fd 1); eqmail's own queue must stay empty.
 
 LOCAL
     `run_local(side, peer, case, workdir)` prepares a user home with the
@@ -262,7 +261,6 @@ class SmtpOutcome:
     replies: List[str]
     queued: List[Queued]
     raw: bytes = b""
-    source: str = ""    # "capture" or "queue"
 
     def fields(self) -> Dict[str, object]:
         return {"replies": self.replies,
@@ -434,12 +432,12 @@ def run_smtp(side: str, peer: Peer, case: SmtpCase, workdir: str) -> SmtpOutcome
     proc = subprocess.run(argv, input=case.input(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, env=env, cwd=REPO, timeout=TIMEOUT)
     queued = read_captures(capdir)
-    source = "capture"
-    if side == "eqmail" and os.listdir(capdir) == ["capture"]:
-        queued = read_eqmail_queue(peer.home)   # QMAILQUEUE not honoured (yet)
-        source = "queue"
+    if side == "eqmail":
+        own = read_eqmail_queue(peer.home)
+        assert not own, ("eqmail smtpd put %d message(s) into its own queue although "
+                         "QMAILQUEUE was set" % len(own))
     replies = [normalise_reply(r) for r in split_replies(proc.stdout)]
-    return SmtpOutcome(replies, queued, proc.stdout, source)
+    return SmtpOutcome(replies, queued, proc.stdout)
 
 
 # -- local delivery -----------------------------------------------------------------------
