@@ -428,3 +428,18 @@ def test_smtprules_databytes_must_be_a_bounded_number(home, daemon_factory):
     d.start(wait=False)
     assert d.proc.wait(20) == 78
     assert "control/smtprules line 1: DATABYTES: expected bytes from 0 to 2147483647" in d.log()
+
+
+def test_qmailqueue_scanner_that_queues_through_eqmail_queue(home, daemon_factory):
+    # the usual chain: eqmaild -> scanner -> qmail-queue (here eqmail queue)
+    import smtplib
+
+    scanner(home, "bin/scan", "#!/bin/sh\n# a scanner: look, then queue\n"
+                              "exec %s -m eqmail queue --home %s\n" % (PY, home.path))
+    home.write("smtprules", ':allow,QMAILQUEUE="bin/scan"\n')
+    d = daemon_factory(home)
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=20) as s:
+        s.sendmail("a@b.c", ["joe@localhost"], b"Subject: scanned\r\n\r\nclean\r\n")
+    (msg,) = home.wait_messages(1)
+    assert b"Subject: scanned\n\nclean\n" in msg, msg
+    assert msg.count(b"Received: ") == 2, msg  # eqmaild's and qmail-queue's own
