@@ -297,6 +297,40 @@ CASES = [
 
 ]
 
+# -- greeting, Received line, environment ------------------------------------------------
+CASES += [
+    S("smtpgreeting", EHLO, HELO, control={"smtpgreeting": "mx.example.org NO UCE\n"}),
+    S("smtpgreeting-no-me", HELO, control={"me": None, "smtpgreeting": "greet.example\n"}),
+    S("received-remotehost", "HELO x", *TX, env={"TCPREMOTEHOST": "Client.Example"}),
+    S("received-helo-equals-host", "HELO client.example", *TX,
+      env={"TCPREMOTEHOST": "Client.Example"}),
+    S("received-remoteinfo", HELO, *TX, env={"TCPREMOTEINFO": "ident"}),
+    S("received-unsafe-helo", "HELO a b<c>(d)\"e'", *TX),
+    S("received-no-helo-after-ehlo", EHLO, *TX),
+    S("received-no-localhost", HELO, *TX, env={"TCPLOCALHOST": None}),
+    S("received-no-remoteip", HELO, *TX, env={"TCPREMOTEIP": None}),
+    S("received-after-auth", PLAIN, HELO, *TX),
+    S("helo-twice-last-wins", "HELO one", "HELO two", *TX),
+    S("ehlo-resets-transaction", MAIL, RCPT, EHLO, "DATA"),
+    S("rset-arg", MAIL, "RSET now", RCPT),
+    S("data-arg", MAIL, RCPT, "DATA now", "hi", "."),
+    S("databytes-zero", EHLO, *TX, control={"databytes": "0\n"}),
+    S("databytes-garbage", EHLO, control={"databytes": "lots\n"}),
+    S("timeoutsmtpd-set", HELO, *TX, control={"timeoutsmtpd": "30\n"}),
+]
+
+# -- the queue program's exit codes (the capture program's exit code) -----------------
+CASES += [S("qq-exit-%d" % code, *TX, qexit=code)
+          for code in (0, 1, 40, 41, 51, 52, 54, 55, 56, 61, 62, 63, 64, 65, 66, 72, 73, 74, 81,
+                       91, 100, 115, 120)]
+CASES += [
+    S("qq-missing", *TX, env={"QMAILQUEUE": "/nonexistent/qq"}),
+    S("qq-not-executable", *TX, env={"QMAILQUEUE": "bin/not-executable"}),
+    S("qq-no-shebang", *TX, env={"QMAILQUEUE": "bin/no-shebang"}),
+    S("qq-crash", *TX, qexit=-11),
+    S("qq-two-messages-second-fails", *TX, *TX, qexit=71),
+]
+
 # -- qmail-spp matrix: every section x every verdict letter ------------------------------
 # The dialogue passes through all six sections (AUTH first, then HELO and two
 # transactions).  In the section under test, a plugin prints the verdict; a

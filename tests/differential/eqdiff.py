@@ -220,8 +220,15 @@ CAPTURE = """#!/bin/sh
 f=%(dir)s/$(date +%%s%%N).$$
 cat > "$f.msg"
 cat <&1 > "$f.env"
-exit %(code)d
+%(end)s
 """
+
+
+def capture_program(capdir: str, code: int) -> str:
+    """The QMAILQUEUE program: keeps message and envelope in `capdir`, then
+    exits with `code` (a negative code: killed by that signal)."""
+    end = "kill -%d $$" % -code if code < 0 else "exit %d" % code
+    return CAPTURE % {"dir": capdir, "end": end}
 
 
 @dataclass
@@ -232,7 +239,7 @@ class SmtpCase:
     control: Dict[str, Optional[str]] = field(default_factory=dict)
     plugins: Tuple = ()      # ((section, script text), ...) in order
     spp_raw: Optional[str] = None  # control/smtpplugins as written, if given
-    qexit: int = 0           # the queue program's exit code
+    qexit: int = 0           # the queue program's exit code (-N: killed by signal N)
     quit: bool = True        # append QUIT
     auth: bool = True        # give both servers the checkpassword program
 
@@ -286,6 +293,9 @@ def prepare_home(home: str, case: SmtpCase) -> None:
         if text is not None:
             _write(os.path.join(home, "control", name), text)
     _write(os.path.join(home, "bin", "checkpw"), CHECKPW, 0o755)
+    # programs that execv(2) cannot run: not executable; no #! line (ENOEXEC)
+    _write(os.path.join(home, "bin", "not-executable"), "#!/bin/sh\nexit 0\n", 0o644)
+    _write(os.path.join(home, "bin", "no-shebang"), "exit 0\n", 0o755)
     if case.plugins or case.spp_raw is not None:
         conf = []
         section = None
@@ -306,12 +316,12 @@ def prepare_home(home: str, case: SmtpCase) -> None:
 
 def _env(case: SmtpCase, capdir: str) -> Dict[str, str]:
     env = dict(BASE_ENV)
+    env["QMAILQUEUE"] = os.path.join(capdir, "capture")
     for k, v in case.env.items():
         if v is None:
             env.pop(k, None)
         else:
             env[k] = v
-    env["QMAILQUEUE"] = os.path.join(capdir, "capture")
     return env
 
 
@@ -420,7 +430,7 @@ def run_smtp(side: str, peer: Peer, case: SmtpCase, workdir: str) -> SmtpOutcome
     prepare_home(peer.home, case)
     capdir = os.path.join(workdir, side)
     os.makedirs(capdir)
-    _write(os.path.join(capdir, "capture"), CAPTURE % {"dir": capdir, "code": case.qexit},
+    _write(os.path.join(capdir, "capture"), capture_program(capdir, case.qexit),
            0o755)
     env = _env(case, capdir)
     auth = [os.path.join(peer.home, "bin", "checkpw"), "/bin/true"] if case.auth else []
@@ -437,6 +447,8 @@ def run_smtp(side: str, peer: Peer, case: SmtpCase, workdir: str) -> SmtpOutcome
         assert not own, ("eqmail smtpd put %d message(s) into its own queue although "
                          "QMAILQUEUE was set" % len(own))
     replies = [normalise_reply(r) for r in split_replies(proc.stdout)]
+    if side == "eQmail":
+        assert replies or case.plugins, "eQmail's qmail-smtpd said nothing: %r" % proc.stderr
     return SmtpOutcome(replies, queued, proc.stdout)
 
 
@@ -538,7 +550,7 @@ def run_local(side: str, peer: Peer, case: LocalCase, workdir: str) -> LocalOutc
     os.makedirs(base)
     capdir = os.path.join(base, "cap")
     os.makedirs(capdir)
-    _write(os.path.join(capdir, "capture"), CAPTURE % {"dir": capdir, "code": case.qexit},
+    _write(os.path.join(capdir, "capture"), capture_program(capdir, case.qexit),
            0o755)
     home = os.path.join(base, "joe")
     _make_user_home(home, case)
@@ -554,6 +566,7 @@ def run_local(side: str, peer: Peer, case: LocalCase, workdir: str) -> LocalOutc
                                   stderr=subprocess.STDOUT, env=env, cwd=home,
                                   timeout=TIMEOUT)
             code = proc.returncode
+            assert code in (0, 100, 111), "qmail-local exited %d: %r" % (code, proc.stdout)
             lines, did = _report(proc.stdout.decode("utf-8", "backslashreplace"))
             caps = read_captures_raw(capdir)
             forwards = caps[0] if caps else None

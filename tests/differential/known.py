@@ -194,6 +194,25 @@ KNOWN_DIFFERENCES: Dict[str, Known] = {
     "spp-no-newline": Known(
         "eQmail drops the last character of a plugin's last line when it has no LF",
         {"replies": {1: ("553 no newlin", "553 no newline")}}),
+    "smtpgreeting-no-me": Known(
+        "control/me is required: eqmail will not start without it (421); eQmail runs on "
+        "smtpgreeting alone",
+        {"replies": {0: ("220 greet.example ESMTP", "421 unable to read controls (#4.3.0)"),
+                     1: ("250 greet.example", None), 2: ("221 greet.example", None)}}),
+    "databytes-garbage": Known(
+        "a control file that is not a number stops eqmail (421 unable to read controls); "
+        "eQmail silently uses the default",
+        {"replies": {0: ("220 mx.example.org ESMTP", "421 unable to read controls (#4.3.0)"),
+                     1: ("250-mx.example.org\n250-PIPELINING\n250-8BITMIME\n250-SIZE 0\n"
+                         "250 AUTH LOGIN PLAIN CRAM-MD5", None),
+                     2: ("221 mx.example.org", None)}}),
+    "received-no-localhost": Known(
+        "without TCPLOCALHOST the Received line's by-host is control/me in eqmail, "
+        "TCPLOCALIP in eQmail",
+        {"received": (["Received: from unknown (HELO client.example) (192.0.2.1)\n"
+                       "  by 198.51.100.1 with SMTP; <date>\n"],
+                      ["Received: from unknown (HELO client.example) (192.0.2.1)\n"
+                       "  by mx.example.org with SMTP; <date>\n"])}),
     **{"m-%s-%s" % (section, letter): Known(NO_RCPT, None, bug=1, as_if="no-rcpt-checks",
                                             table=NO_RCPT_CELLS)
        for section, letter in [("connection", "LR"), ("helo", "LR"), ("mail", "LR"),
@@ -251,6 +270,11 @@ EXPECTED_FAILURES: Dict[str, Tuple[str, str]] = {
     "mbox-sender-with-space": (
         "eqmail bug: Return-Path of a sender whose local part needs quoting: qmail-local "
         "writes <\"a b\"@x.org> (quote2), eqmail <a b@x.org>", "files"),
+    "qq-no-shebang": (
+        "eqmail bug: a QMAILQUEUE program that execv(2) cannot run (a text file without #!, "
+        "ENOEXEC) is run by /bin/sh as a script (eqmail starts it through sh -c 'cd && "
+        "exec'), so its 'exit 0' accepts the message; qmail-smtpd answers 451 unable to "
+        "exec qq", "replies"),
     "plus-list-then-file": (
         "eqmail bug: a '+list' line makes the rest of the .qmail forward-only in "
         "qmail-local (a later file line is a temporary failure, 'has file delivery but "
