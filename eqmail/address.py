@@ -178,3 +178,48 @@ def ip_literal(domain: str) -> Optional[str]:
         return str(ipaddress.IPv4Address(inner))
     except ValueError:
         return None
+
+
+#: RFC 5322 atext: what a local part may hold unquoted, dots aside.
+ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                  "0123456789!#$%&'*+-/=?^_`{|}~")
+
+
+def quote_address(addr: str, utf8: bool = False) -> str:
+    """`addr` with its local part (up to the last ``@``) quoted as an RFC
+    5322 quoted-string unless it is a dot-atom, as qmail's quote2() does
+    (quote.c: the Return-Path of qmail-local): ``a b@x.org`` gives
+    ``"a b"@x.org``; ``\`` and ``"`` are escaped; "" stays "".  Bytes
+    above 127 are quoted as in qmail, unless `utf8` (RFC 6532 allows them
+    in an atom)."""
+    if not addr:
+        return addr
+    local, at, domain = addr.rpartition("@")
+    if not at:
+        local, domain = addr, ""
+    atoms = local.split(".")
+    if local and all(a and all(ch in ATEXT or (utf8 and ch >= "\x80") for ch in a)
+                     for a in atoms):
+        return addr
+    quoted = '"%s"' % local.replace("\\", "\\\\").replace('"', '\\"')
+    return quoted + ("@" + domain if at else "")
+
+
+def verp_sender(sender: str, recipient: str) -> str:
+    """The envelope sender for one recipient (qmail-send's senderadd()):
+    a VERP sender ``owner-@host-@[]`` (qmail-local's NEWSENDER for a list
+    with ``.qmail-LIST-owner-default``) becomes ``owner-box=rhost@host``
+    for the recipient ``box@rhost``; any other sender stays as it is."""
+    if not sender.endswith("-@[]"):
+        return sender
+    j = sender.rfind("@", 0, len(sender) - 4)
+    box, at, rhost = recipient.rpartition("@")
+    if not at or j == -1 or j + 5 > len(sender):
+        return sender
+    return "%s%s=%s@%s" % (sender[:j], box, rhost, sender[j + 1:len(sender) - 4])
+
+
+def verp_bounce_sender(sender: str) -> str:
+    """Where a bounce of a message from `sender` goes: a VERP sender
+    ``owner-@host-@[]`` bounces to ``owner-@host`` (qmail-send)."""
+    return sender[:-4] if len(sender) >= 5 and sender.endswith("-@[]") else sender

@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, List, Optional, Sequence, Tuple
 
 from . import Result, deferred, delivered, failed, FAILURE, DEFERRAL, SUCCESS
+from ..address import quote_address
 from ..control import Config
 from .users import Target
 from ..durable import fsync_dir
@@ -441,6 +442,36 @@ def _symlink_below(home: str, path: str, below: Sequence[str]) -> bool:
     return False
 
 
+def owner_sender(target: Target, local: str, domain: str, sender: str) -> str:
+    """NEWSENDER, the envelope sender of forwards (qmail-local(8)): when
+    the .qmail file of this extension has an ``-owner`` sibling
+    (``.qmail-list-owner`` next to ``.qmail-list``), ``LOCAL-owner@HOST``,
+    or with an ``-owner-default`` file as well the VERP form
+    ``LOCAL-owner-@HOST-@[]``; otherwise, and for the null and the
+    double-bounce sender, `sender`.  Raises OSError when a file cannot be
+    looked at for a reason other than its absence."""
+    if sender in ("", "#@[]"):
+        return sender
+    owner = os.path.join(target.home, ".qmail" + target.dash
+                         + target.ext.lower().replace(".", ":") + "-owner")
+
+    def exists(path: str) -> bool:
+        try:
+            os.stat(path)
+            return True
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EACCES,
+                           errno.ELOOP):
+                return False
+            raise
+
+    if not exists(owner):
+        return sender
+    if exists(owner + "-default"):
+        return "%s-owner-@%s-@[]" % (local, domain)
+    return "%s-owner@%s" % (local, domain)
+
+
 def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: str,
             target: Target, confined: bool = False) -> LocalResult:
     """Deliver the message in `msgfile` to ``local@domain`` controlled by
@@ -449,7 +480,7 @@ def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: 
     recipient = "%s@%s" % (local, domain)
     dtline = ("Delivered-To: %s\n" % recipient.replace("\n", "_")).encode(
         "utf-8", "surrogateescape")
-    rpline = ("Return-Path: <%s>\n" % sender.replace("\n", "_")).encode(
+    rpline = ("Return-Path: <%s>\n" % quote_address(sender).replace("\n", "_")).encode(
         "utf-8", "surrogateescape")
     if "/" in target.ext:
         return LocalResult(failed("Sorry, address must not contain /. (#5.1.1)", "5.1.1"))
@@ -491,14 +522,22 @@ def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: 
     if lines and not lines[0]:
         return LocalResult(deferred("Uh-oh: first line of .qmail file is blank. (#4.2.1)",
                                     "4.2.1"))
-    if forward_only:
-        for l in lines:
-            if l[:1] in ("|", "/", "."):
-                kind = "prog" if l[:1] == "|" else "file"
-                return LocalResult(deferred("Uh-oh: .qmail has %s delivery but has x bit "
-                                            "set. (#4.7.0)" % kind, "4.7.0"))
+    # forward only: the x bit of the .qmail file, or from a "+list" line on
+    # (qmail-local dies at the first file or program line then; eqmail
+    # looks before delivering anything, so no line is delivered twice)
+    for l in lines:
+        if l == "+list":
+            forward_only = True
+        elif forward_only and l[:1] in ("|", "/", "."):
+            kind = "prog" if l[:1] == "|" else "file"
+            return LocalResult(deferred("Uh-oh: .qmail has %s delivery but has x bit "
+                                        "set. (#4.7.0)" % kind, "4.7.0"))
 
-    newsender = sender
+    try:
+        newsender = owner_sender(target, local, domain, sender)
+    except OSError as e:
+        return LocalResult(deferred("Unable to open .qmail file: %s. (#4.2.1)"
+                                    % e.strerror, "4.2.1"))
     ext = target.ext
     env = None
     forwards: List[str] = []
@@ -534,9 +573,9 @@ def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: 
             if r.kind != SUCCESS:
                 return LocalResult(r)
             continue
+        if line.startswith("+"):
+            continue  # "+list" (forward only, see above); other + lines do nothing
         address = line[1:] if line.startswith("&") else line
-        if address.startswith("+"):
-            continue  # qmail-local's forward-only marker line; no effect here
         if address:
             forwards.append(address)
             counts[1] += 1

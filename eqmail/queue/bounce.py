@@ -135,8 +135,6 @@ _STATUS = re.compile(r"[45]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
 _DIAG_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9-]*;")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LINEBREAKS = re.compile(r"[ \t]*(?:\r\n|\r|\n)+[ \t]*")
-_ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                   "0123456789!#$%&'*+-/=?^_`{|}~")
 
 
 @dataclass(frozen=True)
@@ -353,12 +351,7 @@ def _final_recipient(recipient: str) -> str:
 
 def _quote(addr: str) -> str:
     """`addr` for a To field: the local part quoted unless it is a dot-atom
-    (qmail's quote2())."""
-    local, at, domain = addr.rpartition("@")
-    if not at:
-        local, domain = addr, ""
-    atoms = local.split(".")
-    if local and all(a and all(ch in _ATEXT or ch >= "\x80" for ch in a) for a in atoms):
-        return addr
-    quoted = '"%s"' % local.replace("\\", "\\\\").replace('"', '\\"')
-    return quoted + ("@" + domain if at else "")
+    (qmail's quote2()); UTF-8 stays unquoted (RFC 6532)."""
+    from ..address import quote_address
+
+    return quote_address(addr, utf8=True)

@@ -51,7 +51,7 @@ from typing import Dict, List
 import gevent
 import gevent.event
 
-from .. import log
+from .. import address, log
 from ..control import ConfigHolder
 from ..delivery import DEFERRAL, FAILURE, SUCCESS, Result, deferred
 from ..delivery import lspawn
@@ -371,6 +371,11 @@ class Scheduler:
         from ..delivery import beforemote, remote  # loaded with the first remote delivery
 
         recipients = [item.recipients[i] for i in idxs]
+        sender = item.sender
+        if sender.endswith("-@[]"):  # VERP: a sender of its own for each recipient
+            if len(idxs) > 1:
+                return [r for i in idxs for r in self._remote(config, item, [i])]
+            sender = address.verp_sender(sender, recipients[0])
         domain = recipients[0].rpartition("@")[2]
         msgpath = self.store.message_path(item.id)
         made: List[str] = []
@@ -384,11 +389,11 @@ class Scheduler:
                                      % (getattr(e, "strerror", None) or e))] * len(idxs)
                 made.append(plain)
                 msgpath, more = run(beforemote.run_filters, config.beforemote, plain,
-                                    self.store.tmp, config.home, item.sender, recipients,
+                                    self.store.tmp, config.home, sender, recipients,
                                     domain, log.warning, config.timeoutbeforemote)
                 made += more
                 queued = False
-            return remote.deliver(config, msgpath, item.sender, recipients, domain, queued)
+            return remote.deliver(config, msgpath, sender, recipients, domain, queued)
         finally:
             for path in made:
                 try:
@@ -403,6 +408,7 @@ class Scheduler:
         item = entry.item
         rt = route(config, recipient)
         msgpath = self.store.message_path(item.id)
+        sender = address.verp_sender(item.sender, recipient)
 
         def remove_now():
             try:
@@ -413,13 +419,13 @@ class Scheduler:
 
         got = None
         if self.local_worker is not None:  # eqmail.workers.Pool.deliver, under load
-            got = self.local_worker(item.id, item.sender, rt.local, rt.domain, finish)
+            got = self.local_worker(item.id, sender, rt.local, rt.domain, finish)
         if got is not None:
             lr, removed = got
             if removed:
                 entry.removed = True
         else:
-            lr = lspawn.deliver_local(config, msgpath, item.sender, rt.local, rt.domain,
+            lr = lspawn.deliver_local(config, msgpath, sender, rt.local, rt.domain,
                                       remove_now if finish else None)
         if lr.result.kind != SUCCESS or not lr.forwards:
             return lr.result
@@ -474,7 +480,8 @@ class Scheduler:
             return True
         from . import bounce  # the email package, only when there is a bounce
         config = self.holder.current
-        envelope = bounce.bounce_envelope(config, item.sender)
+        sender = address.verp_bounce_sender(item.sender)
+        envelope = bounce.bounce_envelope(config, sender)
         if envelope is None:
             log.line("triple bounce: discarding bounce/%s" % item.id)
         else:
@@ -483,7 +490,7 @@ class Scheduler:
                                       f.get("diagnostic"))
                        for f in failures]
             try:
-                data = run(bounce.build_bounce, config, item.sender, item.id, item.birth,
+                data = run(bounce.build_bounce, config, sender, item.id, item.birth,
                            records, self.store.message_path(item.id))
                 b = self.store.commit_bytes(data, envelope[0], envelope[1])
             except (QueueError, OSError, ValueError) as e:

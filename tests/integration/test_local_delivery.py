@@ -472,6 +472,54 @@ def test_program_exit_99_skips_following_lines(mailhome, daemon_factory):
     assert read_dir(os.path.join(joe, "Maildir", "new")) == []
 
 
+@pytest.mark.parametrize("verp", [False, True])
+def test_list_owner_is_the_forward_sender_and_verp_gives_one_per_recipient(
+        mailhome, daemon_factory, verp):
+    # qmail-local: .qmail-list-owner makes NEWSENDER joe+list-owner@HOST;
+    # with .qmail-list-owner-default it is VERP, joe+list-owner-@HOST-@[],
+    # and qmail-send gives each recipient its own: ...-owner-box=rhost@HOST
+    home = mailhome
+    files = {"-list": "&bob@localhost\n&carol@localhost\n", "-list-owner": "./Maildir/\n"}
+    if verp:
+        files["-list-owner-default"] = "./Maildir/\n"
+    joe = joe_home(home, files)
+    write_assign(home, [assign_line(home, "+", "joe+", "joe", joe, "-")])
+    d = daemon_factory(home)
+    send(d, "s@x.org", ["joe+list@localhost"], b"Subject: to the list\r\n\r\nhi\r\n")
+    msgs = home.wait_messages(2)  # bob and carol: the alias user's catch-all
+    assert wait_empty_queue(home), d.log()
+    paths = sorted(head_lines(m)[0] for m in msgs)
+    if verp:
+        assert paths == [b"Return-Path: <joe+list-owner-bob=localhost@localhost>",
+                         b"Return-Path: <joe+list-owner-carol=localhost@localhost>"], paths
+    else:
+        assert paths == [b"Return-Path: <joe+list-owner@localhost>"] * 2, paths
+
+
+def test_plus_list_line_makes_later_file_lines_temporary_failures(mailhome, daemon_factory):
+    # qmail-local: "+list" means forward only from there on; a file line
+    # after it is "Uh-oh: .qmail has file delivery but has x bit set" (111)
+    home = mailhome
+    joe = joe_home(home, {"-lst": "+list\n./Maildir/\n"})
+    write_assign(home, [assign_line(home, "+", "joe+", "joe", joe, "-")])
+    d = daemon_factory(home)
+    send(d, "s@x.org", ["joe+lst@localhost"], b"Subject: lst\r\n\r\nx\r\n")
+    text = wait_result(d, "joe+lst@localhost", "deferral")
+    assert text.startswith("Uh-oh: .qmail has file delivery but has x bit set."), text
+    assert read_dir(os.path.join(joe, "Maildir", "new")) == []
+
+
+def test_return_path_is_quoted_as_qmail_local_quotes_it(mailhome, daemon_factory):
+    home = mailhome
+    joe = joe_home(home)
+    write_assign(home, [assign_line(home, "=", "joe", "joe", joe)])
+    d = daemon_factory(home)
+    send(d, '"a b"@x.org', ["joe@localhost"], b"Subject: q\r\n\r\nx\r\n")
+    assert wait_result(d, "joe@localhost", "success")
+    (msg,) = read_dir(os.path.join(joe, "Maildir", "new"))
+    assert head_lines(msg)[0] == b'Return-Path: <"a b"@x.org>', msg[:200]
+
+
 def test_forward_to_another_local_user_keeps_first_hop_delivered_to(mailhome, daemon_factory):
     home = mailhome
     joe = joe_home(home, {"-fwd": "&other@localhost\n"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from eqmail import address
 
 from eqmail.address import (
     MAX_ADDRESS,
@@ -513,3 +514,39 @@ def test_quoted_terminator_continues_the_path():
 def test_missing_closing_bracket_is_refused():
     with pytest.raises(AddressError):
         parse_path("TO:<joe@example.org")
+
+
+# -- qmail's quote2() and VERP senders ---------------------------------------------------
+
+@pytest.mark.parametrize("addr,quoted", [
+    ("a@x.org", "a@x.org"), ("", ""), ("#@[]", "#@[]"), ("a b@x.org", '"a b"@x.org'),
+    ("a.b@x.org", "a.b@x.org"), (".a@x.org", '".a"@x.org'), ("a..b@x.org", '"a..b"@x.org'),
+    ("a.@x.org", '"a."@x.org'), ('q"t@x.org', '"q\\"t"@x.org'), ("b\\s@x.org", '"b\\\\s"@x.org'),
+    ("x@y@x.org", '"x@y"@x.org'), ("nodomain", "nodomain"), ("a(b)@x", '"a(b)"@x'),
+    ("j\u00f6@x.org", '"j\u00f6"@x.org'),
+])
+def test_quote_address_as_qmails_quote2(addr, quoted):
+    assert address.quote_address(addr) == quoted
+
+
+def test_quote_address_utf8_keeps_non_ascii_atoms():
+    assert address.quote_address("j\u00f6@x.org", utf8=True) == "j\u00f6@x.org"
+    assert address.quote_address("j \u00f6@x.org", utf8=True) == '"j \u00f6"@x.org'
+
+
+@pytest.mark.parametrize("sender,rcpt,out", [
+    ("joe+list-owner-@example.org-@[]", "bob@far.test", "joe+list-owner-bob=far.test@example.org"),
+    ("o-@h-@[]", "a@b", "o-a=b@h"),
+    ("plain@x.org", "bob@far.test", "plain@x.org"),
+    ("", "bob@far.test", ""),
+    ("o-@h-@[]", "nodomain", "o-@h-@[]"),
+    ("-@[]", "a@b", "-@[]"),
+])
+def test_verp_sender_as_qmail_sends(sender, rcpt, out):
+    assert address.verp_sender(sender, rcpt) == out
+
+
+def test_verp_bounce_sender():
+    assert address.verp_bounce_sender("o-@h-@[]") == "o-@h"
+    assert address.verp_bounce_sender("a@b") == "a@b"
+    assert address.verp_bounce_sender("") == ""
