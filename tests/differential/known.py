@@ -7,21 +7,21 @@ purpose, and the difference itself exactly as the comparison reports it:
 field -> (eQmail 1.09, eqmail), and for replies {reply index: (eQmail
 1.09, eqmail)} (index 0 is the greeting; None = no such reply).  A listed
 case must differ in exactly that way: one that starts agreeing, or differs
-in another way, fails.  Entries marked UNDECIDED record what eQmail does
-today; the lead decides and edits them.
+in another way, fails.
 
 EXPECTED_FAILURES maps a case id to (reason, field): an eqmail bug; the case
 is an xfail(strict=True) that must fail in exactly that field ("several"
 for more than one field), so it turns red both when fixed (remove the
 entry) and when it breaks in some other way.
 
-`python tests/differential/known.py > tests/differential/DIFFERENCES.md`
-writes the README table from KNOWN_DIFFERENCES; test_table.py checks
-that the file matches.
+`python3 tests/differential/known.py --readme` writes the README's table
+"Where eqmail differs from eQmail 1.09, and why" from KNOWN_DIFFERENCES;
+test_table.py checks that the README matches.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -40,7 +40,6 @@ class Known:
     reason: str
     diff: Optional[Dict[str, object]]  # None: see as_if
     bug: Optional[int] = None          # behaviour reference §10 bug number
-    undecided: bool = False
     #: instead of a literal diff: the name of a rewrite in AS_IF; eQmail on the
     #: case must then agree with eqmail on the rewritten case (and differ from
     #: eqmail on the case itself)
@@ -114,17 +113,16 @@ KNOWN_DIFFERENCES: Dict[str, Known] = {
         "a path without its closing > is refused; qmail-smtpd takes it ('why bother?')",
         {"replies": {1: ("250 ok", SYNTAX), 2: ("250 ok", "503 MAIL first (#5.5.1)")}}),
     "mail-bare": Known(
-        "UNDECIDED: a bare MAIL. eQmail takes it as MAIL FROM:<> (250; the message is "
-        "queued with the null sender); eqmail refuses it (555)",
+        "a bare MAIL is refused (555): it names no reverse-path (RFC 5321 "
+        "4.1.1.2); eQmail takes it as MAIL FROM:<> and queues mail with the null sender, "
+        "which can never bounce",
         dict(_queued("", ["x@example.org"]), replies=_body_as_commands(
             1, ["250 ok", "250 ok", "354 go ahead", "250 ok <time> qp <qp>", QUIT],
-            [SYNTAX, "503 MAIL first (#5.5.1)", "503 MAIL first (#5.5.1)"] + _PY_BODY)),
-        undecided=True),
+            [SYNTAX, "503 MAIL first (#5.5.1)", "503 MAIL first (#5.5.1)"] + _PY_BODY))),
     "mail-no-colon": Known(
-        "UNDECIDED with mail-bare: MAIL without < and without : is the null sender in "
-        "eQmail (250), refused (555) in eqmail",
-        {"replies": {1: ("250 ok", SYNTAX), 2: ("250 ok", "503 MAIL first (#5.5.1)")}},
-        undecided=True),
+        "as mail-bare: MAIL without < and without : is refused (555); eQmail "
+        "takes it as the null sender (250)",
+        {"replies": {1: ("250 ok", SYNTAX), 2: ("250 ok", "503 MAIL first (#5.5.1)")}}),
     "address-control-char": Known(
         "eqmail refuses control characters in an address; eQmail queues them",
         {"replies": {1: ("250 ok", SYNTAX), 2: ("250 ok", "503 MAIL first (#5.5.1)")}}),
@@ -134,12 +132,12 @@ KNOWN_DIFFERENCES: Dict[str, Known] = {
         {"received": (["Received: from unknown (?fake+user@evil?@192.0.2.1)\n"
                        "  by mx.example.org with SMTP; <date>\n"], [RECEIVED])}, bug=9),
     "size-abc": Known(
-        "UNDECIDED: SIZE=abc with databytes set. eQmail reads it as 0 and accepts (250; "
-        "queued); eqmail refuses the parameter (555)",
+        "a SIZE parameter that is not a number is refused (555, RFC 1870 "
+        "section 6: SIZE=<digits>); eQmail reads it as 0 and accepts it when databytes "
+        "is set",
         dict(_queued("a@b.c", ["x@example.org"]), replies=_body_as_commands(
             1, ["250 ok", "250 ok", "354 go ahead", "250 ok <time> qp <qp>", QUIT],
-            [SYNTAX, "503 MAIL first (#5.5.1)", "503 MAIL first (#5.5.1)"] + _PY_BODY)),
-        undecided=True),
+            [SYNTAX, "503 MAIL first (#5.5.1)", "503 MAIL first (#5.5.1)"] + _PY_BODY))),
     "long-command-line": Known(
         "command lines are limited to 1000 octets (RFC 5321 4.5.3.1.4); eQmail reads "
         "lines of any length into memory",
@@ -170,13 +168,12 @@ KNOWN_DIFFERENCES: Dict[str, Known] = {
         "lines (two replies) to one MAIL; eqmail sends one",
         {"replies": {4: ("550 later mail", QUIT), 5: (QUIT, None)}}),
     "spp-mail-E-second-mail": Known(
-        "UNDECIDED: a [mail] plugin's E on a second MAIL. eQmail keeps the earlier "
-        "transaction (its DATA is accepted and queued with the first sender and "
-        "recipients); eqmail ends it (DATA gets 503 MAIL first)",
+        "every MAIL ends the earlier transaction, even a refused one (a [mail] "
+        "plugin's E here): RCPT and DATA pipelined behind it get 503 instead of sending "
+        "the message with the earlier sender, as eQmail does",
         dict(_queued("a@b.c", ["x@example.org"]), replies=_body_as_commands(
             4, ["354 go ahead", "250 ok <time> qp <qp>", QUIT],
-            ["503 MAIL first (#5.5.1)"] + _PY_BODY)),
-        undecided=True),
+            ["503 MAIL first (#5.5.1)"] + _PY_BODY))),
     "spp-mail-O-relay": Known(
         "a [mail] plugin's O skips badmailfrom only; in eQmail it also skips rcpthosts for "
         "the transaction (an open relay)",
@@ -259,26 +256,7 @@ KNOWN_DIFFERENCES: Dict[str, Known] = {
                      "(#4.2.1)"])}),
 }
 
-OWNER = ("eqmail bug: with .qmail-EXT-owner, qmail-local forwards with the sender "
-         "LOCAL-owner@HOST (VERP LOCAL-owner-@HOST-@[] when -owner-default exists too) and "
-         "sets NEWSENDER to it; eqmail keeps the original sender")
 EXPECTED_FAILURES: Dict[str, Tuple[str, str]] = {
-    "env-owner": (OWNER, "files"),
-    "env-owner-default": (OWNER, "files"),
-    "forward-owner": (OWNER, "forwards"),
-    "forward-owner-default": (OWNER, "forwards"),
-    "mbox-sender-with-space": (
-        "eqmail bug: Return-Path of a sender whose local part needs quoting: qmail-local "
-        "writes <\"a b\"@x.org> (quote2), eqmail <a b@x.org>", "files"),
-    "qq-no-shebang": (
-        "eqmail bug: a QMAILQUEUE program that execv(2) cannot run (a text file without #!, "
-        "ENOEXEC) is run by /bin/sh as a script (eqmail starts it through sh -c 'cd && "
-        "exec'), so its 'exit 0' accepts the message; qmail-smtpd answers 451 unable to "
-        "exec qq", "replies"),
-    "plus-list-then-file": (
-        "eqmail bug: a '+list' line makes the rest of the .qmail forward-only in "
-        "qmail-local (a later file line is a temporary failure, 'has file delivery but "
-        "has x bit set'); eqmail ignores the line", "several"),
 }
 
 
@@ -331,21 +309,45 @@ def _cell(text: str) -> str:
     return "`%s`" % text.replace("`", "'") if text else ""
 
 
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "README.md")
+BEGIN = "<!-- differences: written by python3 tests/differential/known.py --readme -->"
+END = "<!-- end of differences -->"
+
+
 def table() -> str:
-    out = ["## Where eqmail differs from eQmail 1.09, and why", "",
-           "Generated by `python tests/differential/known.py` from KNOWN_DIFFERENCES in "
-           "tests/differential/known.py; the differential suite runs each case against "
-           "the real eQmail 1.09 and asserts exactly this difference. \"§10 bug\" is the "
-           "bug of the behaviour reference that eqmail fixes on purpose. The first "
-           "differing reply (or field) is shown.", "",
-           "| case | eQmail 1.09 | eqmail | why | §10 bug |", "|---|---|---|---|---|"]
+    """The README's table: one row per reason (cases with the same reason
+    share a row); the first differing reply or field of the first case."""
+    out = ["| cases | eQmail 1.09 | eqmail | why | fixes |", "|---|---|---|---|---|"]
+    rows: Dict[Tuple[str, Optional[int]], list] = {}
     for case_id, k in KNOWN_DIFFERENCES.items():
+        rows.setdefault((k.reason, k.bug), []).append((case_id, k))
+    for (reason, bug), members in rows.items():
+        k = members[0][1]
         a, b = _first(k.diff) if k.as_if is None else k.table
         out.append("| %s | %s | %s | %s | %s |" % (
-            case_id, _cell(a), _cell(b), k.reason.replace("|", "\\|"),
-            "" if k.bug is None else str(k.bug)))
+            ", ".join(c for c, _ in members), _cell(a), _cell(b), reason.replace("|", "\\|"),
+            "" if bug is None else "§10.%d" % bug))
     return "\n".join(out) + "\n"
 
 
+def readme_block(text: str) -> str:
+    """The generated part of README.md `text` (between BEGIN and END)."""
+    start = text.index(BEGIN) + len(BEGIN) + 1
+    return text[start:text.index(END, start)]
+
+
+def write_readme() -> None:
+    with open(README) as f:
+        text = f.read()
+    start = text.index(BEGIN) + len(BEGIN) + 1
+    end = text.index(END, start)
+    with open(README, "w") as f:
+        f.write(text[:start] + table() + text[end:])
+
+
 if __name__ == "__main__":
-    sys.stdout.write(table())
+    if sys.argv[1:] == ["--readme"]:
+        write_readme()
+    else:
+        sys.stdout.write(table())

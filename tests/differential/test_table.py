@@ -1,21 +1,18 @@
-"""DIFFERENCES.md is the table known.py generates, and KNOWN_DIFFERENCES /
-EXPECTED_FAILURES name only cases that exist."""
+"""The README's table of differences is the one known.py generates, and
+KNOWN_DIFFERENCES / EXPECTED_FAILURES name only cases that exist."""
 from __future__ import annotations
-
-import os
 
 import cases_local
 import cases_smtp
-from known import EXPECTED_FAILURES, KNOWN_DIFFERENCES, table
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from known import EXPECTED_FAILURES, KNOWN_DIFFERENCES, README, readme_block, table
 
 
-def test_differences_md_matches_known_differences():
-    with open(os.path.join(HERE, "DIFFERENCES.md")) as f:
+def test_readme_table_matches_known_differences():
+    with open(README) as f:
         text = f.read()
-    assert text == table(), ("DIFFERENCES.md is out of date: run "
-                             "python tests/differential/known.py > tests/differential/DIFFERENCES.md")
+    assert readme_block(text) == table(), (
+        "the README's table of differences is out of date: run "
+        "python3 tests/differential/known.py --readme")
 
 
 def test_listed_cases_exist():
