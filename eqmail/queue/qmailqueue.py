@@ -146,22 +146,24 @@ class ProgramDraft:
         self._fds = []
         self._msg = self._env = self._err = -1
         self._drain = None
+        import subprocess
+
         path = os.path.join(home, program)
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            self.failure = 120  # qmail: execv failed, _exit(120)
-            return
         msg_r, self._msg = os.pipe()
         env_r, self._env = os.pipe()
         self._err, err_w = os.pipe()
-        actions = [(os.POSIX_SPAWN_DUP2, msg_r, 0), (os.POSIX_SPAWN_DUP2, env_r, 1),
-                   (os.POSIX_SPAWN_DUP2, err_w, 2)]
-        # posix_spawn cannot change directory: sh does, then execs the program
-        argv = ["/bin/sh", "-c", 'cd "$0" && exec "$1"', home, path]
+        # execv(2) semantics, as qmail_open: no PATH search and no shell for a
+        # file without #! (ENOEXEC is "unable to exec qq"); the fork and exec
+        # of subprocess run in C, safe beside eqmaild's threads.  The exit
+        # status is collected by pid (eqmail.children.wait), never by Popen.
         try:
-            self.pid = os.posix_spawn("/bin/sh", argv, dict(env), file_actions=actions,
-                                      setsid=True)
-        except OSError:
-            self.failure = 120
+            proc = subprocess.Popen([path], executable=path, stdin=msg_r, stdout=env_r,
+                                    stderr=err_w, cwd=home, env=dict(env), close_fds=True,
+                                    start_new_session=True)
+            self.pid = proc.pid
+            proc.returncode = 0  # so that Popen never waits for it itself
+        except (OSError, ValueError, subprocess.SubprocessError):
+            self.failure = 120  # qmail: execv failed, _exit(120)
         for fd in (msg_r, env_r, err_w):
             os.close(fd)
         self._fds = [self._msg, self._env, self._err]

@@ -193,6 +193,7 @@ def test_qmailqueue_exit_codes_as_qmail_smtpd_answers(home, code, reply):
     ("#!/bin/sh\nexit 0\n", "451 4.3.0 qq read error (#4.3.0)"),  # read nothing, said ok
     ("#!/bin/sh\nsleep 60\n", "451 4.3.0 qq timeout (#4.3.0)"),   # hangs
     (None, "451 4.3.0 unable to exec qq (#4.3.0)"),                # missing
+    ("exit 0\n", "451 4.3.0 unable to exec qq (#4.3.0)"),          # no #!: execv fails
 ])
 def test_qmailqueue_that_dies_hangs_or_is_missing_loses_nothing(home, program, reply):
     home.write("timeoutsmtpd", "2\n")
