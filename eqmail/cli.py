@@ -126,7 +126,9 @@ def cmd_smtpd(argv: List[str]) -> int:
                 "TCPLOCALPORT, TCPREMOTEHOST, TCPREMOTEINFO, RELAYCLIENT, DATABYTES, "
                 "TLSREQUIRED, NOSPP, SPPCONFFILE and SUBMISSIONPORT (default 587: AUTH "
                 "required before MAIL when TCPLOCALPORT equals it) are read as qmail-smtpd "
-                "reads them. STARTTLS is offered when stdin is a socket and "
+                "reads them. QMAILQUEUE names a program that takes each message (fd 0) and "
+                "its envelope (fd 1) instead of the queue, as netqmail's qmail-queue "
+                "replacement. STARTTLS is offered when stdin is a socket and "
                 "control/servercert.pem exists. Log lines go to stderr, or to syslog when "
                 "stderr is the client's socket (inetd), never to the client.")
     p.add_argument("auth", nargs="*", metavar="HOST CHECKPROGRAM SUBPROGRAM",
