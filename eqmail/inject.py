@@ -78,6 +78,8 @@ ENVIRONMENT
     QMAILDEFAULTDOMAIN, QMAILDEFAULTHOST, QMAILPLUSDOMAIN, QMAILIDHOST
                   override control/defaultdomain, defaulthost, plusdomain,
                   idhost
+    QMAILQUEUE    a program that takes the message (fd 0) and envelope (fd 1)
+                  instead of the queue (eqmail.queue.qmailqueue)
     An empty variable counts as unset.
 
 SECURITY
@@ -833,7 +835,8 @@ INJECT_DESCRIPTION = (
     "Read a message on stdin, complete its header as qmail-inject does (From, Date, "
     "Message-ID, 'Cc: recipient list not shown: ;' when missing; Bcc, Resent-Bcc, "
     "Return-Path and Content-Length removed; addresses rewritten with defaulthost, "
-    "defaultdomain and plusdomain) and queue it. Recipients: -a the arguments, -h the "
+    "defaultdomain and plusdomain) and queue it (or hand it to the program named by "
+    "$QMAILQUEUE, as netqmail does). Recipients: -a the arguments, -h the "
     "header (To, Cc, Bcc, or the Resent- fields), -A the arguments or else the header "
     "(default), -H both. Exit 0 ok, 100 permanent, 111 temporary.")
 
