@@ -189,7 +189,7 @@ def quote_address(addr: str, utf8: bool = False) -> str:
     """`addr` with its local part (up to the last ``@``) quoted as an RFC
     5322 quoted-string unless it is a dot-atom, as qmail's quote2() does
     (quote.c: the Return-Path of qmail-local): ``a b@x.org`` gives
-    ``"a b"@x.org``; ``\`` and ``"`` are escaped; "" stays "".  Bytes
+    ``"a b"@x.org``; backslash and ``"`` are escaped; "" stays "".  Bytes
     above 127 are quoted as in qmail, unless `utf8` (RFC 6532 allows them
     in an atom)."""
     if not addr:

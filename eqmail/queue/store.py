@@ -574,8 +574,10 @@ class Store:
         if os.path.exists(self.keyfile):
             return
         text = _KEY_MAGIC + b"%d %s\n" % (int(time.time()), os.urandom(32).hex().encode())
-        tmp = "%s.%d" % (self.keyfile, os.getpid())
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        # a name of this attempt's own (threads of one process make keys at
+        # once on a fresh queue): never another writer's file, never truncated
+        tmp = "%s.%d.%s" % (self.keyfile, os.getpid(), os.urandom(8).hex())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                      | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             _write_all(fd, text)

@@ -1103,3 +1103,41 @@ def test_next_retry_late_start_and_clock_skew():
     for now in range(0, 20000, 37):
         assert next_retry(birth, birth + now, LOCAL) > birth + now
         assert next_retry(birth, birth + now, REMOTE) > birth + now
+
+
+def test_concurrent_first_commits_make_one_key_without_a_warning(tmp_path, monkeypatch):
+    # every thread used to write lock/key.<pid> with O_TRUNC: one unlinked
+    # another's file ("unable to make .../lock/key") and its message went
+    # through tmp/ without a mark
+    import threading
+
+    from eqmail import log
+
+    warnings = []
+    monkeypatch.setattr(log, "warning", warnings.append)
+    for round_ in range(20):
+        home = tmp_path / ("q%d" % round_)
+        home.mkdir()
+        store = Store.open(str(home))
+        assert not os.path.exists(store.keyfile)
+        start = threading.Barrier(8)
+        ids, errors = [], []
+
+        def first_commit():
+            try:
+                start.wait(5)
+                ids.append(commit(store).id)
+            except Exception as e:  # noqa: BLE001 -- reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=first_commit) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == [] and warnings == [], (errors, warnings)
+        assert sorted(os.listdir(os.path.dirname(store.keyfile))) == \
+            sorted(n for n in os.listdir(os.path.dirname(store.keyfile))
+                   if not n.startswith(os.path.basename(store.keyfile) + "."))
+        fresh = Store.open(str(home), create=False)
+        assert len(ids) == 8 and all(fresh.load(i).recipients == ["a@y", "b@z"] for i in ids)
