@@ -15,6 +15,8 @@ SCHEDULE
     recipient's next try to ``birth + (isqrt(now - birth) + c)**2`` with
     c = 10 for local and 20 for remote deliveries: local retries come at
     about 0, 100, 400, 900, 1600 s, remote ones at 0, 400, 1600, 3600 s ...
+    The message's next try is kept in its queue file's mtime (qmail-send
+    keeps it in its files' mtimes), so a restart keeps the schedule.
     When an attempt starts after ``birth + queuelifetime``, a temporary
     failure becomes permanent ("I'm not going to try again; this message
     has been in the queue too long.").
@@ -127,8 +129,10 @@ class Scheduler:
         # reading every file to check its commit mark: off the hub (and no
         # threadpool, 0.5 MB of RSS, for an empty queue)
         if self.store.ids():
-            for item in run(lambda: list(self.store.items(clean=True, at_start=True))):
-                self._add(item)
+            loaded = run(lambda: [(item, self._due(item))
+                                  for item in self.store.items(clean=True, at_start=True)])
+            for item, when in loaded:
+                self._add(item, when)
         self.store.on_commit = self.add
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._watch_trigger)]
 
@@ -145,14 +149,35 @@ class Scheduler:
             entry.failures = False  # new: no bounce/ID can exist yet
         self._wake.set()
 
-    def _add(self, item: Item) -> None:
+    def _load(self, msgid: str):
+        """(the committed message `msgid` or None, its `_due` time).
+        Blocking: run it in the threadpool."""
+        item = self.store.load_committed(msgid, True)
+        return (None, 0.0) if item is None else (item, self._due(item))
+
+    def _due(self, item: Item) -> float:
+        """When a message loaded from disk is next tried: the retry time
+        `_remember_next` kept in its file's mtime when that lies ahead, but
+        never later than a try starting now would schedule; else 0 (now).
+        Blocking (a stat)."""
+        try:
+            mtime = os.stat(self.store.message_path(item.id)).st_mtime
+        except OSError:
+            return 0.0
+        now = time.time()
+        if mtime <= now:
+            return 0.0
+        return min(mtime, next_retry(item.birth, now, REMOTE))
+
+    def _add(self, item: Item, when: float = 0.0) -> None:
         if item.id in self.entries:
             return
         config = self.holder.current
         channels = [route(config, r).channel for r in item.recipients]
         entry = _Entry(item, channels)
+        entry.next = [when] * len(item.recipients)
         self.entries[item.id] = entry
-        self._push(item.id, 0.0)
+        self._push(item.id, when)
 
     def _push(self, msgid: str, when: float) -> None:
         heapq.heappush(self._heap, (when, next(self._tie), msgid))
@@ -194,12 +219,12 @@ class Scheduler:
         for msgid in ids:
             if msgid in self.entries or msgid in self.store.open_drafts:
                 continue
-            item = run(self.store.load_committed, msgid, True)
+            item, when = run(self._load, msgid)
             if item is None or msgid in self.entries:
                 continue
             log.new_msg(msgid)
             log.info_msg(msgid, item.size, item.sender, item.pid, item.uid)
-            self._add(item)
+            self._add(item, when)
             added += 1
         if added:
             self._wake.set()
@@ -445,10 +470,22 @@ class Scheduler:
             if not pending:
                 self._finish(entry)
             else:
-                self._push(item.id, min(entry.next[i] for i in pending))
+                when = min(entry.next[i] for i in pending)
+                self._push(item.id, when)
+                self._remember_next(item, when)
         if not any(self.inflight.values()):
             self._idle.set()
         self._wake.set()
+
+    def _remember_next(self, item: Item, when: float) -> None:
+        """Keep the message's next try in its queue file's modification time,
+        as qmail-send keeps it in the mtime of info/local/remote files
+        (utime): a restart takes the retry schedule up from there (`scan`).
+        No fsync: a time lost in a crash means an early retry, no more."""
+        try:
+            run(os.utime, self.store.message_path(item.id), (when, when))
+        except OSError:
+            pass  # tried too soon after a restart, as qmail's warning says
 
     def _finish(self, entry: _Entry) -> None:
         if entry.finishing:

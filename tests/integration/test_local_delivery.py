@@ -453,6 +453,34 @@ def test_program_exit_111_defers_then_retry_delivers(mailhome, daemon_factory):
     assert home.messages() == []  # no bounce
 
 
+def test_restart_keeps_the_retry_schedule(mailhome, daemon_factory):
+    # qmail keeps a message's next try on disk: after a restart a deferred
+    # message waits for it (local: about 100 s after its birth) instead of
+    # being tried again at once; SIGALRM still tries it now
+    home = mailhome
+    joe = joe_home(home, {"-later": "|echo not yet; exit 111\n"})
+    write_assign(home, [assign_line(home, "+", "joe+", "joe", joe, "-")])
+    d = daemon_factory(home)
+    send(d, "s@x.org", ["joe+later@localhost"], b"Subject: later\r\n\r\nretry me\r\n")
+    assert wait_result(d, "joe+later@localhost", "deferral") == "not yet"
+    attempts = lambda: d.log().count("to local joe+later@localhost")  # noqa: E731
+    assert attempts() == 1
+    (name,) = home.queued()
+    deadline = time.time() + 5
+    while os.stat(os.path.join(home.path, "queue", "mess", name)).st_mtime < time.time() + 50:
+        assert time.time() < deadline, "the next try was not written to the queue file"
+        time.sleep(0.05)
+    assert d.stop() == 0
+    d2 = daemon_factory(home)
+    time.sleep(2)
+    assert attempts() == 1, d2.log()
+    d2.signal(signal.SIGALRM)
+    deadline = time.time() + 15
+    while attempts() < 2:
+        assert time.time() < deadline, d2.log()
+        time.sleep(0.05)
+
+
 def test_program_exit_99_skips_following_lines(mailhome, daemon_factory):
     home = mailhome
     joe = joe_home(home, {"-z": "&early@localhost\n|exit 99\n|touch second\n./Maildir/\n"
