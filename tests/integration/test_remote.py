@@ -443,6 +443,45 @@ def test_smtproute_relay_as_a_plain_dotted_quad_is_the_address(home, daemon_fact
     assert deliveries(d, "failure") == []
 
 
+def test_next_message_to_the_same_relay_reuses_the_connection(home, daemon_factory,
+                                                                scripted_smtp):
+    # Postfix's connection cache: after a transaction the connection stays
+    # open (CACHE_IDLE, 2 s) and the next message to the same server goes
+    # over it (RFC 5321 section 3.3: MAIL again); then QUIT
+    srv = scripted_smtp("127.0.0.1")
+    d = start(home, daemon_factory, routes="reuse.test:127.0.0.1:%d\n" % srv.port)
+    inject(home, ["r1@reuse.test"], simple("first", to="r1@reuse.test"))
+    srv.wait_messages(1)
+    assert wait_count(d, ": success: ", 1)
+    inject(home, ["r2@reuse.test"], simple("second", to="r2@reuse.test"))
+    msgs = srv.wait_messages(2)
+    assert [m.rcpt_tos for m in msgs] == [["r1@reuse.test"], ["r2@reuse.test"]]
+    assert srv.connections == 1, [s.commands for s in srv.sessions]
+    cmds = srv.sessions[0].commands
+    assert [c.split(":")[0] for c in cmds if c.startswith(("MAIL", "EHLO"))] == \
+        ["EHLO mx.example.org", "MAIL FROM", "MAIL FROM"], cmds
+    deadline = time.time() + 10
+    while "QUIT" not in srv.sessions[0].commands:  # the idle connection is closed
+        assert time.time() < deadline, srv.sessions[0].commands
+        time.sleep(0.1)
+
+
+def test_a_relay_that_dropped_the_idle_connection_gets_a_new_one(home, daemon_factory,
+                                                                 scripted_smtp):
+    # the far end closes an idle connection at once (as after a timeout):
+    # the next message must not be deferred for it
+    srv = scripted_smtp("127.0.0.1")
+    d = start(home, daemon_factory, routes="reuse.test:127.0.0.1:%d\n" % srv.port)
+    inject(home, ["r1@reuse.test"], simple("first", to="r1@reuse.test"))
+    srv.wait_messages(1)
+    assert wait_count(d, ": success: ", 1)
+    srv.stop()  # closes every connection, then listens again on the same port
+    srv.start()
+    inject(home, ["r2@reuse.test"], simple("second", to="r2@reuse.test"))
+    assert wait_count(d, ": success: ", 2), d.log()
+    assert deliveries(d, "deferral") == [], d.log()
+
+
 def test_smtproute_wrong_credentials_defer_and_keep_the_message(home, daemon_factory,
                                                                 scripted_smtp):
     srv = scripted_smtp("127.0.0.27", 587, starttls=True, auth=("user", PASSWORD))
