@@ -72,6 +72,8 @@ MSG_SIZE = 4096
 DNS_ADDRESS = "127.0.0.154"     # the DNS responder for the remote delivery (port 53)
 RELAY_NAME = "relay.bench.test"
 IDLE_CONNECTIONS = 200
+IDLE_RETURN_TIMEOUT = 90        # s: how long the return to idle is watched after the load
+PARTS = ("main", "fanout", "budget", "queue")
 
 # Targets of issue 7
 TARGET_C20 = 1.2          # delivered msg/s at c=20 >= 1.2x Postfix
@@ -79,6 +81,15 @@ TARGET_C1 = 1.0           # ... at c=1 >= 1.0x
 TARGET_IDLE_MB = 22.0
 TARGET_REMOTE_MB = 30.0
 TARGET_KB_PER_CONN = 32.0
+# Targets of issue 19 (item 6)
+TARGET_TREE_PSS_MB = 25
+TARGET_TREE_RSS_MB = 32
+TARGET_IDLE_RETURN_S = 60
+TARGET_FSYNC = 2.0
+TARGET_DISK_KB = 24
+TARGET_QUEUE_BYTES = 200
+TARGET_QUEUE_CPU_PCT = 1
+TARGET_RESTART_S = 1
 
 _started: List[object] = []     # things to stop, newest last
 _tempdirs: List[str] = []
@@ -423,8 +434,9 @@ class AiosmtpdPeer:
     name = "aiosmtpd"
 
     def __init__(self, python: str, workdir: str, port: Optional[int] = None,
-                 label: str = "aiosmtpd"):
+                 label: str = "aiosmtpd", cgroup=None):
         self.python = python
+        self.cgroup = cgroup
         self.port = port or free_port()
         self.maildir = os.path.join(workdir, label + "-Maildir")
         self.new = os.path.join(self.maildir, "new")
@@ -433,10 +445,12 @@ class AiosmtpdPeer:
 
     def start(self) -> "AiosmtpdPeer":
         log = open(self.logfile, "ab")
-        self.proc = subprocess.Popen(
-            [self.python, os.path.join(BENCH, "aiosmtpd_peer.py"), "127.0.0.1",
-             str(self.port), self.maildir], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd="/")
+        cmd = [self.python, os.path.join(BENCH, "aiosmtpd_peer.py"), "127.0.0.1",
+               str(self.port), self.maildir]
+        if self.cgroup is not None:
+            cmd = self.cgroup.wrap(cmd)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd="/")
         log.close()
         _started.append(self)
         wait_greeting(self.port, 30, self.proc, "aiosmtpd")
@@ -468,18 +482,39 @@ class _SelfSignedCA:
 class PostfixBench:
     """A Postfix instance of its own (tests/integration/peers.py PostfixPeer)
     on 127.0.0.1:PORT, final destination for bench.test, Maildir delivery to
-    `benchuser`."""
+    `benchuser` (recipient_delimiter +, so that benchuser+N is benchuser).
+    `extra` overrides main.cf settings; with `cgroup`, `postfix start` runs
+    inside it, so the master and every daemon it forks are born there."""
     name = "postfix"
 
-    def __init__(self):
+    def __init__(self, extra: Optional[Dict[str, str]] = None, cgroup=None):
         sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
         sys.dont_write_bytecode = True   # leave no __pycache__ in tests/
-        from peers import PostfixPeer  # noqa: E402
+        import peers  # noqa: E402
+        self.cgroup = cgroup
+
+        class _Peer(peers.PostfixPeer):
+            def _postfix(peer, *args, timeout: float = 60.0, check: bool = True):
+                if not (args and args[0] == "start" and cgroup is not None):
+                    return super()._postfix(*args, timeout=timeout, check=check)
+                env = dict(os.environ, MAIL_CONFIG=peer.config_dir)
+                res = subprocess.run(cgroup.wrap([peers.POSTFIX, "-c", peer.config_dir]
+                                                 + list(args)),
+                                     capture_output=True, text=True, timeout=timeout, env=env)
+                if check and res.returncode != 0:
+                    raise RuntimeError("postfix %s failed (%s):\n%s%s\n%s"
+                                       % (" ".join(args), res.returncode, res.stdout,
+                                          res.stderr, peer.log()))
+                return res
+
         self.port = free_port()
-        self.peer = PostfixPeer(_SelfSignedCA(), address="127.0.0.1", port=self.port,
-                                domain=DOMAIN, hostname="mx." + DOMAIN, user=MAIL_USER,
-                                extra_config={"smtpd_tls_security_level": "none",
-                                              "smtpd_banner": "$myhostname ESMTP Postfix"})
+        config = {"smtpd_tls_security_level": "none",
+                  "smtpd_banner": "$myhostname ESMTP Postfix",
+                  "recipient_delimiter": "+"}
+        config.update(extra or {})
+        self.peer = _Peer(_SelfSignedCA(), address="127.0.0.1", port=self.port,
+                          domain=DOMAIN, hostname="mx." + DOMAIN, user=MAIL_USER,
+                          extra_config=config)
         _tempdirs.append(self.peer.dir)
 
     @property
@@ -488,7 +523,7 @@ class PostfixBench:
 
     def start(self) -> "PostfixBench":
         _started.append(self)
-        self.peer.start()
+        self.peer.start(timeout=60)
         self.clear()
         return self
 
@@ -505,26 +540,47 @@ class PostfixBench:
         res = sh(["postconf", "-c", self.peer.config_dir, "-h", "mail_version"], check=False)
         return res.stdout.strip()
 
+    def postfix(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        return self.peer._postfix(*args, timeout=timeout)
+
+    def queued(self) -> int:
+        """Messages in the queue (incoming, active, deferred, maildrop, hold)."""
+        n = 0
+        for sub in ("incoming", "active", "deferred", "maildrop", "hold"):
+            for _, _, files in os.walk(os.path.join(self.peer.queue_dir, sub)):
+                n += len(files)
+        return n
+
+    def deferred(self) -> int:
+        n = 0
+        for _, _, files in os.walk(os.path.join(self.peer.queue_dir, "deferred")):
+            n += len(files)
+        return n
+
 
 class EqmailPeer:
     name = "eqmail"
 
-    def __init__(self, python: str, workdir: str, pw: pwd.struct_passwd, relay_port: int,
-                 resolv_conf: Optional[str]):
+    def __init__(self, python: str, workdir: str, pw: pwd.struct_passwd,
+                 relay_port: Optional[int], resolv_conf: Optional[str],
+                 label: str = "eqmail", cgroup=None, controls: Optional[dict] = None):
         self.python = python
         self.pw = pw
+        self.cgroup = cgroup
         self.port = free_port()
-        self.home = os.path.join(workdir, "eqmail-home")
+        self.home = os.path.join(workdir, label + "-home")
         self.new = os.path.join(self.home, "alias", "Maildir", "new")
-        self.logfile = os.path.join(workdir, "eqmaild.log")
+        self.logfile = os.path.join(workdir, label + "d.log")
         self.resolv_conf = resolv_conf
         self.proc: Optional[subprocess.Popen] = None
         control = os.path.join(self.home, "control")
         os.makedirs(control)
-        files = {"me": DOMAIN, "locals": DOMAIN, "rcpthosts": DOMAIN,
-                 # one remote delivery by IP literal, one through DNS (see remote_delivery)
-                 "smtproutes": "iplit.test:[127.0.0.1]:%d\n:%s:%d" % (relay_port, RELAY_NAME,
-                                                                      relay_port)}
+        files = {"me": DOMAIN, "locals": DOMAIN, "rcpthosts": DOMAIN}
+        if relay_port:
+            # one remote delivery by IP literal, one through DNS (see remote_delivery)
+            files["smtproutes"] = "iplit.test:[127.0.0.1]:%d\n:%s:%d" % (
+                relay_port, RELAY_NAME, relay_port)
+        files.update(controls or {})
         for name, text in files.items():
             with open(os.path.join(control, name), "w") as f:
                 f.write(text + "\n")
@@ -540,15 +596,24 @@ class EqmailPeer:
             env["EQMAIL_RESOLV_CONF"] = self.resolv_conf
         return env
 
-    def start(self) -> "EqmailPeer":
+    def start(self, wait: bool = True) -> "EqmailPeer":
         log = open(self.logfile, "ab")
-        self.proc = subprocess.Popen(
-            [self.python, "-m", "eqmail.daemon", "--home", self.home, "--foreground",
-             "--smtp", "127.0.0.1:%d" % self.port],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.home,
-            env=self.env(), **as_user(self.pw))
+        cmd = [self.python, "-m", "eqmail.daemon", "--home", self.home, "--foreground",
+               "--smtp", "127.0.0.1:%d" % self.port]
+        if self.cgroup is not None:
+            self.proc = subprocess.Popen(
+                self.cgroup.wrap(cmd, self.pw.pw_uid, self.pw.pw_gid), stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.home,
+                env=self.env())
+        else:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.home, env=self.env(), **as_user(self.pw))
         log.close()
-        _started.append(self)
+        if self not in _started:
+            _started.append(self)
+        if not wait:
+            return self
         try:
             wait_greeting(self.port, 60, self.proc, "eqmaild")
         except RuntimeError as e:
@@ -570,6 +635,16 @@ class EqmailPeer:
 
     def stop(self) -> None:
         stop_proc(self.proc, timeout=20)
+
+    def queued(self) -> int:
+        return count_files(os.path.join(self.home, "queue", "mess"))
+
+    def log_count(self, needle: str) -> int:
+        try:
+            with open(self.logfile, "rb") as f:
+                return f.read().count(needle.encode())
+        except OSError:
+            return 0
 
     def smtpd_session(self, rcpt: str) -> str:
         """One message to `rcpt` through `eqmail smtpd` with RELAYCLIENT set,
@@ -752,6 +827,422 @@ def remote_delivery(peer: EqmailPeer, far: AiosmtpdPeer, rcpt: str, expect: int)
     return out
 
 
+# ---------------------------------------------------------------- issue 19: budget, fan-out, queue
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+BUDGET_MEMORY = 64 << 20
+#: (label, CPU set, quota per CPU): 1 CPU at 20 %, 2 CPUs at 20 % each
+BUDGETS = [("1cpu-20pct", "0", 0.2), ("2cpu-20pct", "0-1", 0.2)]
+BUDGET_NAMES = {"1cpu-20pct": "1 CPU at 20 %, 64 MB", "2cpu-20pct": "2 CPUs at 20 % each, 64 MB"}
+FANOUT_RCPTS = 500
+QUEUE_RCPT = "someone@remote.test"
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU time of the tree: every live process's own time and
+    that of the children it has reaped."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        total += sum(int(x) for x in fields[11:15])   # utime stime cutime cstime
+    return total / float(CLK_TCK)
+
+
+def back_to_idle(peers: Dict[str, object], idle: Dict[str, dict], timeout: float) -> dict:
+    """After the load: seconds until each peer's tree is back to the process
+    count it had before the load with an RSS at most 25 % above its RSS then
+    (`idle`: the figures just before the load runs; polled every 0.5 s, up
+    to `timeout`), and its memory then (or at the timeout)."""
+    t0 = time.monotonic()
+    out = {name: None for name in peers}
+    last = {}
+    while time.monotonic() - t0 < timeout and any(v is None for v in out.values()):
+        for name, peer in peers.items():
+            if out[name] is not None:
+                continue
+            m = memory(process_tree(peer.pid()))
+            last[name] = m
+            i = idle.get(name) or {}
+            if m["processes"] <= i.get("processes", 1) and \
+                    m["rss_kb"] <= 1.25 * i.get("rss_kb", 0):
+                out[name] = {"seconds": round(time.monotonic() - t0, 1), "memory": m}
+        time.sleep(0.5)
+    for name in peers:
+        if out[name] is None:
+            out[name] = {"seconds": None, "timeout": timeout, "memory": last.get(name)}
+    return out
+
+
+class CgroupSampler(threading.Thread):
+    """The peak of a cgroup's anonymous memory (memory.stat), every 50 ms."""
+
+    def __init__(self, cg):
+        super().__init__(daemon=True)
+        self.cg = cg
+        self.peak_anon = 0
+        self.peak_charged = 0
+        self._stop_ev = threading.Event()
+
+    def run(self):
+        while not self._stop_ev.is_set():
+            try:
+                m = self.cg.memory_now()
+                self.peak_anon = max(self.peak_anon, m["anon"])
+                self.peak_charged = max(self.peak_charged, m["charged"])
+            except (OSError, KeyError, ValueError):
+                pass
+            self._stop_ev.wait(0.05)
+
+    def finish(self):
+        self._stop_ev.set()
+        self.join(5)
+
+
+def peer_alive(peer) -> bool:
+    proc = getattr(peer, "proc", None)
+    if proc is not None:
+        return proc.poll() is None
+    pid = peer.pid()
+    return bool(pid) and os.path.exists("/proc/%d" % pid)
+
+
+def budget_phase(py: Dict[str, str], pw, workdir: str, smtp_source: List[str],
+                 peers: List[str], n: int, runs: int) -> dict:
+    """Each peer alone in a cgroup per budget of BUDGETS (64 MB each), `runs`
+    c=20 runs of `n` messages; the load generator stays outside."""
+    import cgroups
+    out = {"cgroups": cgroups.describe(), "memory_limit": BUDGET_MEMORY, "messages": n,
+           "runs": runs, "budgets": {}}
+    if cgroups.version() is None:
+        out["error"] = "no usable cgroups on this machine"
+        return out
+    for label, cpus, share in BUDGETS:
+        res_b = out["budgets"].setdefault(label, {"cpus": cpus, "cpu_share": share})
+        for name in peers:
+            cg = cgroups.Cgroup("eqmail-bench-%s-%s-%d" % (name, label, os.getpid()), cpus,
+                                share, BUDGET_MEMORY)
+            r: dict = {"runs": []}
+            res_b[name] = r
+            peer = None
+            try:
+                cg.create()
+                _started.append(cg)
+                say("budget %s: %s in %s" % (label, name, cg.procs_files()))
+                t0 = time.monotonic()
+                if name == "eqmail":
+                    peer = EqmailPeer(py["eqmail"], workdir, pw, None, None,
+                                      label="eqmail-" + label, cgroup=cg).start()
+                elif name == "postfix":
+                    peer = PostfixBench(cgroup=cg).start()
+                else:
+                    peer = AiosmtpdPeer(py["peers"], workdir, label="aiosmtpd-" + label,
+                                        cgroup=cg).start()
+                r["start_s"] = round(time.monotonic() - t0, 2)
+                r["idle"] = idle_memory(peer, settle=1.5)
+                sampler = CgroupSampler(cg)
+                sampler.start()
+                for i in range(runs):
+                    lr = load_run(peer, smtp_source, n, 20, sample=True)
+                    lr["run"] = i
+                    r["runs"].append(lr)
+                    say("budget %s %-8s run %d: delivered %s msg/s (%d/%d)" % (
+                        label, name, i + 1, fmt(lr["delivered_msgs_s"]),
+                        lr["delivered_count"], n))
+                    if not peer_alive(peer):
+                        break
+                sampler.finish()
+                r["peak_anon_bytes"] = sampler.peak_anon
+                r["alive"] = peer_alive(peer)
+                r["cgroup"] = cg.stats()
+                r["tree_peak"] = {k: max(x.get("peak", {}).get(k, 0) for x in r["runs"])
+                                  for k in ("rss_kb", "pss_kb", "processes")}
+                r["delivered_msgs_s"] = spread([x["delivered_msgs_s"] for x in r["runs"]])
+                say("budget %s %-8s peak %.1f MB charged, %.1f MB anon, OOM kills %s, "
+                    "CPU %.1f s, alive %s" % (label, name, (r["cgroup"]["peak_bytes"] or 0) / 2**20,
+                                              r["peak_anon_bytes"] / 2**20,
+                                              r["cgroup"]["oom_kills"], r["cgroup"]["cpu_s"],
+                                              r["alive"]))
+            except Exception as e:   # one peer's failure must not stop the others
+                r["error"] = "%s: %s" % (type(e).__name__, e)
+                say("budget %s %s: %s" % (label, name, r["error"]))
+                try:
+                    r["cgroup"] = cg.stats()
+                except Exception:
+                    pass
+            finally:
+                if peer is not None:
+                    try:
+                        peer.stop()
+                    finally:
+                        if peer in _started:
+                            _started.remove(peer)
+                try:
+                    cg.remove()
+                except Exception as e:
+                    r.setdefault("error", "cgroup removal: %s" % e)
+                if cg in _started and not cg.created:
+                    _started.remove(cg)
+    return out
+
+
+def fanout_run(peer, n: int = FANOUT_RCPTS) -> dict:
+    """One 4 KB message to `n` recipients benchuser+1 ... benchuser+N@bench.test
+    in one SMTP transaction; the time from the 250 after DATA until the n-th
+    file is in the Maildir's new/."""
+    import smtplib
+    peer.clear()
+    os.sync()
+    time.sleep(0.3)
+    rcpts = ["%s+%d@%s" % (MAIL_USER, i, DOMAIN) for i in range(1, n + 1)]
+    body = ("From: %s\r\nTo: %s\r\nSubject: fan-out\r\n\r\n" % (SENDER, rcpts[0]))
+    body += ("x" * 76 + "\r\n") * ((MSG_SIZE - len(body)) // 78)
+    out = {"recipients": n}
+    s = smtplib.SMTP("127.0.0.1", peer.port, timeout=120)
+    try:
+        s.ehlo("bench.test")
+        s.mail(SENDER)
+        accepted = 0
+        for r in rcpts:
+            if s.rcpt(r)[0] == 250:
+                accepted += 1
+        out["accepted_rcpts"] = accepted
+        t_data = time.monotonic()
+        code, text = s.data(body.encode())
+        t250 = time.monotonic()
+        out["data_reply"] = "%d %s" % (code, text.decode("utf-8", "replace")[:100])
+        out["data_s"] = t250 - t_data
+        try:
+            s.quit()
+        except smtplib.SMTPException:
+            pass
+    finally:
+        s.close()
+    count = 0
+    out["seconds"] = None
+    if code == 250 and accepted:
+        while time.monotonic() - t250 < 300:
+            count = count_files(peer.new)
+            if count >= accepted:
+                out["seconds"] = time.monotonic() - t250
+                break
+            time.sleep(0.01)
+    out["delivered"] = count
+    return out
+
+
+def smtp_sink(smtp_source: List[str], port: int):
+    """Postfix's smtp-sink on 127.0.0.1:port (from the unpacked package)."""
+    exe = os.path.join(os.path.dirname(smtp_source[0]), "smtp-sink")
+    proc = subprocess.Popen([exe, "-u", "nobody", "127.0.0.1:%d" % port, "1024"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, LD_LIBRARY_PATH=smtp_source[1]))
+
+    class _S:
+        name = "smtp-sink"
+
+        def stop(self):
+            stop_proc(proc)
+            if self in _started:
+                _started.remove(self)
+    sink = _S()
+    _started.append(sink)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return sink
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("smtp-sink exited with %s" % proc.returncode)
+            time.sleep(0.05)
+    raise RuntimeError("smtp-sink does not listen on %d" % port)
+
+
+def inject(peer, smtp_source: List[str], n: int, rcpt: str) -> dict:
+    exe, libdir = smtp_source
+    cmd = [exe, "-l", str(MSG_SIZE), "-m", str(n), "-s", "20", "-f", SENDER, "-t", rcpt,
+           "127.0.0.1:%d" % peer.port]
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + n / 10.0,
+                         env=dict(os.environ, LD_LIBRARY_PATH=libdir))
+    s = time.monotonic() - t0
+    return {"messages": n, "seconds": s, "msgs_s": n / s, "rc": res.returncode,
+            "stderr": res.stderr[-500:]}
+
+
+def wait_for(cond, timeout: float, interval: float = 0.2) -> Optional[float]:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return time.monotonic() - t0
+        time.sleep(interval)
+    return None
+
+
+def idle_cpu(peer, seconds: float) -> dict:
+    c0 = tree_cpu_seconds(peer.pid())
+    time.sleep(seconds)
+    c1 = tree_cpu_seconds(peer.pid())
+    return {"seconds": seconds, "cpu_s": c1 - c0, "pct": 100.0 * (c1 - c0) / seconds}
+
+
+def queue_phase_eqmail(py: Dict[str, str], pw, workdir: str, smtp_source: List[str], n: int,
+                       cpu_seconds: float, retire_timeout: float) -> dict:
+    dead = free_port()
+    r: dict = {"messages": n, "relay_port": dead}
+    sink = None
+    eq = EqmailPeer(py["eqmail"], workdir, pw, None, None, label="eqmail-queue",
+                    controls={"smtproutes": ":[127.0.0.1]:%d" % dead,
+                              "smtprules": '127.0.0.1:allow,RELAYCLIENT=""'}).start()
+    try:
+        r["idle"] = idle_memory(eq, settle=1.5)
+        say("queue eqmail: injecting %d messages for a relay that is down" % n)
+        r["inject"] = inject(eq, smtp_source, n, QUEUE_RCPT)
+        t = wait_for(lambda: eq.log_count(": deferral:") >= n, 120 + n / 50.0, 0.5)
+        r["all_deferred_after_inject_s"] = t
+        r["queued"] = eq.queued()
+        r["deferrals"] = eq.log_count(": deferral:")
+        r["after_inject"] = memory(process_tree(eq.pid()))
+        say("queue eqmail: injected in %.1f s, %d queued, %d deferrals; waiting for the "
+            "tree to be one process again" % (r["inject"]["seconds"], r["queued"],
+                                               r["deferrals"]))
+        t0 = time.monotonic()
+        t = wait_for(lambda: memory(process_tree(eq.pid()))["processes"]
+                     <= r["idle"]["processes"], retire_timeout, 0.5)
+        r["workers_retired_s"] = t if t is None else round(time.monotonic() - t0, 1)
+        r["waiting"] = idle_memory(eq, settle=2.0)
+        r["rss_bytes_per_msg"] = (r["waiting"]["rss_kb"] - r["idle"]["rss_kb"]) * 1024.0 / n
+        r["pss_bytes_per_msg"] = (r["waiting"]["pss_kb"] - r["idle"]["pss_kb"]) * 1024.0 / n
+        r["idle_cpu"] = idle_cpu(eq, cpu_seconds)
+        say("queue eqmail: waiting RSS %s (idle %s), %.0f B/msg; idle CPU %.2f %%"
+            % (fmt(r["waiting"]["rss_kb"] / 1024.0, 1, " MB"),
+               fmt(r["idle"]["rss_kb"] / 1024.0, 1, " MB"), r["rss_bytes_per_msg"],
+               r["idle_cpu"]["pct"]))
+        # restart: SIGTERM .. exit, start .. greeting and "started" (queue loaded)
+        started_before = eq.log_count(" started in ")
+        tries_before = eq.log_count("starting delivery")
+        t0 = time.monotonic()
+        eq.proc.send_signal(signal.SIGTERM)
+        eq.proc.wait(60)
+        t_exit = time.monotonic()
+        eq.start(wait=False)
+        greet = loaded = None
+        while time.monotonic() - t_exit < 120 and (greet is None or loaded is None):
+            if eq.proc.poll() is not None:
+                raise RuntimeError("eqmaild exited %s after the restart:\n%s"
+                                   % (eq.proc.returncode, eq.log_tail()))
+            if loaded is None and eq.log_count(" started in ") > started_before:
+                loaded = time.monotonic()
+            if greet is None:
+                try:
+                    with socket.create_connection(("127.0.0.1", eq.port), timeout=5) as s:
+                        s.settimeout(5)
+                        if s.makefile("rb").readline().startswith(b"220"):
+                            greet = time.monotonic()
+                            s.sendall(b"QUIT\r\n")
+                except OSError:
+                    pass
+            time.sleep(0.01)
+        r["restart"] = {"stop_s": t_exit - t0,
+                        "greeting_s": None if greet is None else greet - t_exit,
+                        "loaded_s": None if loaded is None else loaded - t_exit,
+                        "total_s": None if greet is None or loaded is None
+                        else max(greet, loaded) - t0}
+        r["after_restart"] = idle_memory(eq, settle=3.0)
+        r["tries_after_restart"] = eq.log_count("starting delivery") - tries_before
+        r["rss_bytes_per_msg_restarted"] = \
+            (r["after_restart"]["rss_kb"] - r["idle"]["rss_kb"]) * 1024.0 / n
+        r["queued_after_restart"] = eq.queued()
+        say("queue eqmail: restart %s s (stop %.2f, greeting %s, loaded %s); RSS %s; "
+            "%d deliveries tried in the 3 s after" % (
+                fmt(r["restart"]["total_s"], 2), r["restart"]["stop_s"],
+                fmt(r["restart"]["greeting_s"], 2), fmt(r["restart"]["loaded_s"], 2),
+                fmt(r["after_restart"]["rss_kb"] / 1024.0, 1, " MB"),
+                r["tries_after_restart"]))
+        # drain
+        sink = smtp_sink(smtp_source, dead)
+        q0 = eq.queued()
+        t0 = time.monotonic()
+        os.kill(eq.pid(), signal.SIGALRM)
+        t = wait_for(lambda: eq.queued() == 0, 120 + q0 / 20.0, 0.1)
+        r["drain"] = {"messages": q0, "seconds": t, "msgs_s": q0 / t if t else None,
+                      "left": eq.queued(), "successes": eq.log_count(": success:")}
+        r["after_drain"] = idle_memory(eq, settle=2.0)
+        say("queue eqmail: drained %d in %s s (%s msg/s); RSS after %s"
+            % (q0, fmt(t, 1), fmt(r["drain"]["msgs_s"]),
+               fmt(r["after_drain"]["rss_kb"] / 1024.0, 1, " MB")))
+        r["log_alerts"] = eq.log_count("alert:")
+    finally:
+        eq.stop()
+        _started.remove(eq)
+        if sink:
+            sink.stop()
+    return r
+
+
+def queue_phase_postfix(smtp_source: List[str], n: int, cpu_seconds: float) -> dict:
+    dead = free_port()
+    r: dict = {"messages": n, "relay_port": dead}
+    sink = None
+    pf = PostfixBench(extra={
+        "relayhost": "[127.0.0.1]:%d" % dead, "default_transport": "smtp",
+        "relay_transport": "smtp", "mynetworks": "127.0.0.0/8",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        # Postfix's defaults again (the test peer retries every 10-20 s)
+        "queue_run_delay": "300s", "minimal_backoff_time": "300s",
+        "maximal_backoff_time": "4000s"}).start()
+    try:
+        r["idle"] = idle_memory(pf, settle=1.5)
+        say("queue postfix: injecting %d messages for a relay that is down" % n)
+        r["inject"] = inject(pf, smtp_source, n, QUEUE_RCPT)
+        t = wait_for(lambda: pf.deferred() >= n, 120 + n / 50.0, 0.5)
+        r["all_deferred_after_inject_s"] = t
+        r["queued"] = pf.queued()
+        r["waiting"] = idle_memory(pf, settle=2.0)
+        r["rss_bytes_per_msg"] = (r["waiting"]["rss_kb"] - r["idle"]["rss_kb"]) * 1024.0 / n
+        r["pss_bytes_per_msg"] = (r["waiting"]["pss_kb"] - r["idle"]["pss_kb"]) * 1024.0 / n
+        r["idle_cpu"] = idle_cpu(pf, cpu_seconds)
+        say("queue postfix: injected in %.1f s, %d queued (%d deferred); idle CPU %.2f %%"
+            % (r["inject"]["seconds"], r["queued"], pf.deferred(), r["idle_cpu"]["pct"]))
+        t0 = time.monotonic()
+        pf.peer.stop()
+        t_exit = time.monotonic()
+        pf.postfix("start")
+        pf.peer.started = True
+        wait_greeting(pf.port, 60, None, "postfix")
+        t1 = time.monotonic()
+        r["restart"] = {"stop_s": t_exit - t0, "greeting_s": t1 - t_exit, "total_s": t1 - t0}
+        r["after_restart"] = idle_memory(pf, settle=3.0)
+        say("queue postfix: restart %.2f s" % r["restart"]["total_s"])
+        sink = smtp_sink(smtp_source, dead)
+        q0 = pf.queued()
+        t0 = time.monotonic()
+        sh(["postqueue", "-c", pf.peer.config_dir, "-f"], check=False)
+        t = wait_for(lambda: pf.queued() == 0, 120 + q0 / 20.0, 0.1)
+        r["drain"] = {"messages": q0, "seconds": t, "msgs_s": q0 / t if t else None,
+                      "left": pf.queued()}
+        time.sleep(1.0)  # postlogd
+        try:
+            with open(pf.peer.logfile, "rb") as f:
+                r["drain"]["successes"] = f.read().count(b"status=sent")
+        except OSError:
+            pass
+        r["after_drain"] = idle_memory(pf, settle=2.0)
+        say("queue postfix: drained %d in %s s (%s msg/s)"
+            % (q0, fmt(t, 1), fmt(r["drain"]["msgs_s"])))
+    finally:
+        pf.stop()
+        _started.remove(pf)
+        if sink:
+            sink.stop()
+    return r
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -827,10 +1318,12 @@ def targets(res: dict) -> List[dict]:
     eq = res.get("memory", {}).get("eqmail", {})
     out = []
 
-    def add(name, value, goal, met, shown):
+    def add(name, value, goal, met, shown, issue=7):
         out.append({"target": name, "goal": goal, "value": value, "shown": shown,
-                    "met": met})
+                    "met": met, "issue": issue})
 
+    if "main" not in res.get("parts", PARTS):
+        return out + targets19(res)
     for c, goal in ((20, TARGET_C20), (1, TARGET_C1)):
         r = s.get("ratio_postfix_c%d_delivered_msgs_s" % c, {}).get("median")
         add("delivered msg/s at c=%d vs Postfix" % c, r, "≥ %.1f×" % goal,
@@ -853,14 +1346,133 @@ def targets(res: dict) -> List[dict]:
     fs = res.get("storage", {}).get("eqmail", {}).get("fsync_per_msg")
     add("every message fsync'd before 250", fs, "durable",
         None, "not checked here (tests); %s fsync/msg" % fmt(fs, 2))
+    return out + targets19(res)
+
+
+def _median(values) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def budget_summary(b: dict) -> dict:
+    """Per peer: median delivered msg/s, peak charged and anonymous memory,
+    OOM kills, alive."""
+    out = {}
+    for name in ("eqmail", "postfix", "aiosmtpd"):
+        r = b.get(name)
+        if not r:
+            continue
+        cg = r.get("cgroup") or {}
+        out[name] = {"msgs_s": (r.get("delivered_msgs_s") or {}).get("median"),
+                     "delivered": sum(x["delivered_count"] for x in r.get("runs", [])),
+                     "sent": sum(x["messages"] for x in r.get("runs", [])),
+                     "peak_mb": (cg.get("peak_bytes") or 0) / 2.0**20 or None,
+                     "anon_mb": (r.get("peak_anon_bytes") or 0) / 2.0**20 or None,
+                     "oom_kills": cg.get("oom_kills"), "limit_hits": cg.get("limit_hits"),
+                     "alive": r.get("alive"), "error": r.get("error"),
+                     "cpu_s": cg.get("cpu_s"), "throttled_s": cg.get("throttled_s"),
+                     "tree_peak": r.get("tree_peak") or {}, "idle": r.get("idle") or {},
+                     "start_s": r.get("start_s")}
     return out
+
+
+def targets19(res: dict) -> List[dict]:
+    """The goals of issue 19 item 6: the router budget, the process tree at
+    c=20, storage per message, the fan-out and the queue."""
+    out = []
+    parts = res.get("parts", PARTS)
+
+    def add(name, value, goal, met, shown):
+        out.append({"target": name, "goal": goal, "value": value, "shown": shown,
+                    "met": met, "issue": 19})
+
+    if "budget" in parts:
+        for label, cpus, share in BUDGETS:
+            b = budget_summary(res.get("budget", {}).get("budgets", {}).get(label, {}))
+            e, a = b.get("eqmail", {}), b.get("aiosmtpd", {})
+            ok = None
+            if e and a and e.get("msgs_s") is not None and a.get("msgs_s") is not None:
+                ok = e["msgs_s"] >= a["msgs_s"] and not e.get("oom_kills") and \
+                    bool(e.get("alive"))
+            elif e and (e.get("error") or not e.get("alive") or e.get("msgs_s") is None):
+                ok = False
+            what = BUDGET_NAMES[label]
+            shown = "%s vs %s msg/s (%s×); OOM kills %s; %s" % (
+                fmt(e.get("msgs_s")), fmt(a.get("msgs_s")),
+                fmt(ratio(e.get("msgs_s"), a.get("msgs_s")), 2),
+                e.get("oom_kills", "–"),
+                "alive" if e.get("alive") else "died" if e else "–")
+            add("router budget (%s): eqmail's delivered msg/s at c=20 ≥ aiosmtpd's, no OOM "
+                "kill" % what, e.get("msgs_s"), "≥ aiosmtpd, 0 OOM", ok, shown)
+    if "main" in parts:
+        eq = res.get("memory", {}).get("eqmail", {})
+        pk = eq.get("peak_c20") or {}
+        for k, label, goal in (("pss_kb", "PSS", TARGET_TREE_PSS_MB),
+                               ("rss_kb", "RSS", TARGET_TREE_RSS_MB)):
+            v = pk.get(k) / 1024.0 if pk.get(k) else None
+            add("whole tree's peak %s at c=20 (2 cores)" % label, v, "≤ %d MB" % goal,
+                None if v is None else v <= goal, fmt(v, 1, " MB"))
+        b = eq.get("back_to_idle") or {}
+        t = b.get("seconds") if b else None
+        add("back to idle after the c=20 load (process count and RSS ≤ 1.25 × those "
+            "before the load)", t,
+            "≤ %d s" % TARGET_IDLE_RETURN_S,
+            None if not b else (t is not None and t <= TARGET_IDLE_RETURN_S),
+            ("%s s" % fmt(t, 1)) if t is not None else
+            ("not within %s s (%s)" % (b.get("timeout"), _mem_short(b.get("memory")))
+             if b else "–"))
+        st = res.get("storage", {}).get("eqmail", {})
+        fs = st.get("fsync_per_msg")
+        add("fsync + fdatasync per delivered message", fs, "≤ %.1f" % TARGET_FSYNC,
+            None if fs is None else fs <= TARGET_FSYNC, fmt(fs, 2))
+        kb = st.get("device_kb_per_msg")
+        add("disk KB written per 4 KB message (whole device)", kb,
+            "≤ %d KB" % TARGET_DISK_KB, None if kb is None else kb <= TARGET_DISK_KB,
+            "%s (write_bytes %s KB)" % (fmt(kb, 1, " KB"), fmt(st.get("write_kb_per_msg"), 1)))
+    if "fanout" in parts:
+        fo = res.get("fanout", {})
+        e = _median(r["seconds"] for r in fo.get("eqmail", []))
+        p = _median(r["seconds"] for r in fo.get("postfix", []))
+        failed = any(r["seconds"] is None for r in fo.get("eqmail", []))
+        add("fan-out: one message to %d local recipients, 250 → last Maildir file"
+            % FANOUT_RCPTS, e, "≤ Postfix",
+            False if failed else (None if e is None or p is None else e <= p),
+            "%s s vs %s s" % (fmt(e, 2), fmt(p, 2)))
+    if "queue" in parts:
+        q = res.get("queue", {})
+        e, p = q.get("eqmail", {}), q.get("postfix", {})
+        n = q.get("messages")
+        v = e.get("rss_bytes_per_msg")
+        add("RSS per queued message (%s waiting for a dead relay)" % fmt(n), v,
+            "≤ %d B" % TARGET_QUEUE_BYTES, None if v is None else v <= TARGET_QUEUE_BYTES,
+            "%s B (after a restart: %s B)" % (fmt(v), fmt(e.get("rss_bytes_per_msg_restarted"))))
+        v = (e.get("idle_cpu") or {}).get("pct")
+        add("idle CPU while they wait", v, "≤ %d %%" % TARGET_QUEUE_CPU_PCT,
+            None if v is None else v <= TARGET_QUEUE_CPU_PCT, fmt(v, 2, " %"))
+        v = (e.get("restart") or {}).get("total_s")
+        add("restart (SIGTERM → greeting and queue loaded)", v, "< %d s" % TARGET_RESTART_S,
+            None if not e else (v is not None and v < TARGET_RESTART_S), fmt(v, 2, " s"))
+        ve = (e.get("drain") or {}).get("msgs_s")
+        vp = (p.get("drain") or {}).get("msgs_s")
+        met = None
+        if e:
+            met = False if ve is None else (None if vp is None else ve >= vp)
+        add("drain after SIGALRM (Postfix: postqueue -f) to a fast sink", ve, "≥ Postfix", met,
+            "%s vs %s msg/s (%s×)" % (fmt(ve), fmt(vp), fmt(ratio(ve, vp), 2)))
+    return out
+
+
+def _mem_short(m: Optional[dict]) -> str:
+    if not m:
+        return "–"
+    return "%d processes, %s" % (m.get("processes", 0), fmt(m.get("rss_kb", 0) / 1024.0, 1,
+                                                           " MB RSS"))
 
 
 def markdown(res: dict) -> str:
     s = res["summary"]
     peers = res["peers"]
     mem = res.get("memory", {})
-    sto = res.get("storage", {})
     m = res["machine"]
     lines = ["# eqmail benchmark: %s%s" % (res["date"], " (--quick)" if res.get("quick") else ""),
              "",
@@ -873,14 +1485,16 @@ def markdown(res: dict) -> str:
                  res["eqmail_python"], res.get("postfix_version") or "–", res["messages"],
                  MSG_SIZE, res["runs_per_peer"],
                  " (median, min–max in brackets)" if res["runs_per_peer"] > 1 else ""),
-             "",
-             "| metric | eqmail | postfix | aiosmtpd | eqmail/postfix | eqmail/aiosmtpd |",
-             "|---|---|---|---|---|---|"]
+             ""]
+    parts = res.get("parts", PARTS)
+    if "main" in parts:
+        lines += ["| metric | eqmail | postfix | aiosmtpd | eqmail/postfix | eqmail/aiosmtpd |",
+                  "|---|---|---|---|---|---|"]
 
     def row(name, cells, r1="–", r2="–"):
         lines.append("| %s | %s | %s |" % (name, " | ".join(cells), " | ".join([r1, r2])))
 
-    for c in res["concurrency"]:
+    for c in (res["concurrency"] if "main" in parts else []):
         for key, label in (("accept_msgs_s", "accepted"), ("delivered_msgs_s", "delivered")):
             cells = [fmt_spread(s.get("%s_c%d_%s" % (p, c, key), {}))
                      if p in peers else "–" for p in ("eqmail", "postfix", "aiosmtpd")]
@@ -898,6 +1512,165 @@ def markdown(res: dict) -> str:
              for v in vals[1:]]
         row(label, cells, *r)
 
+    if "main" in parts:
+        main_rows(res, row, mem_row, mb)
+    lines += extra_sections(res)
+    lines += ["", "## Targets (issue 7; issue 19 item 6)", "", "| target | goal | measured | met |",
+              "|---|---|---|---|"]
+    for t in res["targets"]:
+        met = "n/a" if t["met"] is None else ("met" if t["met"] else "**unmet**")
+        lines.append("| %s | %s | %s | %s |" % (t["target"], t["goal"], t["shown"], met))
+    if res.get("notes"):
+        lines += ["", "## Notes", ""] + ["- " + n for n in res["notes"]]
+    lines += ["", "Raw figures: `%s`. How to read this: bench/README.md." % res["json"]]
+    return "\n".join(lines) + "\n"
+
+
+def _mbv(v) -> str:
+    return fmt(v, 1, " MB") if v else "–"
+
+
+def extra_sections(res: dict) -> List[str]:
+    """The tables of the router budget, the fan-out and the queue."""
+    lines: List[str] = []
+    peers3 = ("eqmail", "postfix", "aiosmtpd")
+    bud = res.get("budget")
+    if bud:
+        lines += ["", "## Router budget: each peer alone in a cgroup (%s)" % bud.get("cgroups"),
+                  "",
+                  "%d × %d B at c=20, %d run(s) per peer and budget; memory limit %d MB; the "
+                  "load generator outside the cgroup." % (
+                      bud.get("messages", 0), MSG_SIZE, bud.get("runs", 0),
+                      bud.get("memory_limit", 0) >> 20), ""]
+        if bud.get("error"):
+            lines.append("Not run: %s" % bud["error"])
+        else:
+            lines += ["| budget | metric | eqmail | postfix | aiosmtpd | eqmail/aiosmtpd |",
+                      "|---|---|---|---|---|---|"]
+            for label, _, _ in BUDGETS:
+                b = budget_summary(bud.get("budgets", {}).get(label, {}))
+                if not b:
+                    continue
+
+                def brow(metric, f, r=None):
+                    cells = []
+                    for p in peers3:
+                        x = b.get(p)
+                        cells.append("–" if not x else
+                                     ("error: %s" % x["error"][:80] if x.get("error") and
+                                      metric.startswith("delivered") else f(x)))
+                    rr = "–"
+                    if r and b.get("eqmail") and b.get("aiosmtpd"):
+                        rr = fmt(ratio(r(b["eqmail"]), r(b["aiosmtpd"])), 2, "×")
+                    lines.append("| %s | %s | %s | %s |" % (BUDGET_NAMES[label], metric,
+                                                            " | ".join(cells), rr))
+                brow("delivered msg/s", lambda x: "%s (%d/%d)" % (
+                    fmt(x["msgs_s"]), x["delivered"], x["sent"]), lambda x: x["msgs_s"])
+                brow("cgroup peak memory (charged, page cache included)",
+                     lambda x: _mbv(x["peak_mb"]))
+                brow("cgroup peak anonymous memory (sampled)", lambda x: _mbv(x["anon_mb"]))
+                brow("tree peak RSS / PSS", lambda x: "%s / %s" % (
+                    _mbv(x["tree_peak"].get("rss_kb", 0) / 1024.0),
+                    _mbv(x["tree_peak"].get("pss_kb", 0) / 1024.0)))
+                brow("OOM kills; limit hits; alive at the end", lambda x: "%s; %s; %s" % (
+                    x["oom_kills"], x["limit_hits"], "yes" if x["alive"] else "**no**"))
+                brow("CPU s used (throttled s)", lambda x: "%s (%s)" % (
+                    fmt(x["cpu_s"], 1), fmt(x["throttled_s"], 1)))
+                brow("start until greeting (s)", lambda x: fmt(x["start_s"], 2))
+    fo = res.get("fanout")
+    if fo:
+        lines += ["", "## Fan-out: one 4 KB message to %d local recipients" % fo["recipients"],
+                  "",
+                  "`benchuser+1` … `benchuser+%d@bench.test` in one SMTP transaction; eqmail: "
+                  "the alias user's `.qmail-default` (one Maildir file per recipient); Postfix: "
+                  "`recipient_delimiter = +`, local delivery to benchuser's Maildir (one file "
+                  "per recipient). Median (min–max) of the runs." % fo["recipients"], "",
+                  "| metric | eqmail | postfix | eqmail/postfix |", "|---|---|---|---|"]
+        e = [r["seconds"] for r in fo.get("eqmail", [])]
+        p = [r["seconds"] for r in fo.get("postfix", [])]
+        lines.append("| from the 250 until the last Maildir file (s) | %s | %s | %s |" % (
+            fmt_spread(spread(e), 2), fmt_spread(spread(p), 2),
+            fmt(ratio(_median(e), _median(p)), 2, "×")))
+        e = [r["recipients"] / r["seconds"] for r in fo.get("eqmail", []) if r["seconds"]]
+        p = [r["recipients"] / r["seconds"] for r in fo.get("postfix", []) if r["seconds"]]
+        lines.append("| deliveries/s | %s | %s | – |" % (fmt_spread(spread(e)),
+                                                         fmt_spread(spread(p))))
+        e = [r["data_s"] for r in fo.get("eqmail", [])]
+        p = [r["data_s"] for r in fo.get("postfix", [])]
+        lines.append("| DATA until the 250 (s) | %s | %s | – |" % (
+            fmt_spread(spread(e), 3), fmt_spread(spread(p), 3)))
+    q = res.get("queue")
+    if q and (q.get("eqmail") or q.get("postfix")):
+        e, p = q.get("eqmail") or {}, q.get("postfix") or {}
+        n = q["messages"]
+        lines += ["", "## Queue: %s messages deferred to a relay that is down" % fmt(n), "",
+                  "Injected with smtp-source (c=20, 4 KB, relaying allowed for 127.0.0.1) to "
+                  "`someone@remote.test`; eqmail routes everything to `[127.0.0.1]:PORT` "
+                  "(control/smtproutes), Postfix has `relayhost = [127.0.0.1]:PORT`; nothing "
+                  "listens on PORT (connection refused) until the drain, when smtp-sink does.",
+                  "", "| metric | eqmail | postfix | eqmail/postfix |", "|---|---|---|---|"]
+
+        def qrow(label, f, r=None):
+            ce = f(e) if e else "–"
+            cp = f(p) if p else "–"
+            rr = fmt(ratio(r(e), r(p)), 2, "×") if r and e and p else "–"
+            lines.append("| %s | %s | %s | %s |" % (label, ce, cp, rr))
+
+        def g(d, *keys):
+            for k in keys:
+                d = (d or {}).get(k)
+            return d
+
+        qrow("injection msg/s (all answered 250: smtp-source exit)", lambda d: "%s (exit %s)" % (
+            fmt(g(d, "inject", "msgs_s")), g(d, "inject", "rc")),
+            lambda d: g(d, "inject", "msgs_s"))
+        qrow("until every message had its first try (s after injection)",
+             lambda d: fmt(g(d, "all_deferred_after_inject_s"), 1))
+        qrow("idle RSS before (tree)", lambda d: _mbv(g(d, "idle", "rss_kb") / 1024.0))
+        qrow("RSS right after the injection (tree; processes)", lambda d: "–" if not
+             d.get("after_inject") else "%s; %d" % (
+                 _mbv(g(d, "after_inject", "rss_kb") / 1024.0),
+                 g(d, "after_inject", "processes")))
+        qrow("session workers retired after (s)", lambda d: fmt(g(d, "workers_retired_s"), 1)
+             if "workers_retired_s" in d else "–")
+        qrow("RSS with them waiting (tree; processes)", lambda d: "%s; %d" % (
+            _mbv(g(d, "waiting", "rss_kb") / 1024.0), g(d, "waiting", "processes")))
+        qrow("… (RSS waiting − idle RSS) / messages", lambda d: fmt(d.get("rss_bytes_per_msg"),
+                                                                     0, " B"))
+        qrow("… the same with PSS", lambda d: fmt(d.get("pss_bytes_per_msg"), 0, " B"))
+        qrow("idle CPU while they wait (CPU s / wall s)", lambda d: "%s (%s / %s s)" % (
+            fmt(g(d, "idle_cpu", "pct"), 2, " %"), fmt(g(d, "idle_cpu", "cpu_s"), 2),
+            fmt(g(d, "idle_cpu", "seconds"))))
+        qrow("restart: SIGTERM until exit (s)", lambda d: fmt(g(d, "restart", "stop_s"), 2))
+        qrow("restart: start until SMTP greeting (s)",
+             lambda d: fmt(g(d, "restart", "greeting_s"), 2))
+        qrow("restart: start until the queue is loaded (s; eqmail's \"started\" log line)",
+             lambda d: fmt(g(d, "restart", "loaded_s"), 2))
+        qrow("restart total: SIGTERM until greeting and queue loaded (s)",
+             lambda d: fmt(g(d, "restart", "total_s"), 2), lambda d: g(d, "restart", "total_s"))
+        qrow("RSS after the restart, queue loaded (tree)", lambda d: _mbv(
+            g(d, "after_restart", "rss_kb") / 1024.0))
+        qrow("… (RSS − idle RSS) / messages", lambda d: fmt(
+            d.get("rss_bytes_per_msg_restarted"), 0, " B") if "rss_bytes_per_msg_restarted"
+            in d else "–")
+        qrow("deliveries started in the 3 s after the restart", lambda d: fmt(
+            d.get("tries_after_restart")) if "tries_after_restart" in d else "–")
+        qrow("drain: SIGALRM / postqueue -f until the queue is empty (s)",
+             lambda d: fmt(g(d, "drain", "seconds"), 1) + (
+                 "" if not g(d, "drain", "left") else " (%d left)" % g(d, "drain", "left")))
+        qrow("drain msg/s", lambda d: fmt(g(d, "drain", "msgs_s")),
+             lambda d: g(d, "drain", "msgs_s"))
+        qrow("RSS 2 s after the drain (tree)", lambda d: _mbv(
+            g(d, "after_drain", "rss_kb") / 1024.0))
+        qrow("… − idle RSS (not given back)", lambda d: _mbv(
+            (g(d, "after_drain", "rss_kb") - g(d, "idle", "rss_kb")) / 1024.0)
+            if d.get("after_drain") else "–")
+    return lines
+
+
+def main_rows(res: dict, row, mem_row, mb) -> None:
+    mem = res.get("memory", {})
+    sto = res.get("storage", {})
     mem_row("idle RSS after start (tree)", "idle", "rss_kb")
     mem_row("idle PSS after start (tree)", "idle", "pss_kb")
     mem_row("peak RSS during c=20 (tree)", "peak_c20", "rss_kb")
@@ -918,7 +1691,14 @@ def markdown(res: dict) -> str:
             cell = "%s / %s" % (mb(r["memory"]), mb(r["memory"], "pss_kb")) \
                 if r["delivered"] else "not delivered"
             row(label, [cell, "–", "–"])
-    mem_row("idle RSS after the load runs", "after_load", "rss_kb")
+    mem_row("idle RSS after the load runs (2 s after)", "after_load", "rss_kb")
+    backs = [mem.get(p, {}).get("back_to_idle") for p in ("eqmail", "postfix", "aiosmtpd")]
+    if any(backs):
+        row("back to idle after the load (s; then processes, RSS)",
+            ["–" if not b else "%s; %s" % (
+                fmt(b["seconds"], 1) if b["seconds"] is not None
+                else "not in %d" % b.get("timeout", 0), _mem_short(b.get("memory")))
+             for b in backs])
 
     def sto_row(label, k, digits):
         vals = [sto.get(p, {}).get(k) for p in ("eqmail", "postfix", "aiosmtpd")]
@@ -930,18 +1710,132 @@ def markdown(res: dict) -> str:
         sto_row("write_bytes per delivered message (KB, /proc/PID/io)", "write_kb_per_msg", 1)
         sto_row("… less cancelled_write_bytes (KB)", "net_write_kb_per_msg", 1)
         sto_row("disk sectors written per message, whole device (KB)", "device_kb_per_msg", 1)
-    lines += ["", "## Targets (issue 7)", "", "| target | goal | measured | met |",
-              "|---|---|---|---|"]
-    for t in res["targets"]:
-        met = "n/a" if t["met"] is None else ("met" if t["met"] else "**unmet**")
-        lines.append("| %s | %s | %s | %s |" % (t["target"], t["goal"], t["shown"], met))
-    if res.get("notes"):
-        lines += ["", "## Notes", ""] + ["- " + n for n in res["notes"]]
-    lines += ["", "Raw figures: `%s`. How to read this: bench/README.md." % res["json"]]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- main
+
+
+def start_main_peers(res: dict, py: Dict[str, str], pw, workdir: str, peers: List[str],
+                     with_remote: bool) -> dict:
+    """The peers of the main part (and the fan-out), their idle memory; with
+    `with_remote`, the far end and the DNS responder for eqmail's remote
+    deliveries (kept in res["_far"], res["_dns"])."""
+    far = None
+    dns_proc = None
+    resolv = None
+    if with_remote:
+        far = AiosmtpdPeer(py["peers"], workdir, label="far-end").start()
+        if "eqmail" in peers:
+            resolv = os.path.join(workdir, "resolv.conf")
+            with open(resolv, "w") as f:
+                f.write("nameserver %s\n" % DNS_ADDRESS)
+            os.chmod(resolv, 0o644)
+            try:
+                dns_proc = subprocess.Popen(
+                    [py["peers"], os.path.join(BENCH, "dns_peer.py"), DNS_ADDRESS,
+                     RELAY_NAME, "127.0.0.1"], stdout=subprocess.PIPE,
+                    stderr=open(os.path.join(workdir, "dns.log"), "ab"), cwd="/")
+
+                class _P:
+                    name = "dns"
+
+                    def stop(self_inner):
+                        stop_proc(dns_proc)
+                _started.append(_P())
+                if dns_proc.stdout.readline().strip() != b"ready":
+                    raise RuntimeError("exit %s" % dns_proc.wait(5))
+            except Exception as e:
+                res["notes"].append("the DNS responder did not start (%s): no remote "
+                                    "delivery through DNS" % e)
+                dns_proc = None
+    objs = {}
+    say("starting peers: %s" % ", ".join(peers))
+    for name in peers:
+        if name == "eqmail":
+            objs[name] = EqmailPeer(py["eqmail"], workdir, pw, far.port if far else None,
+                                    resolv).start()
+        elif name == "postfix":
+            objs[name] = PostfixBench().start()
+        else:
+            objs[name] = AiosmtpdPeer(py["peers"], workdir).start()
+    for name, peer in objs.items():
+        res["memory"].setdefault(name, {})["idle"] = idle_memory(peer, settle=1.5)
+        say("%s idle: %s" % (name, res["memory"][name]["idle"]))
+
+    res["_far"], res["_dns"] = far, dns_proc
+    return objs
+
+
+def main_part(res: dict, args, objs: dict, smtp_source: List[str], n: int, runs: int,
+              dev: Optional[str]) -> None:
+    """Remote deliveries and idle connections (eqmail), the load runs, the
+    return to idle, the storage runs."""
+    far, dns_proc = res.pop("_far"), res.pop("_dns")
+    # --- eqmail only: remote deliveries, idle connections
+    if "eqmail" in objs:
+        eq = objs["eqmail"]
+        mem = res["memory"]["eqmail"]
+        say("eqmail: remote delivery via smtproutes [127.0.0.1]")
+        mem["after_remote_literal"] = remote_delivery(eq, far, "someone@iplit.test", 1)
+        if dns_proc is not None:
+            say("eqmail: remote delivery via DNS (%s)" % RELAY_NAME)
+            mem["after_remote_dns"] = remote_delivery(eq, far, "someone@dns.test", 2)
+        say("eqmail: %d idle connections" % IDLE_CONNECTIONS)
+        mem["idle_connections"] = idle_connections(eq)
+
+    # --- load: runs interleaved over peers
+    for name, peer in objs.items():   # the baseline of the return to idle
+        res["memory"][name]["before_load"] = idle_memory(peer, settle=0.5)
+    for i in range(runs):
+        for c in res["concurrency"]:
+            for name, peer in objs.items():
+                r = load_run(peer, smtp_source, n, c, sample=(c == 20))
+                r["run"] = i
+                res["runs"].append(r)
+                say("run %d c=%-2d %-8s accept %s msg/s, delivered %s msg/s (%d/%d)%s"
+                    % (i + 1, c, name, fmt(r["accept_msgs_s"]), fmt(r["delivered_msgs_s"]),
+                       r["delivered_count"], n,
+                       "" if r["smtp_source_rc"] == 0 else
+                       " smtp-source exit %s: %s" % (r["smtp_source_rc"],
+                                                     r.get("smtp_source_stderr", ""))))
+                if r["delivered_s"] is None:
+                    res["notes"].append("%s c=%d run %d: only %d of %d delivered in time"
+                                        % (name, c, i + 1, r["delivered_count"], n))
+                if "peak" in r:
+                    pk = res["memory"][name].setdefault("peak_c20", {"rss_kb": 0,
+                                                                     "pss_kb": 0})
+                    for k in ("rss_kb", "pss_kb"):
+                        pk[k] = max(pk[k], r["peak"][k])
+    for name, peer in objs.items():
+        res["memory"][name]["after_load"] = idle_memory(peer, settle=2.0)
+    say("waiting for the peers to be back to idle (at most %d s)" % IDLE_RETURN_TIMEOUT)
+    back = back_to_idle(objs, {name: res["memory"][name]["before_load"] for name in objs},
+                        IDLE_RETURN_TIMEOUT)
+    for name, b in back.items():
+        res["memory"][name]["back_to_idle"] = b
+        say("%s: back to idle after %s s: %s" % (name, fmt(b["seconds"], 1), b["memory"]))
+
+    # --- storage
+    for name, peer in objs.items():
+        say("%s: storage run (strace, %d messages, c=20)" % (name, args.storage_messages))
+        res["storage"][name] = storage_run(peer, smtp_source, args.storage_messages, dev)
+        say("%s: %s" % (name, {k: v for k, v in res["storage"][name].items()
+                                if k.endswith("per_msg")}))
+    if "postfix" in objs:
+        res["notes"].append("Postfix's /proc/PID/io counts only processes alive at the "
+                            "end of the storage run (short-lived ones are missed); "
+                            "its fsync count covers the whole tree (strace -f).")
+    res["notes"].append("whole-device sectors include the file system journal and "
+                        "anything else writing to %s at the time." % dev)
+
+
+def stop_started() -> None:
+    while _started:
+        thing = _started.pop()
+        try:
+            thing.stop()
+        except Exception as e:  # keep stopping the others
+            say("stopping %s: %s" % (getattr(thing, "name", thing), e))
 
 
 def cleanup(keep: bool = False) -> None:
@@ -980,6 +1874,15 @@ def main(argv=None) -> int:
                    help="keep the temporary directories (homes, logs, Maildirs)")
     p.add_argument("--storage-messages", type=int, default=500,
                    help="messages of the strace'd c=20 run (default 500)")
+    p.add_argument("--only", help="comma-separated parts to run: %s (default: all; the "
+                   "table then shows only their rows and goes to results/partial.md)"
+                   % ",".join(PARTS))
+    p.add_argument("--budget-messages", type=int,
+                   help="messages per c=20 run in each cgroup budget (default 2000, "
+                   "--quick 300)")
+    p.add_argument("--budget-runs", type=int, help="runs per peer and budget (default 1)")
+    p.add_argument("--queue-messages", type=int,
+                   help="messages deferred to the dead relay (default 20000, --quick 2000)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench/run.py must run as root (users, Postfix, strace, port 53)", file=sys.stderr)
@@ -990,18 +1893,27 @@ def main(argv=None) -> int:
     for x in peers:
         if x not in ("eqmail", "postfix", "aiosmtpd"):
             p.error("unknown peer %r" % x)
+    parts = list(PARTS)
+    if args.only:
+        parts = [x.strip() for x in args.only.split(",") if x.strip()]
+        for x in parts:
+            if x not in PARTS:
+                p.error("unknown part %r (%s)" % (x, ",".join(PARTS)))
     signal.signal(signal.SIGTERM, _on_signal)
     t_start = time.monotonic()
     now = datetime.datetime.now()
     res = {"date": now.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "messages": n, "runs_per_peer": runs,
            "concurrency": [1, 20], "peers": peers, "message_size": MSG_SIZE,
-           "machine": machine_info(), "runs": [], "memory": {}, "storage": {}, "notes": []}
+           "machine": machine_info(), "runs": [], "memory": {}, "storage": {}, "notes": [],
+           "parts": parts}
     try:
         # --- installation
         ensure_tools()
         smtp_source = ensure_smtp_source()
         if "postfix" in peers:
             ensure_postfix()
+            res["postfix_version"] = sh(["postconf", "-d", "-h", "mail_version"],
+                                        check=False).stdout.strip()
         pw = ensure_user(DAEMON_USER, "/nonexistent")
         py = choose_python(pw, args.python)
         res["eqmail_python"] = py["eqmail"]
@@ -1016,95 +1928,43 @@ def main(argv=None) -> int:
         workdir = mkdtemp("eqmail-bench-")
         dev = device_of(workdir)
 
-        # --- peers
-        far = AiosmtpdPeer(py["peers"], workdir, label="far-end").start()
-        dns_proc = None
-        resolv = None
-        if "eqmail" in peers:
-            resolv = os.path.join(workdir, "resolv.conf")
-            with open(resolv, "w") as f:
-                f.write("nameserver %s\n" % DNS_ADDRESS)
-            os.chmod(resolv, 0o644)
-            try:
-                dns_proc = subprocess.Popen(
-                    [py["peers"], os.path.join(BENCH, "dns_peer.py"), DNS_ADDRESS,
-                     RELAY_NAME, "127.0.0.1"], stdout=subprocess.PIPE,
-                    stderr=open(os.path.join(workdir, "dns.log"), "ab"), cwd="/")
-
-                class _P:
-                    name = "dns"
-
-                    def stop(self_inner):
-                        stop_proc(dns_proc)
-                _started.append(_P())
-                if dns_proc.stdout.readline().strip() != b"ready":
-                    raise RuntimeError("exit %s" % dns_proc.wait(5))
-            except Exception as e:
-                res["notes"].append("the DNS responder did not start (%s): no remote "
-                                    "delivery through DNS" % e)
-                dns_proc = None
+        # --- peers for the main part and the fan-out
         objs = {}
-        say("starting peers: %s" % ", ".join(peers))
-        for name in peers:
-            if name == "eqmail":
-                objs[name] = EqmailPeer(py["eqmail"], workdir, pw, far.port, resolv).start()
-            elif name == "postfix":
-                objs[name] = PostfixBench().start()
-                res["postfix_version"] = objs[name].version()
-            else:
-                objs[name] = AiosmtpdPeer(py["peers"], workdir).start()
-        for name, peer in objs.items():
-            res["memory"].setdefault(name, {})["idle"] = idle_memory(peer, settle=1.5)
-            say("%s idle: %s" % (name, res["memory"][name]["idle"]))
+        if "main" in parts or "fanout" in parts:
+            objs = start_main_peers(res, py, pw, workdir, peers, "main" in parts)
+        if "main" in parts:
+            main_part(res, args, objs, smtp_source, n, runs, dev)
 
-        # --- eqmail only: remote deliveries, idle connections
-        if "eqmail" in objs:
-            eq = objs["eqmail"]
-            mem = res["memory"]["eqmail"]
-            say("eqmail: remote delivery via smtproutes [127.0.0.1]")
-            mem["after_remote_literal"] = remote_delivery(eq, far, "someone@iplit.test", 1)
-            if dns_proc is not None:
-                say("eqmail: remote delivery via DNS (%s)" % RELAY_NAME)
-                mem["after_remote_dns"] = remote_delivery(eq, far, "someone@dns.test", 2)
-            say("eqmail: %d idle connections" % IDLE_CONNECTIONS)
-            mem["idle_connections"] = idle_connections(eq)
+        # --- fan-out: one message to FANOUT_RCPTS local recipients
+        if "fanout" in parts:
+            fo = res["fanout"] = {"recipients": FANOUT_RCPTS}
+            for i in range(runs):
+                for name in ("eqmail", "postfix"):
+                    if name in objs:
+                        r = fanout_run(objs[name])
+                        fo.setdefault(name, []).append(r)
+                        say("fan-out %s run %d: %s s from the 250 to the %d-th file (%d "
+                            "accepted, %d delivered)" % (name, i + 1, fmt(r["seconds"], 2),
+                                                         r["accepted_rcpts"],
+                                                         r["accepted_rcpts"], r["delivered"]))
+        stop_started()   # the budget and queue parts start peers of their own
 
-        # --- load: runs interleaved over peers
-        for i in range(runs):
-            for c in res["concurrency"]:
-                for name, peer in objs.items():
-                    r = load_run(peer, smtp_source, n, c, sample=(c == 20))
-                    r["run"] = i
-                    res["runs"].append(r)
-                    say("run %d c=%-2d %-8s accept %s msg/s, delivered %s msg/s (%d/%d)%s"
-                        % (i + 1, c, name, fmt(r["accept_msgs_s"]), fmt(r["delivered_msgs_s"]),
-                           r["delivered_count"], n,
-                           "" if r["smtp_source_rc"] == 0 else
-                           " smtp-source exit %s: %s" % (r["smtp_source_rc"],
-                                                         r.get("smtp_source_stderr", ""))))
-                    if r["delivered_s"] is None:
-                        res["notes"].append("%s c=%d run %d: only %d of %d delivered in time"
-                                            % (name, c, i + 1, r["delivered_count"], n))
-                    if "peak" in r:
-                        pk = res["memory"][name].setdefault("peak_c20", {"rss_kb": 0,
-                                                                         "pss_kb": 0})
-                        for k in ("rss_kb", "pss_kb"):
-                            pk[k] = max(pk[k], r["peak"][k])
-        for name, peer in objs.items():
-            res["memory"][name]["after_load"] = idle_memory(peer, settle=2.0)
+        # --- router budget: each peer alone in a cgroup
+        if "budget" in parts:
+            res["budget"] = budget_phase(py, pw, workdir, smtp_source, peers,
+                                         args.budget_messages or (300 if args.quick else 2000),
+                                         args.budget_runs or 1)
 
-        # --- storage
-        for name, peer in objs.items():
-            say("%s: storage run (strace, %d messages, c=20)" % (name, args.storage_messages))
-            res["storage"][name] = storage_run(peer, smtp_source, args.storage_messages, dev)
-            say("%s: %s" % (name, {k: v for k, v in res["storage"][name].items()
-                                    if k.endswith("per_msg")}))
-        if "postfix" in objs:
-            res["notes"].append("Postfix's /proc/PID/io counts only processes alive at the "
-                                "end of the storage run (short-lived ones are missed); "
-                                "its fsync count covers the whole tree (strace -f).")
-        res["notes"].append("whole-device sectors include the file system journal and "
-                            "anything else writing to %s at the time." % dev)
+        # --- queue: messages deferred to a relay that is down, then the drain
+        if "queue" in parts:
+            qn = args.queue_messages or (2000 if args.quick else 20000)
+            cpu_s = 5.0 if args.quick else 20.0
+            q = res["queue"] = {"messages": qn}
+            if "eqmail" in peers:
+                q["eqmail"] = queue_phase_eqmail(py, pw, workdir, smtp_source, qn, cpu_s,
+                                                 retire_timeout=90.0)
+            if "postfix" in peers:
+                q["postfix"] = queue_phase_postfix(smtp_source, qn, cpu_s)
     except (_Stopped, KeyboardInterrupt) as e:
         say("stopped: %s" % e)
         cleanup(args.keep)
@@ -1117,16 +1977,19 @@ def main(argv=None) -> int:
     base = "%s-%s" % (now.strftime("%Y-%m-%d-%H%M"), res["machine"]["host"])
     if args.quick:
         base += "-quick"
+    if args.only:
+        base += "-" + "-".join(parts)
     res["json"] = "bench/results/%s.json" % base
     res["targets"] = targets(res)
     with open(os.path.join(RESULTS, base + ".json"), "w") as f:
         json.dump(res, f, indent=1, sort_keys=True)
     md = markdown(res)
-    with open(os.path.join(RESULTS, "latest.md"), "w") as f:
+    table = "latest.md" if set(parts) == set(PARTS) else "partial.md"
+    with open(os.path.join(RESULTS, table), "w") as f:
         f.write(md)
     print()
     print(md)
-    say("done in %.0f s: %s, bench/results/latest.md" % (res["seconds"], res["json"]))
+    say("done in %.0f s: %s, bench/results/%s" % (res["seconds"], res["json"], table))
     return 0
 
 
