@@ -1658,6 +1658,8 @@ def extra_sections(res: dict) -> List[str]:
         qrow("drain: SIGALRM / postqueue -f until the queue is empty (s)",
              lambda d: fmt(g(d, "drain", "seconds"), 1) + (
                  "" if not g(d, "drain", "left") else " (%d left)" % g(d, "drain", "left")))
+        qrow("… delivered to the sink (log lines: eqmail success, Postfix status=sent)",
+             lambda d: fmt(g(d, "drain", "successes")))
         qrow("drain msg/s", lambda d: fmt(g(d, "drain", "msgs_s")),
              lambda d: g(d, "drain", "msgs_s"))
         qrow("RSS 2 s after the drain (tree)", lambda d: _mbv(
@@ -1962,7 +1964,7 @@ def main(argv=None) -> int:
             q = res["queue"] = {"messages": qn}
             if "eqmail" in peers:
                 q["eqmail"] = queue_phase_eqmail(py, pw, workdir, smtp_source, qn, cpu_s,
-                                                 retire_timeout=90.0)
+                                                 retire_timeout=120.0)
             if "postfix" in peers:
                 q["postfix"] = queue_phase_postfix(smtp_source, qn, cpu_s)
     except (_Stopped, KeyboardInterrupt) as e:
