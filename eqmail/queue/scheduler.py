@@ -1,8 +1,11 @@
 """queue.scheduler -- deliveries, retries and lifetimes (qmail-send's role).
 
 SUMMARY
-    The `Scheduler` keeps every committed message in memory (its envelope,
-    not its data), starts one delivery per recipient, at most
+    The `Scheduler` keeps the committed messages that are due or in flight
+    in memory (their envelopes, not their data; at most ACTIVE_MAX, as
+    Postfix's active queue), and of every other message only its next try
+    and its ID, packed in one int: a queue that piles up while a relay is
+    down grows on disk, not in RAM.  It starts one delivery per recipient, at most
     concurrencylocal local and concurrencyremote remote deliveries at a
     time, records each finished recipient durably, retries deferrals on
     qmail's schedule and removes finished messages.
@@ -48,7 +51,7 @@ import math
 import os
 import time
 from dataclasses import replace
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import gevent
 import gevent.event
@@ -69,6 +72,40 @@ RETRY_C = {LOCAL: 10, REMOTE: 20}
 SCAN_INTERVAL = 60
 
 TOO_LONG = " I'm not going to try again; this message has been in the queue too long."
+
+#: Messages held in memory at most (Postfix's active queue): beyond it, and
+#: for every message whose next try is more than PARK_AFTER seconds away,
+#: only the next try and the ID stay in memory, packed in one int (about
+#: 100 bytes a message with the set that knows it); the envelope is read
+#: from disk again when the message is due.
+ACTIVE_MAX = 2000
+PARK_AFTER = 5.0
+#: Parked messages read back at once (at least, when the active ones allow).
+UNPARK_BATCH = 200
+
+_ID_MASK = (1 << 96) - 1
+
+
+def pack_id(msgid: str) -> Optional[int]:
+    """A queue ID ``time.pid.seq`` as one int (each field below 2**32,
+    written without leading zeros), or None when it does not fit."""
+    parts = msgid.split(".")
+    if len(parts) != 3:
+        return None
+    out = 0
+    for p in parts:
+        if not p.isdigit() or (len(p) > 1 and p[0] == "0") or len(p) > 10:
+            return None
+        n = int(p)
+        if n >= 1 << 32:
+            return None
+        out = (out << 32) | n
+    return out
+
+
+def unpack_id(packed: int) -> str:
+    """The queue ID `pack_id` packed."""
+    return "%d.%d.%d" % (packed >> 64, (packed >> 32) & 0xFFFFFFFF, packed & 0xFFFFFFFF)
 
 
 def next_retry(birth: float, now: float, channel: str) -> float:
@@ -114,6 +151,11 @@ class Scheduler:
         self._numbers = itertools.count(1)
         self.stopping = False
         self._greenlets: list = []
+        #: Parked messages (see ACTIVE_MAX): packed IDs, and a heap of
+        #: ``due << 96 | packed ID`` (a popped key whose ID is no longer in
+        #: the set is stale).
+        self._parked: set = set()
+        self._parked_heap: list = []
         #: When set (by the daemon: eqmail.workers.Pool.deliver), tried first
         #: for each local delivery: ``(id, sender, local, domain, finish) ->
         #: (LocalResult, removed)``, or None to deliver in this process.
@@ -129,10 +171,24 @@ class Scheduler:
         # reading every file to check its commit mark: off the hub (and no
         # threadpool, 0.5 MB of RSS, for an empty queue)
         if self.store.ids():
-            loaded = run(lambda: [(item, self._due(item))
-                                  for item in self.store.items(clean=True, at_start=True)])
-            for item, when in loaded:
+            def load():
+                # only what is due soon stays in memory: the rest is parked
+                keep, parked, now = [], [], time.time()
+                for item in self.store.items(clean=True, at_start=True):
+                    when = self._due(item)
+                    packed = pack_id(item.id)
+                    if packed is not None and (when > now + PARK_AFTER
+                                               or len(keep) >= ACTIVE_MAX):
+                        parked.append((when, packed))
+                    else:
+                        keep.append((item, when))
+                return keep, parked
+
+            keep, parked = run(load)
+            for item, when in keep:
                 self._add(item, when)
+            for when, packed in parked:
+                self._park(packed, when)
         self.store.on_commit = self.add
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._watch_trigger)]
 
@@ -143,6 +199,11 @@ class Scheduler:
             return  # a scan() found it first
         log.new_msg(item.id)
         log.info_msg(item.id, item.size, item.sender, item.pid, item.uid)
+        packed = pack_id(item.id) if len(self.entries) >= ACTIVE_MAX else None
+        if packed is not None:
+            self._park(packed, time.time())  # read again from disk when there is room
+            self._wake.set()
+            return
         self._add(item)
         entry = self.entries.get(item.id)
         if entry is not None:
@@ -182,6 +243,34 @@ class Scheduler:
     def _push(self, msgid: str, when: float) -> None:
         heapq.heappush(self._heap, (when, next(self._tie), msgid))
 
+    def _park(self, packed: int, when: float) -> None:
+        """Keep only the next try (`when`) and the packed ID of a message."""
+        self._parked.add(packed)
+        heapq.heappush(self._parked_heap, (max(0, math.ceil(when)) << 96) | packed)
+
+    def parked(self) -> int:
+        """How many messages wait on disk only."""
+        return len(self._parked)
+
+    def _unpark_due(self, now: float) -> None:
+        """Read the parked messages that are due back into memory, while
+        there is room (ACTIVE_MAX).  The reading runs in the threadpool."""
+        heap, due = self._parked_heap, []
+        room = ACTIVE_MAX - len(self.entries)
+        if room < min(UNPARK_BATCH, ACTIVE_MAX) and self.entries:
+            return  # read in batches: one trip to the threadpool for many
+        while heap and (heap[0] >> 96) <= now and len(due) < room:
+            packed = heapq.heappop(heap) & _ID_MASK
+            if packed in self._parked:
+                self._parked.discard(packed)
+                due.append(unpack_id(packed))
+        if not due:
+            return
+        loaded = run(lambda: [self.store.load_committed(msgid, True) for msgid in due])
+        for item in loaded:
+            if item is not None and item.id not in self.entries:
+                self._add(item, 0.0)
+
     def wake(self) -> None:
         """Look at the queue again now (after a reload changed concurrency)."""
         self._wake.set()
@@ -193,6 +282,8 @@ class Scheduler:
         for msgid, entry in self.entries.items():
             entry.next = [0.0] * len(entry.next)
             self._push(msgid, 0.0)
+        self._parked_heap = list(self._parked)  # due at time 0: now
+        heapq.heapify(self._parked_heap)
         self._wake.set()
 
     def stop(self, grace: float) -> bool:
@@ -216,8 +307,11 @@ class Scheduler:
         except OSError as e:
             log.alert("unable to scan the queue: %s" % e)
             return 0
+        parked = self._parked
         for msgid in ids:
             if msgid in self.entries or msgid in self.store.open_drafts:
+                continue
+            if parked and pack_id(msgid) in parked:
                 continue
             item, when = run(self._load, msgid)
             if item is None or msgid in self.entries:
@@ -266,6 +360,8 @@ class Scheduler:
     def _step(self) -> None:
         """Start what is due, then sleep until the next due time or a wake-up."""
         now = time.time()
+        if self._parked_heap and (self._parked_heap[0] >> 96) <= now:
+            self._unpark_due(now)
         heap = self._heap
         while heap and heap[0][0] <= now:
             _, _, msgid = heapq.heappop(heap)
@@ -281,6 +377,8 @@ class Scheduler:
         timeout = SCAN_INTERVAL
         if heap:
             timeout = max(0.0, min(timeout, heap[0][0] - time.time()))
+        if self._parked_heap and len(self.entries) < ACTIVE_MAX:
+            timeout = max(0.0, min(timeout, (self._parked_heap[0] >> 96) - time.time()))
         self._wake.clear()
         self._wake.wait(timeout)
 
@@ -471,8 +569,14 @@ class Scheduler:
                 self._finish(entry)
             else:
                 when = min(entry.next[i] for i in pending)
-                self._push(item.id, when)
                 self._remember_next(item, when)
+                packed = pack_id(item.id) if when > time.time() + PARK_AFTER else None
+                if packed is not None and not entry.finishing:
+                    # waits on disk: the next try is in the file's mtime
+                    del self.entries[item.id]
+                    self._park(packed, when)
+                else:
+                    self._push(item.id, when)
         if not any(self.inflight.values()):
             self._idle.set()
         self._wake.set()
