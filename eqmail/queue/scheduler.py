@@ -82,6 +82,8 @@ ACTIVE_MAX = 2000
 PARK_AFTER = 5.0
 #: Parked messages read back at once (at least, when the active ones allow).
 UNPARK_BATCH = 200
+#: A queue that held this many messages gives its memory back when empty.
+TRIM_AFTER = 500
 
 _ID_MASK = (1 << 96) - 1
 
@@ -156,6 +158,8 @@ class Scheduler:
         #: the set is stale).
         self._parked: set = set()
         self._parked_heap: list = []
+        #: The most messages known at once since the queue was last empty.
+        self._busiest = 0
         #: When set (by the daemon: eqmail.workers.Pool.deliver), tried first
         #: for each local delivery: ``(id, sender, local, domain, finish) ->
         #: (LocalResult, removed)``, or None to deliver in this process.
@@ -230,6 +234,22 @@ class Scheduler:
             return 0.0
         return min(mtime, next_retry(item.birth, now, REMOTE))
 
+    def _give_back(self) -> None:
+        """The queue has drained after a busy spell: hand the freed heap
+        back to the system (glibc's malloc_trim), so that RSS falls back
+        towards idle.  Nothing happens where there is no glibc."""
+        if self.entries or self._parked:
+            return
+        import gc
+
+        gc.collect()
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
     def _add(self, item: Item, when: float = 0.0) -> None:
         if item.id in self.entries:
             return
@@ -238,6 +258,7 @@ class Scheduler:
         entry = _Entry(item, channels)
         entry.next = [when] * len(item.recipients)
         self.entries[item.id] = entry
+        self._busiest = max(self._busiest, len(self.entries) + len(self._parked))
         self._push(item.id, when)
 
     def _push(self, msgid: str, when: float) -> None:
@@ -612,6 +633,9 @@ class Scheduler:
             log.alert("unable to remove msg %s: %s" % (item.id, e))
         self.entries.pop(item.id, None)
         log.end_msg(item.id)
+        if not self.entries and not self._parked and self._busiest >= TRIM_AFTER:
+            self._busiest = 0
+            gevent.spawn_later(1, self._give_back)
 
     def _bounce(self, item: Item) -> bool:
         """Queue the bounce for the recorded failures of `item`.  True when
