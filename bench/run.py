@@ -706,7 +706,7 @@ def load_run(peer, smtp_source: List[str], n: int, c: int, sample: bool) -> dict
            "delivered_s": delivered, "delivered_count": count,
            "accept_msgs_s": n / accept if accept and proc.returncode == 0 else None,
            "delivered_msgs_s": n / delivered if delivered else None,
-           "smtp_source_rc": proc.returncode}
+           "smtp_source_rc": proc.returncode, "t_end": time.monotonic()}
     if err:
         out["smtp_source_stderr"] = err[-500:]
     if sampler:
@@ -853,11 +853,13 @@ def tree_cpu_seconds(root: int) -> float:
     return total / float(CLK_TCK)
 
 
-def back_to_idle(peers: Dict[str, object], idle: Dict[str, dict], timeout: float) -> dict:
+def back_to_idle(peers: Dict[str, object], idle: Dict[str, dict], since: Dict[str, float],
+                 timeout: float) -> dict:
     """After the load: seconds until each peer's tree is back to the process
     count it had before the load with an RSS at most 25 % above its RSS then
     (`idle`: the figures just before the load runs; polled every 0.5 s, up
-    to `timeout`), and its memory then (or at the timeout)."""
+    to `timeout`), and its memory then (or at the timeout).  The seconds
+    count from `since[name]`, the end of that peer's last load run."""
     t0 = time.monotonic()
     out = {name: None for name in peers}
     last = {}
@@ -870,11 +872,13 @@ def back_to_idle(peers: Dict[str, object], idle: Dict[str, dict], timeout: float
             i = idle.get(name) or {}
             if m["processes"] <= i.get("processes", 1) and \
                     m["rss_kb"] <= 1.25 * i.get("rss_kb", 0):
-                out[name] = {"seconds": round(time.monotonic() - t0, 1), "memory": m}
+                out[name] = {"seconds": round(time.monotonic() - since.get(name, t0), 1),
+                             "memory": m}
         time.sleep(0.5)
     for name in peers:
         if out[name] is None:
-            out[name] = {"seconds": None, "timeout": timeout, "memory": last.get(name)}
+            out[name] = {"seconds": None, "memory": last.get(name),
+                         "timeout": round(time.monotonic() - since.get(name, t0))}
     return out
 
 
@@ -948,6 +952,7 @@ def budget_phase(py: Dict[str, str], pw, workdir: str, smtp_source: List[str],
                 sampler.start()
                 for i in range(runs):
                     lr = load_run(peer, smtp_source, n, 20, sample=True)
+                    lr.pop("t_end", None)
                     lr["run"] = i
                     r["runs"].append(lr)
                     say("budget %s %-8s run %d: delivered %s msg/s (%d/%d)" % (
@@ -1536,7 +1541,8 @@ def extra_sections(res: dict) -> List[str]:
     peers3 = ("eqmail", "postfix", "aiosmtpd")
     bud = res.get("budget")
     if bud:
-        lines += ["", "## Router budget: each peer alone in a cgroup (%s)" % bud.get("cgroups"),
+        lines += ["", "## Router budget: each peer alone in a cgroup (%s)"
+                  % (bud.get("cgroups") or "").split(" (")[0],
                   "",
                   "%d × %d B at c=20, %d run(s) per peer and budget; memory limit %d MB; the "
                   "load generator outside the cgroup." % (
@@ -1811,8 +1817,11 @@ def main_part(res: dict, args, objs: dict, smtp_source: List[str], n: int, runs:
     for name, peer in objs.items():
         res["memory"][name]["after_load"] = idle_memory(peer, settle=2.0)
     say("waiting for the peers to be back to idle (at most %d s)" % IDLE_RETURN_TIMEOUT)
+    last_end = {}
+    for r in res["runs"]:
+        last_end[r["peer"]] = max(last_end.get(r["peer"], 0.0), r.pop("t_end", 0.0))
     back = back_to_idle(objs, {name: res["memory"][name]["before_load"] for name in objs},
-                        IDLE_RETURN_TIMEOUT)
+                        last_end, IDLE_RETURN_TIMEOUT)
     for name, b in back.items():
         res["memory"][name]["back_to_idle"] = b
         say("%s: back to idle after %s s: %s" % (name, fmt(b["seconds"], 1), b["memory"]))
