@@ -153,10 +153,10 @@ class Scheduler:
         self._numbers = itertools.count(1)
         self.stopping = False
         self._greenlets: list = []
-        #: Parked messages (see ACTIVE_MAX): packed IDs, and a heap of
-        #: ``due << 96 | packed ID`` (a popped key whose ID is no longer in
-        #: the set is stale).
-        self._parked: set = set()
+        #: Parked messages (see ACTIVE_MAX): a heap of ``due << 96 | packed
+        #: ID``, one int (about 52 bytes with its slot) a message.  Nothing
+        #: else knows them: `scan` tells them by the next try in their
+        #: file's mtime, and one read back twice is skipped (`_unpark_due`).
         self._parked_heap: list = []
         #: The most messages known at once since the queue was last empty.
         self._busiest = 0
@@ -176,23 +176,26 @@ class Scheduler:
         # threadpool, 0.5 MB of RSS, for an empty queue)
         if self.store.ids():
             def load():
-                # only what is due soon stays in memory: the rest is parked
+                # only what is due soon stays in memory: the rest is parked,
+                # as the heap's keys themselves (kept as they are)
                 keep, parked, now = [], [], time.time()
                 for item in self.store.items(clean=True, at_start=True):
                     when = self._due(item)
                     packed = pack_id(item.id)
                     if packed is not None and (when > now + PARK_AFTER
                                                or len(keep) >= ACTIVE_MAX):
-                        parked.append((when, packed))
+                        parked.append((max(0, math.ceil(when)) << 96) | packed)
                     else:
                         keep.append((item, when))
+                heapq.heapify(parked)
                 return keep, parked
 
-            keep, parked = run(load)
+            keep, self._parked_heap = run(load)
             for item, when in keep:
                 self._add(item, when)
-            for when, packed in parked:
-                self._park(packed, when)
+            del keep
+            if len(self._parked_heap) >= TRIM_AFTER:
+                self._trim()  # what reading them all took goes back
         self.store.on_commit = self.add
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._watch_trigger)]
 
@@ -213,6 +216,19 @@ class Scheduler:
         if entry is not None:
             entry.failures = False  # new: no bounce/ID can exist yet
         self._wake.set()
+
+    def _not_parked(self, ids: List[str]) -> List[str]:
+        """The IDs whose next try is not ahead: a parked message's is, in
+        its file's mtime (`_remember_next`).  Blocking (a stat each)."""
+        now = time.time() + 1
+        out = []
+        for msgid in ids:
+            try:
+                if os.stat(self.store.message_path(msgid)).st_mtime <= now:
+                    out.append(msgid)
+            except OSError:
+                pass
+        return out
 
     def _load(self, msgid: str):
         """(the committed message `msgid` or None, its `_due` time).
@@ -238,8 +254,11 @@ class Scheduler:
         """The queue has drained after a busy spell: hand the freed heap
         back to the system (glibc's malloc_trim), so that RSS falls back
         towards idle.  Nothing happens where there is no glibc."""
-        if self.entries or self._parked:
-            return
+        if not self.entries and not self._parked_heap:
+            self._trim()
+
+    @staticmethod
+    def _trim() -> None:
         import gc
 
         gc.collect()
@@ -258,7 +277,7 @@ class Scheduler:
         entry = _Entry(item, channels)
         entry.next = [when] * len(item.recipients)
         self.entries[item.id] = entry
-        self._busiest = max(self._busiest, len(self.entries) + len(self._parked))
+        self._busiest = max(self._busiest, len(self.entries) + len(self._parked_heap))
         self._push(item.id, when)
 
     def _push(self, msgid: str, when: float) -> None:
@@ -266,12 +285,11 @@ class Scheduler:
 
     def _park(self, packed: int, when: float) -> None:
         """Keep only the next try (`when`) and the packed ID of a message."""
-        self._parked.add(packed)
         heapq.heappush(self._parked_heap, (max(0, math.ceil(when)) << 96) | packed)
 
     def parked(self) -> int:
         """How many messages wait on disk only."""
-        return len(self._parked)
+        return len(self._parked_heap)
 
     def _unpark_due(self, now: float) -> None:
         """Read the parked messages that are due back into memory, while
@@ -281,10 +299,7 @@ class Scheduler:
         if room < min(UNPARK_BATCH, ACTIVE_MAX) and self.entries:
             return  # read in batches: one trip to the threadpool for many
         while heap and (heap[0] >> 96) <= now and len(due) < room:
-            packed = heapq.heappop(heap) & _ID_MASK
-            if packed in self._parked:
-                self._parked.discard(packed)
-                due.append(unpack_id(packed))
+            due.append(unpack_id(heapq.heappop(heap) & _ID_MASK))
         if not due:
             return
         loaded = run(lambda: [self.store.load_committed(msgid, True) for msgid in due])
@@ -303,7 +318,7 @@ class Scheduler:
         for msgid, entry in self.entries.items():
             entry.next = [0.0] * len(entry.next)
             self._push(msgid, 0.0)
-        self._parked_heap = list(self._parked)  # due at time 0: now
+        self._parked_heap = [key & _ID_MASK for key in self._parked_heap]  # due at 0: now
         heapq.heapify(self._parked_heap)
         self._wake.set()
 
@@ -328,12 +343,14 @@ class Scheduler:
         except OSError as e:
             log.alert("unable to scan the queue: %s" % e)
             return 0
-        parked = self._parked
+        ids = [i for i in ids if i not in self.entries and i not in self.store.open_drafts]
+        if ids and self._parked_heap:
+            ids = run(self._not_parked, ids)
         for msgid in ids:
             if msgid in self.entries or msgid in self.store.open_drafts:
                 continue
-            if parked and pack_id(msgid) in parked:
-                continue
+            if self._parked_heap and len(self.entries) >= ACTIVE_MAX:
+                break  # no room: a later scan, or the parked ones' turn
             item, when = run(self._load, msgid)
             if item is None or msgid in self.entries:
                 continue
@@ -633,7 +650,7 @@ class Scheduler:
             log.alert("unable to remove msg %s: %s" % (item.id, e))
         self.entries.pop(item.id, None)
         log.end_msg(item.id)
-        if not self.entries and not self._parked and self._busiest >= TRIM_AFTER:
+        if not self.entries and not self._parked_heap and self._busiest >= TRIM_AFTER:
             self._busiest = 0
             gevent.spawn_later(1, self._give_back)
 
