@@ -1,4 +1,4 @@
-"""durable -- directory fsyncs shared between concurrent writers (group commit).
+"""durable -- fsyncs shared between concurrent writers (group commit).
 
 SUMMARY
     Making a new file's name durable takes an fsync of its directory.  When
@@ -6,7 +6,10 @@ SUMMARY
     names exist covers them all.  `fsync_dir(path)` returns once an fsync of
     `path` that began after the call has completed: either one it ran
     itself, or one another thread ran meanwhile.  Callers are threadpool
-    threads (it blocks); the hub never calls it.
+    threads (it blocks); the hub never calls it.  `fsync_file(path)` does
+    the same for a file that several threads change in place (the done
+    marks of one message's recipients: one fsync for those that finish
+    together).
 
 CORRECTNESS
     A caller's directory entry exists before it calls; it waits for an
@@ -35,21 +38,22 @@ SOON = 0.5
 
 
 class _Group:
-    __slots__ = ("started", "completed", "running", "cond")
+    __slots__ = ("started", "completed", "running", "cond", "users")
 
     def __init__(self):
         self.started = 0      # generations begun
         self.completed = 0    # highest generation finished without error
         self.running = False
         self.cond = threading.Condition(threading.Lock())
+        self.users = 0        # threads in fsync_file for it (files only)
 
 
 _groups: Dict[str, _Group] = {}
 _groups_lock = threading.Lock()
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+def _fsync(path: str, directory: bool = True) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
     try:
         os.fsync(fd)
     finally:
@@ -63,6 +67,29 @@ def fsync_dir(path: str) -> None:
         group = _groups.get(path)
         if group is None:
             group = _groups[path] = _Group()
+    _shared(group, path, True)
+
+
+def fsync_file(path: str) -> None:
+    """Make what was written to the file `path` before the call durable,
+    sharing the fsync with other threads that wrote to it meanwhile.  The
+    group of a file lives only while a thread is in here (queue files are
+    many).  Blocking; raises OSError from the fsync this thread ran."""
+    with _groups_lock:
+        group = _groups.get(path)
+        if group is None:
+            group = _groups[path] = _Group()
+        group.users += 1
+    try:
+        _shared(group, path, False)
+    finally:
+        with _groups_lock:
+            group.users -= 1
+            if group.users == 0 and _groups.get(path) is group:
+                del _groups[path]
+
+
+def _shared(group: _Group, path: str, directory: bool) -> None:
     cond = group.cond
     with cond:
         need = group.started + 1  # an fsync that begins after this point
@@ -77,7 +104,7 @@ def fsync_dir(path: str) -> None:
             cond.wait()
     ok = False
     try:
-        _fsync(path)
+        _fsync(path, directory)
         ok = True
     finally:
         with cond:
@@ -96,9 +123,19 @@ _soon_thread: Optional[threading.Thread] = None
 def fsync_dir_soon(path: str) -> None:
     """Have directory `path` fsync'd within SOON seconds (and at exit);
     returns at once.  An fsync that fails is logged and not retried."""
+    _later(path)
+
+
+def fsync_file_soon(path: str) -> None:
+    """Have the file `path` fsync'd within SOON seconds (and at exit), unless
+    it is gone by then; returns at once."""
+    _later(path + "\0file")
+
+
+def _later(key: str) -> None:
     global _soon_thread
     with _soon_lock:
-        _soon.add(path)
+        _soon.add(key)
         if _soon_thread is None or not _soon_thread.is_alive():  # also after a fork
             import atexit
 
@@ -117,7 +154,12 @@ def sync_soon_now() -> None:
         _soon.clear()
     for path in paths:
         try:
-            fsync_dir(path)
+            if path.endswith("\0file"):
+                fsync_file(path[:-5])
+            else:
+                fsync_dir(path)
+        except FileNotFoundError:
+            pass  # a file finished and removed meanwhile
         except OSError as e:
             from . import log
 

@@ -97,8 +97,11 @@ STATES (after a crash at any instant; compare qmail's INTERNALS S1-S5)
     that window delivers those last recipients again -- at least once, as
     for a delivery in flight; qmail-send makes no fsync there at all.
     bounce/ID without mess/ID is junk.  A recipient whose delivery was in
-    flight at the crash is delivered again (at least once); one marked D
-    never is.
+    flight at the crash is delivered again (at least once), and so is one
+    marked D less than half a second before it: the D record is written at
+    once and fsync'd within durable.SOON (fsync_file_soon, shared by the
+    recipients that finish meanwhile), as qmail-send's markdone makes no
+    fsync at all.  A failure record is fsync'd before its D: never lost.
 
 DAMAGED FILES
     A committed file in mess/ that no longer reads as a queue file (the
@@ -144,7 +147,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from .. import log
-from ..durable import fsync_dir, fsync_dir_soon
+from ..durable import fsync_dir, fsync_dir_soon, fsync_file_soon
 
 def is_queue_id(value) -> bool:
     """True for a str shaped like a queue ID: ``<time>.<pid>.<sequence>``,
@@ -1152,8 +1155,10 @@ class Store:
         return path
 
     def mark_done(self, item: Item, index: int) -> None:
-        """Durably record that recipient `index` of `item` is finished.
-        Runs in the threadpool.  Raises OSError."""
+        """Record that recipient `index` of `item` is finished; the mark
+        reaches the disk within durable.SOON seconds (qmail-send's markdone
+        makes no fsync at all: a crash before then delivers that recipient
+        again, at least once).  Runs in the threadpool.  Raises OSError."""
         path = os.path.join(self.mess, item.id)
         offset = item.offsets[index]
 
@@ -1161,9 +1166,9 @@ class Store:
             fd = os.open(path, os.O_WRONLY)
             try:
                 os.pwrite(fd, b"D", offset)
-                os.fsync(fd)
             finally:
                 os.close(fd)
+            fsync_file_soon(path)
 
         _offload(work)
         item.done[index] = True
