@@ -1582,6 +1582,11 @@ def extra_sections(res: dict) -> List[str]:
                     x["oom_kills"], x["limit_hits"], "yes" if x["alive"] else "**no**"))
                 brow("CPU s used (throttled s)", lambda x: "%s (%s)" % (
                     fmt(x["cpu_s"], 1), fmt(x["throttled_s"], 1)))
+                brow("CPU ms per delivered message",
+                     lambda x: fmt(1000.0 * x["cpu_s"] / x["delivered"], 2)
+                     if x["cpu_s"] and x["delivered"] else "–",
+                     lambda x: x["cpu_s"] / x["delivered"]
+                     if x["cpu_s"] and x["delivered"] else None)
                 brow("start until greeting (s)", lambda x: fmt(x["start_s"], 2))
     fo = res.get("fanout")
     if fo:
@@ -1894,7 +1899,16 @@ def main(argv=None) -> int:
     p.add_argument("--budget-runs", type=int, help="runs per peer and budget (default 1)")
     p.add_argument("--queue-messages", type=int,
                    help="messages deferred to the dead relay (default 20000, --quick 2000)")
+    p.add_argument("--report", metavar="JSON",
+                   help="print the table of a saved results file again (with this "
+                   "version's layout and targets) and run nothing")
     args = p.parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            saved = json.load(f)
+        saved["targets"] = targets(saved)
+        print(markdown(saved), end="")
+        return 0
     if os.geteuid() != 0:
         print("bench/run.py must run as root (users, Postfix, strace, port 53)", file=sys.stderr)
         return 2
