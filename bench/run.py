@@ -639,6 +639,21 @@ class EqmailPeer:
     def queued(self) -> int:
         return count_files(os.path.join(self.home, "queue", "mess"))
 
+    def log_summary(self) -> dict:
+        """alert and warning lines of eqmaild's log (counts, the first few)."""
+        try:
+            with open(self.logfile, "rb") as f:
+                lines = f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return {}
+        out = {}
+        for kind in ("alert", "warning"):
+            found = [x for x in lines if (" %s: " % kind) in x or x.startswith(kind + ": ")]
+            out[kind + "s"] = len(found)
+            out["first_" + kind + "s"] = [x[:300] for x in found[:5]]
+        out["tracebacks"] = sum(1 for x in lines if x.startswith("Traceback"))
+        return out
+
     def log_count(self, needle: str) -> int:
         try:
             with open(self.logfile, "rb") as f:
@@ -964,6 +979,8 @@ def budget_phase(py: Dict[str, str], pw, workdir: str, smtp_source: List[str],
                 r["peak_anon_bytes"] = sampler.peak_anon
                 r["alive"] = peer_alive(peer)
                 r["cgroup"] = cg.stats()
+                if name == "eqmail":
+                    r["log"] = peer.log_summary()
                 r["tree_peak"] = {k: max(x.get("peak", {}).get(k, 0) for x in r["runs"])
                                   for k in ("rss_kb", "pss_kb", "processes")}
                 r["delivered_msgs_s"] = spread([x["delivered_msgs_s"] for x in r["runs"]])
@@ -1181,7 +1198,7 @@ def queue_phase_eqmail(py: Dict[str, str], pw, workdir: str, smtp_source: List[s
         say("queue eqmail: drained %d in %s s (%s msg/s); RSS after %s"
             % (q0, fmt(t, 1), fmt(r["drain"]["msgs_s"]),
                fmt(r["after_drain"]["rss_kb"] / 1024.0, 1, " MB")))
-        r["log_alerts"] = eq.log_count("alert:")
+        r["log"] = eq.log_summary()
     finally:
         eq.stop()
         _started.remove(eq)
@@ -1525,8 +1542,21 @@ def markdown(res: dict) -> str:
     for t in res["targets"]:
         met = "n/a" if t["met"] is None else ("met" if t["met"] else "**unmet**")
         lines.append("| %s | %s | %s | %s |" % (t["target"], t["goal"], t["shown"], met))
-    if res.get("notes"):
-        lines += ["", "## Notes", ""] + ["- " + n for n in res["notes"]]
+    notes = list(res.get("notes") or [])
+    logs = dict(res.get("eqmail_logs") or {})
+    for label, b in ((res.get("budget") or {}).get("budgets") or {}).items():
+        if (b.get("eqmail") or {}).get("log"):
+            logs["budget " + label] = b["eqmail"]["log"]
+    if ((res.get("queue") or {}).get("eqmail") or {}).get("log"):
+        logs["queue"] = res["queue"]["eqmail"]["log"]
+    if logs:
+        notes.append("eqmaild's logs: " + "; ".join(
+            "%s %d alert(s), %d warning(s)%s" % (
+                k, v.get("alerts", 0), v.get("warnings", 0),
+                (" (first: %s)" % v["first_alerts"][0][:160]) if v.get("first_alerts") else "")
+            for k, v in logs.items()) + ".")
+    if notes:
+        lines += ["", "## Notes", ""] + ["- " + n for n in notes]
     lines += ["", "Raw figures: `%s`. How to read this: bench/README.md." % res["json"]]
     return "\n".join(lines) + "\n"
 
@@ -1843,6 +1873,8 @@ def main_part(res: dict, args, objs: dict, smtp_source: List[str], n: int, runs:
                             "its fsync count covers the whole tree (strace -f).")
     res["notes"].append("whole-device sectors include the file system journal and "
                         "anything else writing to %s at the time." % dev)
+    if "eqmail" in objs:
+        res["eqmail_logs"] = {"main": objs["eqmail"].log_summary()}
 
 
 def stop_started() -> None:
