@@ -1287,7 +1287,8 @@ def machine_info() -> dict:
     except OSError:
         pass
     return {"host": socket.gethostname(), "nproc": os.cpu_count(), "cpu": model,
-            "kernel": platform.release(), "harness_python": platform.python_version()}
+            "kernel": platform.release(), "harness_python": platform.python_version(),
+            "loadavg_start": os.getloadavg()}
 
 
 def fmt(v, digits=0, unit=""):
@@ -1508,6 +1509,12 @@ def markdown(res: dict) -> str:
                  MSG_SIZE, res["runs_per_peer"],
                  " (median, min–max in brackets)" if res["runs_per_peer"] > 1 else ""),
              ""]
+    if m.get("loadavg_start") and m.get("loadavg_end"):
+        lines[-2] += (" Load average (1, 5, 15 min) at the start %s, at the end %s; "
+                      "the run took %s s." % (
+                          ", ".join("%.2f" % x for x in m["loadavg_start"]),
+                          ", ".join("%.2f" % x for x in m["loadavg_end"]),
+                          fmt(res.get("seconds"))))
     parts = res.get("parts", PARTS)
     if "main" in parts:
         lines += ["| metric | eqmail | postfix | aiosmtpd | eqmail/postfix | eqmail/aiosmtpd |",
@@ -2029,6 +2036,7 @@ def main(argv=None) -> int:
     finally:
         cleanup(args.keep)
     res["seconds"] = round(time.monotonic() - t_start, 1)
+    res["machine"]["loadavg_end"] = os.getloadavg()
     res["summary"] = summarise(res)
     os.makedirs(RESULTS, exist_ok=True)
     base = "%s-%s" % (now.strftime("%Y-%m-%d-%H%M"), res["machine"]["host"])
