@@ -185,9 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a worker when eqmaild used at least this share of one "
                         "core over the last second (default 0.5; 0 = at the first "
                         "connection)")
-    p.add_argument("--worker-idle", metavar="SECONDS", type=_seconds, default=60,
+    p.add_argument("--worker-idle", metavar="SECONDS", type=_seconds, default=30,
                    help="stop a worker after this long without a session or delivery "
-                        "(default 60)")
+                        "(default 30: the tree is back to one process within a minute "
+                        "of the load ending)")
     p.add_argument("--version", action="version", version="eqmaild " + __version__)
     return p
 
@@ -412,7 +413,7 @@ LISTENER_NAMES = {"smtp": "SMTP", "smtps": "SMTP over TLS (smtps)",
 
 
 def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int = 0,
-          worker_load: float = 0.5, worker_idle: float = 60) -> int:
+          worker_load: float = 0.5, worker_idle: float = 30) -> int:
     """Run the listeners and the scheduler until SIGTERM/SIGINT, with up to
     `max_workers` session workers when busy (eqmail.workers)."""
     import gevent

@@ -34,7 +34,7 @@ WHEN
     the first connection) and fewer than ``--workers`` workers run, it
     starts one.  A worker does the same with its own CPU time and asks for
     another (``m``).  A worker without a session for ``--worker-idle``
-    seconds (default 60; Postfix's max_idle is 100; eqmaild reads it from
+    seconds (default 30; Postfix's max_idle is 100; eqmaild reads it from
     the session table) is told to stop, so an idle eqmaild is one process
     again (its memory figure).  ``--workers 0`` (the default on a single
     core) never starts one.
@@ -370,7 +370,7 @@ class Pool:
     """
 
     def __init__(self, home: str, store, on_commit: Callable, max_workers: int,
-                 load: float, checkpassword, idle: float = 60,
+                 load: float, checkpassword, idle: float = 30,
                  local_deliveries: bool = False, table=None) -> None:
         self.home = home
         self.store = store
