@@ -61,7 +61,7 @@ from ..control import ConfigHolder
 from ..delivery import DEFERRAL, FAILURE, SUCCESS, Result, deferred
 from ..delivery import lspawn
 from ..delivery.route import LOCAL, REMOTE, route
-from .store import Item, QueueError, Store
+from .store import Item, QueueError, Store, id_time
 from ..threads import run
 
 #: The `c` of qmail-send's retry schedule, per channel.
@@ -176,14 +176,27 @@ class Scheduler:
         # threadpool, 0.5 MB of RSS, for an empty queue)
         if self.store.ids():
             def load():
-                # only what is due soon stays in memory: the rest is parked,
-                # as the heap's keys themselves (kept as they are)
+                # only what is due soon is read and kept in memory; a file
+                # whose mtime holds a next try ahead (`_remember_next`: a
+                # committed message, deferred) is parked unread, as its
+                # heap key, and read (and its mark checked) when due
                 keep, parked, now = [], [], time.time()
-                for item in self.store.items(clean=True, at_start=True):
+                for msgid in self.store.ids():
+                    packed = pack_id(msgid)
+                    if packed is not None:
+                        try:
+                            mtime = os.stat(self.store.message_path(msgid)).st_mtime
+                        except OSError:
+                            continue
+                        if mtime > now + PARK_AFTER:
+                            when = min(mtime, next_retry(id_time(msgid), now, REMOTE))
+                            parked.append((math.ceil(when) << 96) | packed)
+                            continue
+                    item = self.store.load_committed(msgid, True, True)
+                    if item is None:
+                        continue
                     when = self._due(item)
-                    packed = pack_id(item.id)
-                    if packed is not None and (when > now + PARK_AFTER
-                                               or len(keep) >= ACTIVE_MAX):
+                    if packed is not None and len(keep) >= ACTIVE_MAX:
                         parked.append((max(0, math.ceil(when)) << 96) | packed)
                     else:
                         keep.append((item, when))
