@@ -263,11 +263,19 @@ class Scheduler:
             return 0.0
         return min(mtime, next_retry(item.birth, now, REMOTE))
 
+    def _maybe_give_back(self) -> None:
+        """After a busy spell (TRIM_AFTER messages known at once), once no
+        message is held in memory (all finished, or parked on disk): hand
+        the freed heap back to the system, a second later."""
+        if not self.entries and self._busiest >= TRIM_AFTER:
+            self._busiest = 0
+            gevent.spawn_later(1, self._give_back)
+
     def _give_back(self) -> None:
-        """The queue has drained after a busy spell: hand the freed heap
-        back to the system (glibc's malloc_trim), so that RSS falls back
-        towards idle.  Nothing happens where there is no glibc."""
-        if not self.entries and not self._parked_heap:
+        """Hand the freed heap back to the system (glibc's malloc_trim), so
+        that RSS falls back towards idle.  Nothing happens where there is
+        no glibc."""
+        if not self.entries:
             self._trim()
 
     @staticmethod
@@ -626,6 +634,7 @@ class Scheduler:
                     # waits on disk: the next try is in the file's mtime
                     del self.entries[item.id]
                     self._park(packed, when)
+                    self._maybe_give_back()
                 else:
                     self._push(item.id, when)
         if not any(self.inflight.values()):
@@ -663,9 +672,7 @@ class Scheduler:
             log.alert("unable to remove msg %s: %s" % (item.id, e))
         self.entries.pop(item.id, None)
         log.end_msg(item.id)
-        if not self.entries and not self._parked_heap and self._busiest >= TRIM_AFTER:
-            self._busiest = 0
-            gevent.spawn_later(1, self._give_back)
+        self._maybe_give_back()
 
     def _bounce(self, item: Item) -> bool:
         """Queue the bounce for the recorded failures of `item`.  True when
