@@ -86,6 +86,12 @@ UNPARK_BATCH = 200
 TRIM_AFTER = 500
 
 _ID_MASK = (1 << 96) - 1
+#: A parked key's bit 96: this process knows the message has no failure
+#: record (no bounce/ID to look for when it finishes).  The due time is
+#: above it: ``due << _DUE | clean << 96 | packed ID``.
+_CLEAN = 1 << 96
+_KEY_MASK = (1 << 97) - 1
+_DUE = 97
 
 
 def pack_id(msgid: str) -> Optional[int]:
@@ -153,8 +159,8 @@ class Scheduler:
         self._numbers = itertools.count(1)
         self.stopping = False
         self._greenlets: list = []
-        #: Parked messages (see ACTIVE_MAX): a heap of ``due << 96 | packed
-        #: ID``, one int (about 52 bytes with its slot) a message.  Nothing
+        #: Parked messages (see ACTIVE_MAX): a heap of ``due << 97 | clean
+        #: << 96 | packed ID`` (see _CLEAN), one int (about 52 bytes with its slot) a message.  Nothing
         #: else knows them: `scan` tells them by the next try in their
         #: file's mtime, and one read back twice is skipped (`_unpark_due`).
         self._parked_heap: list = []
@@ -190,14 +196,14 @@ class Scheduler:
                             continue
                         if mtime > now + PARK_AFTER:
                             when = min(mtime, next_retry(id_time(msgid), now, REMOTE))
-                            parked.append((math.ceil(when) << 96) | packed)
+                            parked.append((math.ceil(when) << _DUE) | packed)
                             continue
                     item = self.store.load_committed(msgid, True, True)
                     if item is None:
                         continue
                     when = self._due(item)
                     if packed is not None and len(keep) >= ACTIVE_MAX:
-                        parked.append((max(0, math.ceil(when)) << 96) | packed)
+                        parked.append((max(0, math.ceil(when)) << _DUE) | packed)
                     else:
                         keep.append((item, when))
                 heapq.heapify(parked)
@@ -221,7 +227,7 @@ class Scheduler:
         log.info_msg(item.id, item.size, item.sender, item.pid, item.uid)
         packed = pack_id(item.id) if len(self.entries) >= ACTIVE_MAX else None
         if packed is not None:
-            self._park(packed, time.time())  # read again from disk when there is room
+            self._park(packed, time.time(), True)  # read again when there is room
             self._wake.set()
             return
         self._add(item)
@@ -304,9 +310,11 @@ class Scheduler:
     def _push(self, msgid: str, when: float) -> None:
         heapq.heappush(self._heap, (when, next(self._tie), msgid))
 
-    def _park(self, packed: int, when: float) -> None:
-        """Keep only the next try (`when`) and the packed ID of a message."""
-        heapq.heappush(self._parked_heap, (max(0, math.ceil(when)) << 96) | packed)
+    def _park(self, packed: int, when: float, clean: bool = False) -> None:
+        """Keep only the next try (`when`) and the packed ID of a message;
+        `clean`: it is known to have no failure record."""
+        heapq.heappush(self._parked_heap, (max(0, math.ceil(when)) << _DUE)
+                       | (_CLEAN if clean else 0) | packed)
 
     def parked(self) -> int:
         """How many messages wait on disk only."""
@@ -319,14 +327,18 @@ class Scheduler:
         room = ACTIVE_MAX - len(self.entries)
         if room < min(UNPARK_BATCH, ACTIVE_MAX) and self.entries:
             return  # read in batches: one trip to the threadpool for many
-        while heap and (heap[0] >> 96) <= now and len(due) < room:
-            due.append(unpack_id(heapq.heappop(heap) & _ID_MASK))
+        while heap and (heap[0] >> _DUE) <= now and len(due) < room:
+            key = heapq.heappop(heap)
+            due.append((unpack_id(key & _ID_MASK), bool(key & _CLEAN)))
         if not due:
             return
-        loaded = run(lambda: [self.store.load_committed(msgid, True) for msgid in due])
-        for item in loaded:
+        loaded = run(lambda: [(self.store.load_committed(msgid, True), clean)
+                              for msgid, clean in due])
+        for item, clean in loaded:
             if item is not None and item.id not in self.entries:
                 self._add(item, 0.0)
+                if clean:
+                    self.entries[item.id].failures = False
 
     def wake(self) -> None:
         """Look at the queue again now (after a reload changed concurrency)."""
@@ -339,7 +351,7 @@ class Scheduler:
         for msgid, entry in self.entries.items():
             entry.next = [0.0] * len(entry.next)
             self._push(msgid, 0.0)
-        self._parked_heap = [key & _ID_MASK for key in self._parked_heap]  # due at 0: now
+        self._parked_heap = [key & _KEY_MASK for key in self._parked_heap]  # due at 0: now
         heapq.heapify(self._parked_heap)
         self._wake.set()
 
@@ -419,7 +431,7 @@ class Scheduler:
     def _step(self) -> None:
         """Start what is due, then sleep until the next due time or a wake-up."""
         now = time.time()
-        if self._parked_heap and (self._parked_heap[0] >> 96) <= now:
+        if self._parked_heap and (self._parked_heap[0] >> _DUE) <= now:
             self._unpark_due(now)
         heap = self._heap
         while heap and heap[0][0] <= now:
@@ -437,7 +449,7 @@ class Scheduler:
         if heap:
             timeout = max(0.0, min(timeout, heap[0][0] - time.time()))
         if self._parked_heap and len(self.entries) < ACTIVE_MAX:
-            timeout = max(0.0, min(timeout, (self._parked_heap[0] >> 96) - time.time()))
+            timeout = max(0.0, min(timeout, (self._parked_heap[0] >> _DUE) - time.time()))
         self._wake.clear()
         self._wake.wait(timeout)
 
@@ -633,7 +645,7 @@ class Scheduler:
                 if packed is not None and not entry.finishing:
                     # waits on disk: the next try is in the file's mtime
                     del self.entries[item.id]
-                    self._park(packed, when)
+                    self._park(packed, when, entry.failures is False)
                     self._maybe_give_back()
                 else:
                     self._push(item.id, when)
