@@ -320,13 +320,20 @@ class Scheduler:
         """How many messages wait on disk only."""
         return len(self._parked_heap)
 
+    def _room_to_unpark(self) -> bool:
+        """Room for a batch of parked messages (or none is held at all).
+        Without it the next finished delivery wakes the loop (never a
+        timeout of 0 while the active ones run)."""
+        return (not self.entries
+                or ACTIVE_MAX - len(self.entries) >= min(UNPARK_BATCH, ACTIVE_MAX))
+
     def _unpark_due(self, now: float) -> None:
         """Read the parked messages that are due back into memory, while
         there is room (ACTIVE_MAX).  The reading runs in the threadpool."""
+        if not self._room_to_unpark():
+            return  # read in batches: one trip to the threadpool for many
         heap, due = self._parked_heap, []
         room = ACTIVE_MAX - len(self.entries)
-        if room < min(UNPARK_BATCH, ACTIVE_MAX) and self.entries:
-            return  # read in batches: one trip to the threadpool for many
         while heap and (heap[0] >> _DUE) <= now and len(due) < room:
             key = heapq.heappop(heap)
             due.append((unpack_id(key & _ID_MASK), bool(key & _CLEAN)))
@@ -448,7 +455,7 @@ class Scheduler:
         timeout = SCAN_INTERVAL
         if heap:
             timeout = max(0.0, min(timeout, heap[0][0] - time.time()))
-        if self._parked_heap and len(self.entries) < ACTIVE_MAX:
+        if self._parked_heap and self._room_to_unpark():
             timeout = max(0.0, min(timeout, (self._parked_heap[0] >> _DUE) - time.time()))
         self._wake.clear()
         self._wake.wait(timeout)
