@@ -165,8 +165,14 @@ def fit_session_pool(pool, config) -> None:
 
 def default_count() -> int:
     """Workers to allow by default: one on a multi-core machine, none on
-    a single core (where a second process only costs memory)."""
-    return 1 if (os.cpu_count() or 1) > 1 else 0
+    a single core (where a second process only costs memory).  The cores
+    counted are those this process may run on (a cpuset, taskset), not
+    all of the machine's."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return 1 if cores > 1 else 0
 
 
 def serve_connection(config, store, sock, kind: str, env: Dict[str, str],
