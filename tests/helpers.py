@@ -180,6 +180,25 @@ def _reachable_by_others(path: str) -> bool:
     return True
 
 
+def wait_greeting(proc, port: int, log, timeout: float = 15.0) -> None:
+    """Wait until the eqmaild `proc` greets on 127.0.0.1:`port` (the port is
+    bound before the daemon serves).  `log()` gives its log for the
+    AssertionError raised when it exits or stays silent."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("eqmaild exited with %s:\n%s" % (proc.returncode, log()))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                if s.makefile("rb").readline().startswith(b"220 "):
+                    s.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("eqmaild did not listen within %s s:\n%s" % (timeout, log()))
+
+
 def free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -281,21 +300,7 @@ class Daemon:
         return self
 
     def wait_listening(self, timeout: float = 15.0):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError("eqmaild exited with %s:\n%s"
-                                     % (self.proc.returncode, self.log()))
-            try:
-                # the port is bound before the daemon serves: wait for a greeting
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                    if s.makefile("rb").readline().startswith(b"220 "):
-                        s.sendall(b"QUIT\r\n")
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("eqmaild did not listen within %s s:\n%s" % (timeout, self.log()))
+        wait_greeting(self.proc, self.port, self.log, timeout)
 
     def log(self) -> str:
         """The daemon's log so far: lines logged before the call are in it

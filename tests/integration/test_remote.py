@@ -443,16 +443,23 @@ def test_smtproute_relay_as_a_plain_dotted_quad_is_the_address(home, daemon_fact
     assert deliveries(d, "failure") == []
 
 
-def test_next_message_to_the_same_relay_reuses_the_connection(home, daemon_factory,
-                                                                scripted_smtp):
-    # Postfix's connection cache: after a transaction the connection stays
-    # open (CACHE_IDLE, 2 s) and the next message to the same server goes
-    # over it (RFC 5321 section 3.3: MAIL again); then QUIT
+def first_message_to_a_relay(home, daemon_factory, scripted_smtp):
+    """A relay on loopback for reuse.test, eqmaild, and one message there
+    delivered: (the relay, the daemon)."""
     srv = scripted_smtp("127.0.0.1")
     d = start(home, daemon_factory, routes="reuse.test:127.0.0.1:%d\n" % srv.port)
     inject(home, ["r1@reuse.test"], simple("first", to="r1@reuse.test"))
     srv.wait_messages(1)
     assert wait_count(d, ": success: ", 1)
+    return srv, d
+
+
+def test_next_message_to_the_same_relay_reuses_the_connection(home, daemon_factory,
+                                                                scripted_smtp):
+    # Postfix's connection cache: after a transaction the connection stays
+    # open (CACHE_IDLE, 2 s) and the next message to the same server goes
+    # over it (RFC 5321 section 3.3: MAIL again); then QUIT
+    srv, d = first_message_to_a_relay(home, daemon_factory, scripted_smtp)
     inject(home, ["r2@reuse.test"], simple("second", to="r2@reuse.test"))
     msgs = srv.wait_messages(2)
     assert [m.rcpt_tos for m in msgs] == [["r1@reuse.test"], ["r2@reuse.test"]]
@@ -470,11 +477,7 @@ def test_a_relay_that_dropped_the_idle_connection_gets_a_new_one(home, daemon_fa
                                                                  scripted_smtp):
     # the far end closes an idle connection at once (as after a timeout):
     # the next message must not be deferred for it
-    srv = scripted_smtp("127.0.0.1")
-    d = start(home, daemon_factory, routes="reuse.test:127.0.0.1:%d\n" % srv.port)
-    inject(home, ["r1@reuse.test"], simple("first", to="r1@reuse.test"))
-    srv.wait_messages(1)
-    assert wait_count(d, ": success: ", 1)
+    srv, d = first_message_to_a_relay(home, daemon_factory, scripted_smtp)
     srv.stop()  # closes every connection, then listens again on the same port
     srv.start()
     inject(home, ["r2@reuse.test"], simple("second", to="r2@reuse.test"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import time
 import pytest
 
 from helpers import ROOT, ensure_user, free_port, give_to_user, user_dir
+import helpers
 
 PY = sys.executable
 USER = "eqmailtest"
@@ -47,19 +47,7 @@ def eqmail(*args):
 
 
 def wait_greeting(proc, port, log):
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError("eqmaild exited %s:\n%s" % (proc.returncode, read(log)))
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                if s.makefile("rb").readline().startswith(b"220 "):
-                    s.sendall(b"QUIT\r\n")
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("eqmaild did not listen:\n%s" % read(log))
+    helpers.wait_greeting(proc, port, lambda: read(log), timeout=20)
 
 
 def read(path):
