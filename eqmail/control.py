@@ -51,6 +51,9 @@ CONTROL FILES (default when missing)
     concurrencyperip    100 sessions at once from one IP address (eqmail's)
     tlsserverciphers    OpenSSL cipher list for STARTTLS, lines joined with ``:``
     timeoutplugins      60 seconds a qmail-spp plugin may run (eqmail's)
+    directlocal         1: local mail that only writes files is delivered
+                        during DATA (eqmail.delivery.direct); 0: through
+                        the queue, as qmail does (eqmail's)
     conf-break          +  the extension delimiter (eQmail's conf-break; one
                         character; netqmail used -)
 
@@ -269,6 +272,7 @@ class Config:
     concurrencyperip: int = 100
     tlsserverciphers: str = ""
     timeoutplugins: int = 60
+    directlocal: bool = True
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _route_map: Dict[str, SmtpRoute] = field(default_factory=dict, compare=False, repr=False)
 
@@ -547,6 +551,7 @@ def load(home: str) -> Config:
         concurrencyperip=perip,
         tlsserverciphers=server_ciphers,
         timeoutplugins=timeoutplugins,
+        directlocal=read_int(c("directlocal"), 1) != 0,
         _virtual_map=vmap,
         _route_map={r.key: r for r in reversed(routes)},  # the first line wins
     )

@@ -485,7 +485,7 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
 
     def handle(sock, addr, kind):
         serve_client(holder, store, table, 0, sock, addr, kind, stopping, checkpassword,
-                     workers.busy)
+                     workers.busy, workers.direct)
 
     servers = []
     for kind, spec, s in sockets:

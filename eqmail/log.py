@@ -400,6 +400,15 @@ def delivery(num: int, kind: str, report: str) -> None:
     line("delivery %d: %s: %s" % (num, kind, clean(report, 1000)))
 
 
+def direct_delivery(msgid: str, size: int, sender: str, recipient: str,
+                    report: str) -> None:
+    """A local delivery made during DATA (eqmail.delivery.direct): the
+    message never entered the queue, so this one line stands for qmail-send's
+    new/info/starting/delivery/end lines."""
+    line("direct msg %s: bytes %d from <%s> to local %s: success: %s"
+         % (msgid, size, clean(sender), clean(recipient), clean(report, 1000)))
+
+
 def end_msg(msgid: str) -> None:
     line("end msg %s" % msgid)
 

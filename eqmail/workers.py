@@ -176,7 +176,8 @@ def default_count() -> int:
 
 
 def serve_connection(config, store, sock, kind: str, env: Dict[str, str],
-                     stopping: Callable[[], bool], checkpassword) -> None:
+                     stopping: Callable[[], bool], checkpassword,
+                     direct: bool = False) -> None:
     """Run one SMTP session on the accepted socket `sock` (gevent socket).
 
     `kind` is the listener ("smtp", "submission" or "smtps": TLS first);
@@ -217,7 +218,7 @@ def serve_connection(config, store, sock, kind: str, env: Dict[str, str],
                 stopping=stopping,
                 starttls=starttls if ctx is not None and kind != "smtps" else None,
                 tls_cipher=cipher, checkpassword=checkpassword,
-                submission=kind == "submission").run()
+                submission=kind == "submission", direct=direct).run()
     except OSError:
         pass
     finally:
@@ -226,7 +227,8 @@ def serve_connection(config, store, sock, kind: str, env: Dict[str, str],
 
 def serve_client(holder, store, table, owner: int, sock, addr, kind: str,
                  stopping: Callable[[], bool], checkpassword,
-                 started: Optional[Callable[[], None]] = None) -> None:
+                 started: Optional[Callable[[], None]] = None,
+                 direct: bool = False) -> None:
     """One connection that process `owner` (0: eqmaild, else a session
     worker) accepted from `addr` on a `kind` listener: control/smtprules
     (deny: 553), then concurrencyincoming and concurrencyperip counted in
@@ -234,7 +236,8 @@ def serve_client(holder, store, table, owner: int, sock, addr, kind: str,
     session (`serve_connection`) with the environment tcpserver would give
     (TCPREMOTEIP, TCPLOCALIP, TCPLOCALPORT, TCPLOCALHOST, TLSREQUIRED=1 on
     submission, the rule's variables).  `started()` is called once the
-    session is counted.  Closes `sock`; never raises for the client's
+    session is counted.  `direct`: local mail may be delivered during DATA
+    (eqmail.delivery.direct; this process delivers as itself).  Closes `sock`; never raises for the client's
     behaviour."""
     from .smtp import reply
 
@@ -263,7 +266,8 @@ def serve_client(holder, store, table, owner: int, sock, addr, kind: str,
             if os.environ.get("QMAILQUEUE"):  # eqmaild's own, as qmail-smtpd inherits it
                 env["QMAILQUEUE"] = os.environ["QMAILQUEUE"]
             env.update(rule.env if rule is not None else ())
-            serve_connection(config, store, sock, kind, env, stopping, checkpassword)
+            serve_connection(config, store, sock, kind, env, stopping, checkpassword,
+                             direct)
         finally:
             table.leave(owner, ip)
     except OSError:
@@ -387,6 +391,7 @@ class Pool:
         self.checkpassword = checkpassword
         self.table = table
         # a local-delivery worker as well (eqmaild delivers as itself)
+        self.direct = local_deliveries  # sessions may deliver local mail in DATA
         self.local_deliveries = local_deliveries and self.max_workers > 0
         self.workers: List[_Worker] = []  # session workers
         self.local: Optional[_Worker] = None  # the local-delivery worker
@@ -495,7 +500,8 @@ class Pool:
                 listen.append([kind, LISTEN_FD + i])
         conf = {"home": self.home, "checkpassword": self.checkpassword, "role": role,
                 "log": dest, "ident": what if dest == "syslog" else None,
-                "owner": owner, "listen": listen, "load": self.load}
+                "owner": owner, "listen": listen, "load": self.load,
+                "direct": self.direct}
         argv = [sys.executable, "-c", "import sys; from eqmail.workers import main; "
                 "sys.exit(main(sys.argv[1:]))", json.dumps(conf)]
         copies: List[int] = []
@@ -809,6 +815,7 @@ def main(argv: List[str]) -> int:
     state = {"stopping": False, "chan": True}
     stopping = lambda: state["stopping"]  # noqa: E731
     checkpassword = conf.get("checkpassword")
+    direct = conf.get("direct") is True
 
     def send(record: bytes) -> bool:
         if not state["chan"]:
@@ -852,7 +859,7 @@ def main(argv: List[str]) -> int:
         server = gevent.server.StreamServer(
             lsock, lambda sock, addr, kind=kind: serve_client(
                 holder, store, table, owner, sock, addr, kind, stopping, checkpassword,
-                started), spawn=pool)
+                started, direct), spawn=pool)
         server.start()
         servers.append(server)
 

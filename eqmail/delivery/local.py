@@ -202,7 +202,8 @@ def _from_line(sender: str, when: Optional[float] = None) -> bytes:
         "utf-8", "surrogateescape")
 
 
-def deliver_mbox(path: str, msgfile: BinaryIO, sender: str, prefix: bytes) -> Result:
+def deliver_mbox(path: str, msgfile: BinaryIO, sender: str, prefix: bytes,
+                lock_wait: float = MBOX_LOCK_WAIT) -> Result:
     """Append to the mbox `path` under an fcntl lock: From_ line, `prefix`,
     the message with ``>`` before every line matching ``^>*From ``, a final
     newline when missing and one empty line; fsync.  On a write error the
@@ -212,7 +213,7 @@ def deliver_mbox(path: str, msgfile: BinaryIO, sender: str, prefix: bytes) -> Re
     except OSError as e:
         return deferred("Unable to open %s: %s. (#4.2.1)" % (path, e.strerror), "4.2.1")
     try:
-        deadline = time.time() + MBOX_LOCK_WAIT
+        deadline = time.time() + lock_wait
         while True:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -221,8 +222,9 @@ def deliver_mbox(path: str, msgfile: BinaryIO, sender: str, prefix: bytes) -> Re
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     return deferred("Unable to lock %s: %s. (#4.2.1)" % (path, e.strerror),
                                     "4.2.1")
-                if time.time() > deadline:
-                    return deferred("File has been locked for 30 seconds straight. (#4.3.0)")
+                if time.time() >= deadline:
+                    return deferred("File has been locked for %d seconds straight. (#4.3.0)"
+                                    % lock_wait)
                 time.sleep(0.5)
         size = os.lseek(fd, 0, os.SEEK_END)
         try:
@@ -472,24 +474,67 @@ def owner_sender(target: Target, local: str, domain: str, sender: str) -> str:
     return "%s-owner@%s" % (local, domain)
 
 
-def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: str,
-            target: Target, confined: bool = False) -> LocalResult:
-    """Deliver the message in `msgfile` to ``local@domain`` controlled by
-    `target`.  `confined`: see outside_home().  Blocking; never raises for
-    delivery problems."""
+@dataclass
+class Plan:
+    """What qmail-local would do for one recipient, found before the
+    message is read: the dot-qmail lines to follow (comments and empty
+    lines dropped) and the header lines every file delivery puts first."""
+
+    target: Target
+    local: str
+    domain: str
+    sender: str
+    newsender: str
+    lines: List[str]
+    default: Optional[str]  # DEFAULT, when a -default file matched
+    dtline: bytes           # "Delivered-To: local@domain\n"
+    rpline: bytes           # "Return-Path: <sender>\n"
+
+    @property
+    def files_only(self) -> bool:
+        """Every line writes a Maildir or an mbox: no program, no forward."""
+        return bool(self.lines) and all(l[:1] in ("/", ".") for l in self.lines)
+
+
+def _header_lines(sender: str, local: str, domain: str) -> Tuple[bytes, bytes]:
     recipient = "%s@%s" % (local, domain)
     dtline = ("Delivered-To: %s\n" % recipient.replace("\n", "_")).encode(
         "utf-8", "surrogateescape")
     rpline = ("Return-Path: <%s>\n" % quote_address(sender).replace("\n", "_")).encode(
         "utf-8", "surrogateescape")
+    return dtline, rpline
+
+
+def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: str,
+            target: Target, confined: bool = False) -> LocalResult:
+    """Deliver the message in `msgfile` to ``local@domain`` controlled by
+    `target`.  `confined`: see outside_home().  Blocking; never raises for
+    delivery problems.  qmail-local's order: the extension, the
+    Delivered-To loop check, then `plan` and `execute`."""
+    if "/" not in target.ext:
+        dtline, _ = _header_lines(sender, local, domain)
+        try:
+            if header_has_line(msgfile, dtline):
+                return LocalResult(failed("This message is looping: it already has my "
+                                          "Delivered-To line. (#5.4.6)", "5.4.6"))
+        except OSError as e:
+            return LocalResult(deferred("Unable to read message: %s. (#4.3.0)" % e.strerror))
+    p = plan(config, sender, local, domain, target)
+    if isinstance(p, LocalResult):
+        return p
+    return execute(p, msgfile, confined)
+
+
+def plan(config: Config, sender: str, local: str, domain: str,
+         target: Target) -> "LocalResult | Plan":
+    """Everything qmail-local checks before it writes: the extension, the
+    home's mode, the dot-qmail file (or control/defaultdelivery) and its
+    lines, NEWSENDER.  Returns the Plan, or the LocalResult that ends the
+    delivery (a refusal or a temporary failure).  Blocking (stat, open);
+    never raises for delivery problems."""
+    dtline, rpline = _header_lines(sender, local, domain)
     if "/" in target.ext:
         return LocalResult(failed("Sorry, address must not contain /. (#5.1.1)", "5.1.1"))
-    try:
-        if header_has_line(msgfile, dtline):
-            return LocalResult(failed("This message is looping: it already has my "
-                                      "Delivered-To line. (#5.4.6)", "5.4.6"))
-    except OSError as e:
-        return LocalResult(deferred("Unable to read message: %s. (#4.3.0)" % e.strerror))
     try:
         st = os.stat(target.home)
     except OSError as e:
@@ -538,18 +583,30 @@ def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: 
     except OSError as e:
         return LocalResult(deferred("Unable to open .qmail file: %s. (#4.2.1)"
                                     % e.strerror, "4.2.1"))
+    kept = [l for l in lines if l and not l.startswith("#")]
+    return Plan(target, local, domain, sender, newsender, kept, found.default,
+                dtline, rpline)
+
+
+def execute(p: Plan, msgfile: BinaryIO, confined: bool = False,
+            lock_wait: float = None) -> LocalResult:
+    """Follow the lines of `p` for the message in `msgfile`: files and
+    programs in order, forwards collected (qmail-local's main loop).
+    `confined`: see outside_home(); `lock_wait`: seconds an mbox lock is
+    waited for (default MBOX_LOCK_WAIT).  Blocking; never raises for
+    delivery problems."""
+    target, local, domain, sender = p.target, p.local, p.domain, p.sender
+    newsender, dtline, rpline = p.newsender, p.dtline, p.rpline
     ext = target.ext
     env = None
     forwards: List[str] = []
     counts = [0, 0, 0]  # files, forwards, programs: qmail-local's "did" order
     notes = []
-    for line in lines:
-        if not line or line.startswith("#"):
-            continue
+    for line in p.lines:
         if line.startswith("|"):
             if env is None:
                 env = program_env(target, local, domain, sender, newsender, ext,
-                                  found.default, dtline, rpline)
+                                  p.default, dtline, rpline)
             r, code = run_program(line[1:], target.home, msgfile, env)
             counts[2] += 1
             if r.kind != SUCCESS:
@@ -568,7 +625,8 @@ def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: 
             if line.endswith("/"):
                 r = deliver_maildir(path, msgfile, rpline + dtline)
             else:
-                r = deliver_mbox(path, msgfile, sender, rpline + dtline)
+                r = deliver_mbox(path, msgfile, sender, rpline + dtline,
+                                 MBOX_LOCK_WAIT if lock_wait is None else lock_wait)
             counts[0] += 1
             if r.kind != SUCCESS:
                 return LocalResult(r)

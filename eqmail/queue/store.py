@@ -1374,6 +1374,13 @@ class Draft:
         if len(self._buf) >= CHUNK:
             self._flush()
 
+    def held(self) -> Optional[bytes]:
+        """The whole message so far when none of it has gone to disk yet
+        (under CHUNK bytes, no write error), else None."""
+        if self.fd >= 0 or self.path or self.error is not None or self._closed:
+            return None
+        return bytes(self._buf)
+
     def _flush(self) -> None:
         buf, self._buf = bytes(self._buf), bytearray()
         try:

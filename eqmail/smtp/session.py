@@ -197,7 +197,7 @@ class Session:
                  starttls: Optional[Callable[[], tuple]] = None,
                  tls_cipher: Optional[str] = None,
                  checkpassword: Optional[Sequence[str]] = None,
-                 submission: bool = False):
+                 submission: bool = False, direct: bool = False):
         self.env: Dict[str, str] = dict(env or {})
         env = self.env
         self.config = config
@@ -221,6 +221,7 @@ class Session:
         self.tls_cipher = tls_cipher      # set once TLS is on
         self.checkpassword = list(checkpassword) if checkpassword else None
         self.submission = submission
+        self.direct = direct              # local mail may go to its mailboxes in DATA
         self.auth_user: Optional[str] = None
         self.auth_method: Optional[str] = None
         self.auth_failures = 0
@@ -714,6 +715,30 @@ class Session:
             draft.abort()  # no-op after a commit
             self._reset()
 
+    def _deliver_direct(self, draft, rcpts):
+        """Local mail written once (eqmail.delivery.direct): deliver what
+        may be delivered now; return the recipients the queue must take."""
+        from ..delivery import direct
+        from ..threads import run
+
+        if not direct.candidates(self.config, rcpts):
+            return rcpts
+        data = draft.held()
+        if data is None:
+            return rcpts
+        try:
+            reports = run(direct.deliver, self.config, data, self.mailfrom, rcpts)
+        except Exception as e:  # a bug: the queue takes every recipient
+            log.alert("smtpd: direct delivery failed: %s: %s" % (type(e).__name__, e))
+            return rcpts
+        rest = []
+        for rcpt, report in zip(rcpts, reports):
+            if report is None:
+                rest.append(rcpt)
+            else:
+                log.direct_delivery(draft.id, len(data), self.mailfrom, rcpt, report)
+        return rest
+
     def _draft(self):
         """Where the message goes: the queue, or the program named by
         QMAILQUEUE (session environment: smtprules, eqmaild's or
@@ -838,8 +863,17 @@ class Session:
         if hops >= MAX_HOPS:
             self._log("message looping")
             return reply.LOOPING
+        rcpts = self.rcpts
+        if self.direct and self.config.directlocal and self.config.concurrencylocal \
+                and not self.env.get("QMAILQUEUE"):
+            rcpts = self._deliver_direct(draft, rcpts)
+            if not rcpts:
+                draft.abort()
+                self.messages += 1
+                self._log("message accepted")
+                return reply.accepted(int(time.time()), draft.id)
         try:
-            item = draft.commit(self.mailfrom, self.rcpts)
+            item = draft.commit(self.mailfrom, rcpts)
         except QueueError as e:
             permanent = getattr(e, "permanent", False)  # qmailqueue.QueueRefused
             self._log("message %s (%s)" % ("rejected" if permanent else "delayed", e.text))

@@ -191,14 +191,19 @@ N_CLIENTS = 4
 N_KILLS = 4
 
 
-def test_crash_safety_sigkill_while_receiving_and_delivering(home, daemon_factory):
+@pytest.mark.parametrize("path", ["direct", "queue"])
+def test_crash_safety_sigkill_while_receiving_and_delivering(home, daemon_factory, path):
     """N messages over several connections while eqmaild is SIGKILLed at
     random moments and restarted.  Every message that got its 250 is
     delivered, exactly once except for at most one per kill (the delivery
     in flight: concurrencylocal=1 makes that one delivery); a message
-    without its 250 may be delivered (committed, the 250 lost) but never
-    twice."""
-    home.setup(rcpthosts=("localhost",), concurrencylocal="1\n")
+    without its 250 may be delivered (committed, the 250 lost; or written
+    to the Maildir during DATA) but never twice.  `path`: "direct", local
+    mail written into the Maildir during DATA (eqmail.delivery.direct, the
+    default), or "queue" (control/directlocal 0: committed, then
+    delivered)."""
+    home.setup(rcpthosts=("localhost",), concurrencylocal="1\n",
+               directlocal="1\n" if path == "direct" else "0\n")
     alias_home(home)
     d = daemon_factory(home)
     seed = int(os.environ.get("EQMAIL_BATTERY_SEED") or random.randrange(1 << 30))
@@ -262,8 +267,8 @@ def test_crash_safety_sigkill_while_receiving_and_delivering(home, daemon_factor
     counts = tagged(home, b"crash")
     delivered = set(counts)
     dups = {n: c for n, c in counts.items() if c > 1}
-    print("\n[crash] seed %d: %d messages over %d connections, %d SIGKILLs at %s s"
-          % (seed, N_MESSAGES, N_CLIENTS, N_KILLS, kill_times))
+    print("\n[crash] %s: seed %d: %d messages over %d connections, %d SIGKILLs at %s s"
+          % (path, seed, N_MESSAGES, N_CLIENTS, N_KILLS, kill_times))
     print("[crash] sent %d, acknowledged (250) %d, not acknowledged %d (%s)"
           % (len(acked) + len(unacked), len(acked), len(unacked), dict(errors)))
     print("[crash] delivered %d distinct (%d files), duplicates %s, unacknowledged but "
@@ -280,6 +285,11 @@ def test_crash_safety_sigkill_while_receiving_and_delivering(home, daemon_factor
     q = os.path.join(home.path, "queue")
     left = [os.listdir(os.path.join(q, x)) for x in ("mess", "tmp", "bounce")]
     assert left == [[], [], []], (left, d.log()[-3000:])
+    log = d.log()
+    if path == "direct":  # the path taken: no message went through the queue
+        assert "direct msg" in log and "starting delivery" not in log, log[-3000:]
+    else:
+        assert "direct msg" not in log
 
 
 def test_crash_during_local_delivery(home, daemon_factory):

@@ -113,12 +113,17 @@ def wait_empty_queue(home, timeout=15.0):
 
 
 def results(daemon):
-    """{recipient: [(kind, text), ...]} from the daemon's qmail-send log lines."""
+    """{recipient: [(kind, text), ...]} from the daemon's qmail-send log lines
+    and its direct deliveries."""
     log = daemon.log()
     started = dict(re.findall(r"starting delivery (\d+): msg \S+ to \w+ (.*)", log))
     out = {}
     for num, kind, text in re.findall(r"delivery (\d+): (success|deferral|failure): (.*)", log):
         out.setdefault(started.get(num), []).append((kind, text))
+    # deliveries made during DATA (eqmail.delivery.direct): successes only
+    for rcpt, text in re.findall(r"direct msg \S+: bytes \d+ from <.*> to local (\S+): "
+                                 r"success: (.*)", log):
+        out.setdefault(rcpt, []).append(("success", text))
     return out
 
 

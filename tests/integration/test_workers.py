@@ -18,6 +18,11 @@ MSG = b"Subject: worker test\r\n\r\nhello\r\n"
 
 
 def start(home, daemon_factory, *args, **control):
+    """eqmaild with one session worker allowed from the first connection.
+    Local mail goes through the queue (control/directlocal 0), whose
+    commits, scheduling and local-delivery worker these tests look at,
+    unless `control` says otherwise."""
+    control.setdefault("directlocal", "0\n")
     home.setup(rcpthosts=("mx.example.org", "localhost"), **control)
     return daemon_factory(home, ["--workers", "1", "--worker-load", "0"] + list(args))
 
@@ -141,6 +146,20 @@ def test_worker_serves_sessions_commits_and_eqmaild_delivers(home, daemon_factor
     assert home.queued() == []
 
 
+def test_a_worker_delivers_local_mail_during_data_itself(home, daemon_factory):
+    """With local mail written once (the default), the session worker
+    writes the Maildir file before its 250; eqmaild never hears of it."""
+    d = start(home, daemon_factory, directlocal="1\n")
+    send(d)
+    pid = worker_pid(d)
+    replies = send_until_worker(d, pid)
+    assert len(home.messages()) == len(replies) + 1  # no waiting
+    assert pid in delivered_by(home)
+    log = d.log()
+    assert "new msg" not in log and "direct msg %s" % replies[-1].split("qp ")[1].strip() in log
+    assert home.queued() == []
+
+
 def test_limits_count_the_sessions_workers_hold(home, daemon_factory):
     d, pid = started_worker(home, daemon_factory, concurrencyincoming="3\n")
     with greeted(d, 3):
@@ -184,7 +203,8 @@ def test_eqmaild_accepts_too_when_the_worker_holds_many_sessions(home, daemon_fa
         try:
             # where both accept, the kernel wakes both and one wins: eqmaild,
             # which is idle, gets some of these
-            for _ in range(30):
+            for _ in range(60):
+                time.sleep(0.01)  # eqmaild's hub looks at the share every 0.05 s
                 s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
                 more.append(s)
                 assert s.recv(100).startswith(b"220 ")
