@@ -56,7 +56,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
@@ -563,8 +563,10 @@ class EqmailPeer:
 
     def __init__(self, python: str, workdir: str, pw: pwd.struct_passwd,
                  relay_port: Optional[int], resolv_conf: Optional[str],
-                 label: str = "eqmail", cgroup=None, controls: Optional[dict] = None):
+                 label: str = "eqmail", cgroup=None, controls: Optional[dict] = None,
+                 args: Sequence[str] = ()):
         self.python = python
+        self.args = list(args)
         self.pw = pw
         self.cgroup = cgroup
         self.port = free_port()
@@ -599,7 +601,7 @@ class EqmailPeer:
     def start(self, wait: bool = True) -> "EqmailPeer":
         log = open(self.logfile, "ab")
         cmd = [self.python, "-m", "eqmail.daemon", "--home", self.home, "--foreground",
-               "--smtp", "127.0.0.1:%d" % self.port]
+               "--smtp", "127.0.0.1:%d" % self.port] + self.args
         if self.cgroup is not None:
             self.proc = subprocess.Popen(
                 self.cgroup.wrap(cmd, self.pw.pw_uid, self.pw.pw_gid), stdout=log,
@@ -1725,6 +1727,16 @@ def main_rows(res: dict, row, mem_row, mb) -> None:
     mem_row("idle PSS after start (tree)", "idle", "pss_kb")
     mem_row("peak RSS during c=20 (tree)", "peak_c20", "rss_kb")
     mem_row("peak PSS during c=20 (tree)", "peak_c20", "pss_kb")
+    w1 = res.get("workers1")
+    if w1:
+        pf = [r["delivered_msgs_s"] for r in res.get("runs", [])
+              if r["peer"] == "postfix" and r["c"] == 20 and r["delivered_msgs_s"]]
+        pfm = statistics.median(pf) if pf else None
+        row("eqmail --workers 1 (opt-in): c=20 delivered msg/s; tree peak RSS / PSS",
+            ["%s (%s× Postfix); %s / %s" % (
+                fmt(w1.get("median")), fmt(ratio(w1.get("median"), pfm), 2),
+                mb(w1["peak"], "rss_kb"), mb(w1["peak"], "pss_kb")),
+             "–", "–"])
     eq = mem.get("eqmail", {})
     conn = eq.get("idle_connections")
     if conn:
@@ -1882,6 +1894,29 @@ def main_part(res: dict, args, objs: dict, smtp_source: List[str], n: int, runs:
                         "anything else writing to %s at the time." % dev)
     if "eqmail" in objs:
         res["eqmail_logs"] = {"main": objs["eqmail"].log_summary()}
+        res["workers1"] = workers_run(objs["eqmail"], smtp_source, n, runs)
+
+
+def workers_run(eq, smtp_source: List[str], n: int, runs: int) -> dict:
+    """The opt-in process model beside the default: eqmaild with
+    ``--workers 1`` (a session worker and a local-delivery worker under
+    load), c=20 runs; delivered msg/s (median) and the tree's peak."""
+    w = EqmailPeer(eq.python, os.path.dirname(eq.home), eq.pw, None, None,
+                   label="eqmail-w1", args=["--workers", "1"]).start()
+    out = {"delivered_msgs_s": [], "peak": {"rss_kb": 0, "pss_kb": 0}}
+    try:
+        for i in range(runs):
+            r = load_run(w, smtp_source, n, 20, sample=True)
+            out["delivered_msgs_s"].append(r["delivered_msgs_s"])
+            for k in ("rss_kb", "pss_kb"):
+                out["peak"][k] = max(out["peak"][k], (r.get("peak") or {}).get(k, 0))
+            say("run %d c=20 eqmail --workers 1: delivered %s msg/s"
+                % (i + 1, fmt(r["delivered_msgs_s"])))
+    finally:
+        w.stop()
+    vals = [v for v in out["delivered_msgs_s"] if v is not None]
+    out["median"] = statistics.median(vals) if vals else None
+    return out
 
 
 def stop_started() -> None:

@@ -22,11 +22,11 @@ DESCRIPTION
     and concurrencyperip cap the sessions (421 beyond).  AUTH uses
     ``--checkpassword`` (default: eqmail chkpw and HOME/users/passwd).
 
-    Under load on a multi-core machine, eqmaild starts up to ``--workers``
-    session workers, which accept on the same listeners, and (when it does not
-    run as root) one local-delivery worker that runs its local deliveries
-    (eqmail.workers); they stop again after ``--worker-idle`` seconds
-    without work.
+    eqmaild is one process by default.  With ``--workers N`` it starts, under
+    load, up to N session workers, which accept on the same listeners, and
+    (when it does not run as root) one local-delivery worker that runs its
+    local deliveries (eqmail.workers); they stop again after
+    ``--worker-idle`` seconds without work.
 
 SIGNALS
     SIGHUP   re-read the control files (the last good ones stay on error);
@@ -176,11 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="started as root: bind, then run as USER (default: eqmail, when "
                         "that user exists; `eqmail mkusers` creates it); deliveries to other "
                         "users go through a small root helper")
-    p.add_argument("--workers", metavar="N", type=_count, default=None,
+    p.add_argument("--workers", metavar="N", type=_count, default=0,
                    help="most session worker processes started when busy, to use more "
-                        "cores; with the first, a local-delivery worker too unless eqmaild "
-                        "runs as root (default: 1 on a multi-core machine, 0 on one core; "
-                        "0 = always one process)")
+                        "cores at the cost of about 23 MB each; with the first, a "
+                        "local-delivery worker too unless eqmaild runs as root (default 0: "
+                        "always one process)")
     p.add_argument("--worker-load", metavar="FRACTION", type=_fraction, default=0.5,
                    help="start a worker when eqmaild used at least this share of one "
                         "core over the last second (default 0.5; 0 = at the first "
@@ -275,9 +275,6 @@ def main(argv: List[str] = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, signal.SIG_IGN)
     home = resolve_home(args.home)
-    if args.workers is None:
-        from .workers import default_count
-        args.workers = default_count()
     is_root = os.geteuid() == 0
     given = {"smtp": args.smtp, "submission": args.submission, "smtps": args.smtps}
     defaults = not any(given.values())

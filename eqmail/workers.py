@@ -36,8 +36,12 @@ WHEN
     another (``m``).  A worker without a session for ``--worker-idle``
     seconds (default 30; Postfix's max_idle is 100; eqmaild reads it from
     the session table) is told to stop, so an idle eqmaild is one process
-    again (its memory figure).  ``--workers 0`` (the default on a single
-    core) never starts one.
+    again (its memory figure).  ``--workers 0``, the default, never starts
+    one: a worker is a second Python process of about 23 MB RSS, which
+    doubles the mail system's memory when the board is busiest, for about
+    a quarter more messages a second at c=20 on two cores (bench/; the
+    figures are in the README's Performance section).  Servers with memory
+    to spare may allow them.
 
 LOCAL DELIVERIES
     With the first session worker eqmaild also starts one local-delivery
@@ -161,18 +165,6 @@ def fit_session_pool(pool, config) -> None:
             log.warning("only %d file descriptors (RLIMIT_NOFILE) for %d sessions: raise "
                         "the hard limit or lower control/concurrencyincoming"
                         % (new, config.concurrencyincoming))
-
-
-def default_count() -> int:
-    """Workers to allow by default: one on a multi-core machine, none on
-    a single core (where a second process only costs memory).  The cores
-    counted are those this process may run on (a cpuset, taskset), not
-    all of the machine's."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return 1 if cores > 1 else 0
 
 
 def serve_connection(config, store, sock, kind: str, env: Dict[str, str],

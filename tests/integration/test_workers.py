@@ -10,7 +10,10 @@ import re
 import signal
 import smtplib
 import socket
+import subprocess
 import time
+
+import pytest
 
 from helpers import wait_log
 
@@ -275,12 +278,19 @@ def test_a_dead_worker_frees_its_sessions_and_eqmaild_goes_on(home, daemon_facto
     assert len(home.wait_messages(3, timeout=20)) >= 3
 
 
-def test_workers_zero_keeps_one_process(home, daemon_factory):
-    home.setup(rcpthosts=("mx.example.org", "localhost"))
-    d = daemon_factory(home, ["--workers", "0", "--worker-load", "0"])
+@pytest.mark.parametrize("args", [[], ["--workers", "0"]])
+def test_by_default_and_with_workers_zero_eqmaild_stays_one_process(home, daemon_factory,
+                                                                     args):
+    """No --workers (the default) is --workers 0: even with --worker-load 0
+    and the queue path, every session and delivery stays in eqmaild."""
+    home.setup(rcpthosts=("mx.example.org", "localhost"), directlocal="0\n")
+    d = daemon_factory(home, args + ["--worker-load", "0"])
     for _ in range(5):
         assert ".%d." % d.proc.pid in send(d)
-    assert "session worker" not in d.log()
+    assert len(home.wait_messages(5)) == 5
+    assert "worker" not in d.log()
+    assert not subprocess.run(["pgrep", "-P", str(d.proc.pid)],
+                              capture_output=True).stdout
 
 
 def test_worker_options_are_checked(home, daemon_factory):
