@@ -367,10 +367,10 @@ def main(argv: List[str] = None) -> int:
             log.alert("unable to write the pidfile %s: %s" % (args.pidfile, e.strerror or e))
             return fatal(EX_CANTCREAT, "unable to write the pidfile %s: %s"
                          % (args.pidfile, e.strerror or e))
+    helper = None
     if run_as is not None:
         # bound as root; now the root helper for deliveries, then nobody
         # reading the network keeps root (eqmail.privsep)
-        from .delivery import lspawn
         from .privsep import drop, prepare_home, start_helper
         # what every session needs is imported while root can still read it
         # (the service user must be able to read the Python installation for
@@ -384,7 +384,7 @@ def main(argv: List[str] = None) -> int:
 
         try:
             prepare_home(home, run_as, log.status)
-            lspawn.HELPER = start_helper(home, args.pidfile)
+            helper = start_helper(home, args.pidfile)
             drop(run_as)
         except OSError as e:
             return fatal(EX_NOPERM, "unable to drop privileges to %s: %s"
@@ -393,7 +393,7 @@ def main(argv: List[str] = None) -> int:
                    "root helper" % run_as.pw_name)
     try:
         return serve(holder, sockets, created, checkpassword, args.workers, args.worker_load,
-                     args.worker_idle)
+                     args.worker_idle, helper)
     finally:
         log.flush()
         if args.pidfile:
@@ -410,9 +410,12 @@ LISTENER_NAMES = {"smtp": "SMTP", "smtps": "SMTP over TLS (smtps)",
 
 
 def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int = 0,
-          worker_load: float = 0.5, worker_idle: float = 30) -> int:
+          worker_load: float = 0.5, worker_idle: float = 30, helper=None) -> int:
     """Run the listeners and the scheduler until SIGTERM/SIGINT, with up to
-    `max_workers` session workers when busy (eqmail.workers)."""
+    `max_workers` session workers when busy (eqmail.workers).  `helper`:
+    the privileged delivery helper's socket, when root was dropped.  The
+    processes are decided here: this process, the workers, the helper;
+    local deliveries go through one LocalRunner (eqmail.delivery.lspawn)."""
     import gevent
     import gevent.event
     import gevent.pool
@@ -439,8 +442,11 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
         except OSError:
             pass
 
+    from .delivery.lspawn import LocalRunner
+
     store = Store.open(holder.home, create=True)
-    scheduler = Scheduler(holder, store)
+    runner = LocalRunner(helper)
+    scheduler = Scheduler(holder, store, runner)
     stop_event = gevent.event.Event()
     state = {"stopping": False}
     from .workers import fit_session_pool, session_pool
@@ -464,7 +470,6 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
     gevent.signal_handler(signal.SIGINT, stop_event.set)
 
     from .concurrency import SessionTable
-    from .delivery import lspawn
     from .workers import Pool, serve_client
 
     # the sessions of eqmaild and its workers (concurrencyincoming, concurrencyperip)
@@ -475,9 +480,10 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
     # (not root, no privileged helper: eqmail.delivery.worker).
     workers = Pool(holder.home, store, scheduler.add, max_workers, worker_load,
                    checkpassword, worker_idle,
-                   local_deliveries=os.geteuid() != 0 and lspawn.HELPER is None,
+                   local_deliveries=runner.in_process,
                    table=table if table.fd >= 0 else None)
-    scheduler.local_worker = workers.deliver
+    if workers.local_deliveries:
+        runner.offload = workers.deliver
     stopping = lambda: state["stopping"]  # noqa: E731
 
     def handle(sock, addr, kind):

@@ -1,16 +1,31 @@
 """delivery.lspawn -- run a local delivery with the recipient's uid (qmail-lspawn's role).
 
 SUMMARY
-    `spawn(config, msgpath, sender, local, domain, target)` delivers one
-    message to one local recipient and returns a delivery.local.LocalResult:
+    `LocalRunner` is the one way the queue's local deliveries are run.
+    eqmaild makes one at start (eqmail.daemon) and hands it to the
+    scheduler, which knows nothing of the processes behind it.
+    `runner.deliver(config, msgid, msgpath, sender, local, domain, finish)`
+    delivers one message to one local recipient and returns
+    ``(LocalResult, removed)``:
 
-    * target uid == eqmaild's uid: in-process, in gevent's threadpool;
-    * eqmaild runs as root, target uid != 0: in a forked child that opens
-      the message, closes every other descriptor, drops to the target's
-      gid (as its only group) and uid, delivers, and reports back as JSON
-      on a pipe;
+    * with an `offload` set (eqmail.workers.Pool.deliver: a local-delivery
+      worker, when session workers run), that process delivers when it is
+      up;
+    * otherwise the target is resolved in the threadpool, and a target
+      whose uid is eqmaild's is delivered right there, in-process;
+    * another uid, when eqmaild dropped root: through the privileged
+      `helper` (eqmail.privsep);
+    * another uid, when eqmaild is root: in a forked child that opens the
+      message, closes every other descriptor, drops to the target's gid
+      (as its only group) and uid, delivers, and reports back as JSON on a
+      pipe;
     * otherwise (uid 0, or an unprivileged daemon asked to deliver as
       someone else): a temporary failure that says why.
+
+    `runner.in_process` tells whether this process delivers as itself
+    (not root, no helper): then its SMTP sessions may write local mail
+    during DATA (eqmail.delivery.direct), and a local-delivery worker may
+    take the queue's deliveries.
 
 STANDARDS
     qmail-lspawn(8): ``Not allowed to perform deliveries as root.``
@@ -74,32 +89,59 @@ def resolve_and_deliver(config, msgpath, sender, local, domain, then=None):
     return target
 
 
-def deliver_local(config, msgpath: str, sender: str, local: str, domain: str,
-                  then=None) -> LocalResult:
-    """qmail-lspawn for one local recipient: resolve it (delivery.users),
-    then deliver with its uid.  Cooperative.  `then`: a blocking callable
-    run in the delivery's own threadpool call after an in-process delivery
-    that succeeded without forwards (the scheduler finishes the message
-    there, saving a thread hop); it must not raise."""
-    got = run(resolve_and_deliver, config, msgpath, sender, local, domain, then)
-    if isinstance(got, LocalResult):
-        return got
-    return spawn(config, msgpath, sender, local, domain, got)
+class LocalRunner:
+    """qmail-lspawn for the scheduler (see the module docstring).
+    `helper`: the privileged helper's request socket (eqmail.privsep), when
+    eqmaild dropped root.  `offload`: set by the daemon when session
+    workers are allowed, ``(id, sender, local, domain, finish) ->
+    (LocalResult, removed)`` or None when no local-delivery worker is up."""
 
+    def __init__(self, helper=None) -> None:
+        self.helper = helper
+        self.offload = None
 
-def spawn(config, msgpath: str, sender: str, local: str, domain: str,
-          target: Target) -> LocalResult:
-    """Deliver as `target`'s uid (see the module docstring).  Cooperative:
-    waits on the threadpool or on the child's pipe, never blocks the hub."""
+    @property
+    def in_process(self) -> bool:
+        """This process delivers as itself: not root, no helper."""
+        return os.geteuid() != 0 and self.helper is None
 
-    me = os.geteuid()
-    if target.uid == me and me != 0:
-        return run(_deliver_path, config, msgpath, sender, local, domain, target)
-    if target.uid != 0 and me != 0 and HELPER is not None:
-        return _via_helper(msgpath, sender, local, domain)
-    if target.uid != 0 and me == 0:
-        return _fork_as(config, msgpath, sender, local, domain, target)
-    return refusal(target)
+    def deliver(self, config, msgid: str, msgpath: str, sender: str, local: str,
+                domain: str, finish=None):
+        """One local delivery; returns ``(LocalResult, removed)``.
+        Cooperative.  `finish`: a blocking callable returning True when it
+        removed the message; it is called (by the delivery's own threadpool
+        call, or the worker does the same) after a delivery that succeeded
+        without forwards, when this delivery is the message's last.  Never
+        raises for delivery problems."""
+        if self.offload is not None:
+            got = self.offload(msgid, sender, local, domain, finish is not None)
+            if got is not None:
+                return got
+        removed = []
+
+        def then() -> None:
+            if finish():
+                removed.append(True)
+
+        got = run(resolve_and_deliver, config, msgpath, sender, local, domain,
+                  then if finish is not None else None)
+        if isinstance(got, LocalResult):
+            return got, bool(removed)
+        return self.spawn(config, msgpath, sender, local, domain, got), False
+
+    def spawn(self, config, msgpath: str, sender: str, local: str, domain: str,
+              target: Target) -> LocalResult:
+        """Deliver as `target`'s uid (see the module docstring).  Cooperative:
+        waits on the threadpool, the helper or the child's pipe, never blocks
+        the hub."""
+        me = os.geteuid()
+        if target.uid == me and me != 0:
+            return run(_deliver_path, config, msgpath, sender, local, domain, target)
+        if target.uid != 0 and me != 0 and self.helper is not None:
+            return _via_helper(self.helper, msgpath, sender, local, domain)
+        if target.uid != 0 and me == 0:
+            return _fork_as(config, msgpath, sender, local, domain, target)
+        return refusal(target)
 
 
 def refusal(target: Target) -> LocalResult:
@@ -113,19 +155,15 @@ def refusal(target: Target) -> LocalResult:
         % (target.uid, os.geteuid())))
 
 
-#: The privileged helper's request socket, when eqmaild dropped root
-#: (eqmail.privsep); deliveries for other users go through it.
-HELPER = None
-
-
-def _via_helper(msgpath: str, sender: str, local: str, domain: str) -> LocalResult:
+def _via_helper(helper, msgpath: str, sender: str, local: str,
+                domain: str) -> LocalResult:
     import gevent
     import gevent.socket
 
     from ..privsep import request
 
     try:
-        answer = request(HELPER, os.path.basename(msgpath), sender, local, domain)
+        answer = request(helper, os.path.basename(msgpath), sender, local, domain)
     except OSError as e:
         return LocalResult(deferred("Unable to reach the delivery helper: %s. (#4.3.0)"
                                     % e.strerror))

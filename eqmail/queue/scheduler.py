@@ -142,9 +142,12 @@ class _Entry:
 class Scheduler:
     """The delivery scheduler for one queue.  Runs in gevent greenlets."""
 
-    def __init__(self, holder: ConfigHolder, store: Store):
+    def __init__(self, holder: ConfigHolder, store: Store,
+                 local_runner: Optional[lspawn.LocalRunner] = None):
         self.holder = holder
         self.store = store
+        #: qmail-lspawn: runs every local delivery (chosen by the daemon)
+        self.local_runner = local_runner or lspawn.LocalRunner()
         self.entries: Dict[str, _Entry] = {}
         self._heap: list = []
         self._tie = itertools.count()
@@ -166,10 +169,6 @@ class Scheduler:
         self._parked_heap: list = []
         #: The most messages known at once since the queue was last empty.
         self._busiest = 0
-        #: When set (by the daemon: eqmail.workers.Pool.deliver), tried first
-        #: for each local delivery: ``(id, sender, local, domain, finish) ->
-        #: (LocalResult, removed)``, or None to deliver in this process.
-        self.local_worker = None
 
     # -- life cycle -------------------------------------------------------------
 
@@ -611,23 +610,18 @@ class Scheduler:
         msgpath = self.store.message_path(item.id)
         sender = address.verp_sender(item.sender, recipient)
 
-        def remove_now():
+        def remove_now() -> bool:  # blocking: in the delivery's thread call
             try:
                 self.store.remove_now(item)
-                entry.removed = True
+                return True
             except OSError as e:  # _finish tries again
                 log.alert("unable to remove msg %s: %s" % (item.id, e))
+                return False
 
-        got = None
-        if self.local_worker is not None:  # eqmail.workers.Pool.deliver, under load
-            got = self.local_worker(item.id, sender, rt.local, rt.domain, finish)
-        if got is not None:
-            lr, removed = got
-            if removed:
-                entry.removed = True
-        else:
-            lr = lspawn.deliver_local(config, msgpath, sender, rt.local, rt.domain,
-                                      remove_now if finish else None)
+        lr, removed = self.local_runner.deliver(config, item.id, msgpath, sender, rt.local,
+                                                rt.domain, remove_now if finish else None)
+        if removed:
+            entry.removed = True
         if lr.result.kind != SUCCESS or not lr.forwards:
             return lr.result
         dtline = ("Delivered-To: %s@%s\n" % (rt.local, rt.domain)).encode(
