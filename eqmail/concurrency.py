@@ -96,11 +96,15 @@ class SessionTable:
         self.mm = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     @classmethod
-    def create(cls, directory: str) -> "SessionTable":
+    def create(cls, directory: str, shared: bool = True) -> "SessionTable":
         """A new, empty table: a memfd, else (no memfd_create) an unlinked
         file in `directory`, else memory of this process alone (``fd`` -1:
-        no worker can share it).  The descriptor is close-on-exec; a worker
-        gets it through posix_spawn's dup2.  Never raises but MemoryError."""
+        no worker can share it, and no lock is taken).  `shared` False (no
+        workers allowed) asks for that last one at once.  The descriptor is
+        close-on-exec; a worker gets it through posix_spawn's dup2.  Never
+        raises but MemoryError."""
+        if not shared:
+            return cls(-1)
         for make in (lambda: os.memfd_create("eqmail-sessions", os.MFD_CLOEXEC),
                      lambda: os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC,
                                      0o600)):

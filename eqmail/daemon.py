@@ -473,7 +473,9 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
     from .workers import Pool, serve_client
 
     # the sessions of eqmaild and its workers (concurrencyincoming, concurrencyperip)
-    table = SessionTable.create(os.path.join(holder.home, "queue", "lock"))
+    # (memory of this process alone, without a lock, when no worker may start)
+    table = SessionTable.create(os.path.join(holder.home, "queue", "lock"),
+                                shared=max_workers > 0)
     if table.fd < 0 and max_workers:
         log.warning("no memfd_create and no O_TMPFILE: no session workers")
     # Local deliveries move to a worker too, when they run in this process

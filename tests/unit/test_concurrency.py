@@ -150,3 +150,22 @@ def test_without_memfd_an_unlinked_file_then_private_memory(tmp_path, monkeypatc
         assert not t.enter(0, "192.0.2.2", 1, 1)[0]
     finally:
         t.close()
+
+
+def test_a_table_no_worker_shares_is_private_memory_without_a_lock(tmp_path, monkeypatch):
+    """eqmaild without workers (the default): no descriptor, no fcntl lock
+    per session, the same counting."""
+    locks = []
+    monkeypatch.setattr(concurrency.fcntl, "lockf", lambda *a: locks.append(a))
+    t = SessionTable.create(str(tmp_path), shared=False)
+    try:
+        assert t.fd == -1
+        assert t.enter(0, "192.0.2.1", 2, 1)[0]
+        assert not t.enter(0, "192.0.2.1", 2, 1)[0]  # per address
+        assert t.enter(0, "192.0.2.2", 2, 1)[0]
+        assert not t.enter(0, "192.0.2.3", 2, 1)[0]  # in all
+        t.leave(0, "192.0.2.1")
+        assert t.enter(0, "192.0.2.3", 2, 1)[0]
+        assert locks == []
+    finally:
+        t.close()
