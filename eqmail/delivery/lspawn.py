@@ -22,6 +22,9 @@ SUMMARY
     * otherwise (uid 0, or an unprivileged daemon asked to deliver as
       someone else): a temporary failure that says why.
 
+    `runner.deliver_many(...)` does several recipients of one message in
+    one threadpool call (the scheduler's batches of a fan-out).
+
     `runner.in_process` tells whether this process delivers as itself
     (not root, no helper): then its SMTP sessions may write local mail
     during DATA (eqmail.delivery.direct), and a local-delivery worker may
@@ -89,6 +92,42 @@ def resolve_and_deliver(config, msgpath, sender, local, domain, then=None):
     return target
 
 
+def resolve_and_deliver_many(config, msgpath, jobs):
+    """resolve_and_deliver for several recipients of one message, in one
+    blocking call that opens the message once: `jobs` is a list of
+    ``(sender, local, domain)``.  Returns, per job, a LocalResult, or the
+    Target when another uid must deliver."""
+    from ..queue.store import open_message
+    from .users import UsersError, resolve
+
+    me = os.geteuid()
+    out = []
+    f = None
+    try:
+        for sender, local, domain in jobs:
+            try:
+                target = resolve(config, local)
+            except UsersError as e:
+                out.append(LocalResult(deferred("%s (#4.3.0)" % e)))
+                continue
+            if target.uid == 0 or target.uid != me:
+                out.append(target)
+                continue
+            if f is None:
+                try:
+                    f = open_message(msgpath)
+                except (OSError, ValueError) as e:
+                    out.append(LocalResult(deferred(
+                        "Unable to open the queued message: %s. (#4.3.0)"
+                        % (getattr(e, "strerror", None) or e))))
+                    continue
+            out.append(deliver(config, f, sender, local, domain, target, confined=True))
+    finally:
+        if f is not None:
+            f.close()
+    return out
+
+
 class LocalRunner:
     """qmail-lspawn for the scheduler (see the module docstring).
     `helper`: the privileged helper's request socket (eqmail.privsep), when
@@ -128,6 +167,18 @@ class LocalRunner:
         if isinstance(got, LocalResult):
             return got, bool(removed)
         return self.spawn(config, msgpath, sender, local, domain, got), False
+
+    def deliver_many(self, config, msgid: str, msgpath: str, jobs) -> list:
+        """Several local deliveries of one message, one after the other in
+        one threadpool call (a fan-out: one thread hop and one open of the
+        message for them all, instead of one each); `jobs` is a list of
+        ``(sender, local, domain)``.  Returns their LocalResults in order.
+        Targets of another uid go on as `deliver` sends them.  Cooperative;
+        never raises for delivery problems.  Not with an `offload` (the
+        scheduler then hands out one recipient at a time)."""
+        got = run(resolve_and_deliver_many, config, msgpath, jobs)
+        return [g if isinstance(g, LocalResult) else self.spawn(config, msgpath, *job, g)
+                for job, g in zip(jobs, got)]
 
     def spawn(self, config, msgpath: str, sender: str, local: str, domain: str,
               target: Target) -> LocalResult:

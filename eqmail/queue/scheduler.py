@@ -79,6 +79,9 @@ TOO_LONG = " I'm not going to try again; this message has been in the queue too 
 #: 100 bytes a message with the set that knows it); the envelope is read
 #: from disk again when the message is due.
 ACTIVE_MAX = 2000
+#: Most local recipients of one message that one delivery job takes in a
+#: fan-out (see Scheduler._jobs).
+LOCAL_BATCH = 50
 PARK_AFTER = 5.0
 #: Parked messages read back at once (at least, when the active ones allow).
 UNPARK_BATCH = 200
@@ -460,19 +463,29 @@ class Scheduler:
         self._wake.wait(timeout)
 
     def _jobs(self, entry: _Entry, now: float) -> List[tuple]:
-        """The deliveries due now for `entry`: one per local recipient, one
-        per domain for the remote ones (one SMTP transaction each)."""
+        """The deliveries due now for `entry`: one per domain for the remote
+        recipients (one SMTP transaction each); for the local ones, one per
+        recipient, or for a fan-out (more than concurrencylocal of them)
+        batches that fill the concurrencylocal slots, each delivering its
+        recipients one after the other in one thread call (at most
+        LOCAL_BATCH; one at a time with a local-delivery worker)."""
         jobs = []
+        local: List[int] = []
         by_domain: Dict[str, List[int]] = {}
         for i in entry.item.pending():
             if entry.inflight[i] or entry.next[i] > now:
                 continue
             entry.inflight[i] = True
             if entry.channel[i] == LOCAL:
-                jobs.append((entry, [i]))
+                local.append(i)
             else:
                 domain = entry.item.recipients[i].rpartition("@")[2].lower()
                 by_domain.setdefault(domain, []).append(i)
+        size = 1
+        slots = max(1, self.holder.current.concurrencylocal)
+        if len(local) > slots and self.local_runner.offload is None:
+            size = min(LOCAL_BATCH, -(-len(local) // slots))
+        jobs += [(entry, local[k:k + size]) for k in range(0, len(local), size)]
         jobs += [(entry, idxs) for idxs in by_domain.values()]
         return jobs
 
@@ -506,7 +519,9 @@ class Scheduler:
         expired = now > item.birth + config.queuelifetime
         try:
             try:
-                if channel == LOCAL:
+                if channel == LOCAL and len(idxs) > 1:
+                    results = self._local_many(config, entry, idxs)
+                elif channel == LOCAL:
                     # the only recipient left, no failures: the delivery's
                     # thread removes the message when it succeeds
                     solo = entry.failures is False and not any(
@@ -533,10 +548,21 @@ class Scheduler:
             last = all(r.kind != DEFERRAL for r in final) and not any(
                 entry.inflight[j] or not item.done[j]
                 for j in range(len(item.recipients)) if j not in others)
+            batch = len(idxs) > 1 and channel == LOCAL and not last
             for i, result in zip(idxs, final):
                 if result.kind == FAILURE:
                     entry.failures = True
-                self._record(item, i, result, mark=not last)
+                if not (batch and result.kind == SUCCESS):
+                    self._record(item, i, result, mark=not last)
+            if batch:  # the successes' done marks in one thread call
+                done = [i for i, r in zip(idxs, final) if r.kind == SUCCESS]
+                try:
+                    if done:
+                        self.store.mark_done_many(item, done)
+                except OSError as e:
+                    log.alert("unable to record the results for msg %s: %s" % (item.id, e))
+                    for i in done:
+                        item.done[i] = True  # in memory; a restart delivers them again
         finally:
             for i in idxs:
                 entry.inflight[i] = False
@@ -601,6 +627,30 @@ class Scheduler:
                 except OSError:
                     pass
 
+    def _local_many(self, config, entry: _Entry, idxs: List[int]) -> List[Result]:
+        """Local recipients `idxs` of one message, one after the other in
+        one thread call (LocalRunner.deliver_many); queues their forwards."""
+        item = entry.item
+        msgpath = self.store.message_path(item.id)
+        routes = [route(config, item.recipients[i]) for i in idxs]
+        jobs = [(address.verp_sender(item.sender, item.recipients[i]), rt.local, rt.domain)
+                for i, rt in zip(idxs, routes)]
+        lrs = self.local_runner.deliver_many(config, item.id, msgpath, jobs)
+        return [self._forward(rt, msgpath, lr) for rt, lr in zip(routes, lrs)]
+
+    def _forward(self, rt, msgpath: str, lr) -> Result:
+        """The Result of a local delivery, after queueing its forwards."""
+        if lr.result.kind != SUCCESS or not lr.forwards:
+            return lr.result
+        dtline = ("Delivered-To: %s@%s\n" % (rt.local, rt.domain)).encode(
+            "utf-8", "surrogateescape")
+        try:
+            fwd = self.store.commit_from(dtline, msgpath, lr.newsender, lr.forwards)
+        except QueueError as e:
+            return deferred("Unable to forward message: %s" % e.text)
+        return Result(SUCCESS, lr.result.status,
+                      "%s/forwarded as msg %s" % (lr.result.text, fwd.id))
+
     def _local(self, config, entry: _Entry, recipient: str, finish: bool = False) -> Result:
         """qmail-lspawn + qmail-local for one recipient; queues its forwards.
         `finish`: a success finishes the message, so its queue file is
@@ -622,16 +672,7 @@ class Scheduler:
                                                 rt.domain, remove_now if finish else None)
         if removed:
             entry.removed = True
-        if lr.result.kind != SUCCESS or not lr.forwards:
-            return lr.result
-        dtline = ("Delivered-To: %s@%s\n" % (rt.local, rt.domain)).encode(
-            "utf-8", "surrogateescape")
-        try:
-            fwd = self.store.commit_from(dtline, msgpath, lr.newsender, lr.forwards)
-        except QueueError as e:
-            return deferred("Unable to forward message: %s" % e.text)
-        return Result(SUCCESS, lr.result.status,
-                      "%s/forwarded as msg %s" % (lr.result.text, fwd.id))
+        return self._forward(rt, msgpath, lr)
 
     def _after(self, entry: _Entry) -> None:
         item = entry.item

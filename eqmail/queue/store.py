@@ -1173,6 +1173,26 @@ class Store:
         _offload(work)
         item.done[index] = True
 
+    def mark_done_many(self, item: Item, indexes: Sequence[int]) -> None:
+        """mark_done for several recipients at once: one threadpool call,
+        one (later) fsync.  Raises OSError (the marks before the failing
+        one may be written: each recipient is then delivered at most once
+        more)."""
+        path = os.path.join(self.mess, item.id)
+
+        def work():
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                for index in indexes:
+                    os.pwrite(fd, b"D", item.offsets[index])
+            finally:
+                os.close(fd)
+            fsync_file_soon(path)
+
+        _offload(work)
+        for index in indexes:
+            item.done[index] = True
+
     def remove(self, item: Item) -> None:
         """Remove a finished message (the scheduler skips the done mark of a
         message's last recipients and relies on this); its directory is

@@ -147,3 +147,32 @@ def test_a_missing_maildir_gets_the_queues_deferral(home, daemon_factory):
     assert wait_log(d, "Maildir %s/alias/./Gone/ does not exist" % home.path) or \
         wait_log(d, "Gone/ does not exist")
     assert direct(d.log()) == []
+
+
+def test_a_fan_out_goes_in_batches_with_each_recipients_own_result(home, daemon_factory):
+    """25 local recipients with concurrencylocal 2: the queue delivers them
+    in two batches (eqmail.queue.scheduler._jobs), each recipient with its
+    own Delivered-To, report, forward and done mark; after a restart and a
+    retry only the deferred one is tried again."""
+    home.setup(rcpthosts=("localhost",), concurrencylocal="2\n")
+    alias_home(home, {".qmail-gone": "./Gone/\n", ".qmail-fwd": "&fan0@localhost\n"})
+    d = daemon_factory(home)
+    fans = ["fan%d@localhost" % i for i in range(1, 24)]
+    send(d.port, fans + ["gone@localhost", "fwd@localhost"], message("fan", 1))
+    got = home.wait_messages(24)  # the 23, and fan0 through the forward
+    assert len(got) == 24, d.log()
+    dt = sorted(re.search(rb"^Delivered-To: (\S+)", m, re.M).group(1).decode() for m in got)
+    assert dt == sorted(fans + ["fan0@localhost"])
+    assert wait_log(d, "Gone/ does not exist or is not a Maildir")
+    log = d.log()
+    assert sorted(started(log)) == sorted(fans + ["gone@localhost", "fwd@localhost",
+                                                  "fan0@localhost"])
+    assert re.search(r"delivery \d+: success: did 0\+1\+0//forwarded as msg \S+", log), log
+    assert len(home.queued()) == 1  # gone waits for its retry
+    d.stop()
+    d.start()
+    d.signal(signal.SIGALRM)
+    assert wait_until(lambda: started(d.log()).count("gone@localhost") == 2), d.log()
+    time.sleep(0.5)
+    assert len(home.messages()) == 24  # nobody else again
+    assert started(d.log()).count("fan1@localhost") == 1
