@@ -156,9 +156,12 @@ def _copy(msgfile: BinaryIO, fd: int) -> None:
             view = view[os.write(fd, view):]
 
 
-def deliver_maildir(maildir: str, msgfile: BinaryIO, prefix: bytes) -> Result:
+def deliver_maildir(maildir: str, msgfile: BinaryIO, prefix: bytes,
+                    later: Optional[set] = None) -> Result:
     """Write `prefix` then the message into the Maildir `maildir`: tmp/,
-    fsync, link into new/, fsync new/.  Every failure is temporary."""
+    fsync, link into new/, fsync new/.  Every failure is temporary.
+    `later`: new/ is added to this set instead of fsync'd; the caller
+    fsyncs it before it reports the success to anyone."""
     name = unique_name()
     tmp = os.path.join(maildir, "tmp", name)
     new = os.path.join(maildir, "new", name)
@@ -177,7 +180,10 @@ def deliver_maildir(maildir: str, msgfile: BinaryIO, prefix: bytes) -> Result:
         finally:
             os.close(fd)
         os.link(tmp, new)
-        fsync_dir(os.path.join(maildir, "new"))  # shared with concurrent deliveries
+        if later is not None:
+            later.add(os.path.join(maildir, "new"))
+        else:
+            fsync_dir(os.path.join(maildir, "new"))  # shared with concurrent deliveries
     except OSError as e:
         try:
             os.unlink(tmp)
@@ -506,11 +512,13 @@ def _header_lines(sender: str, local: str, domain: str) -> Tuple[bytes, bytes]:
 
 
 def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: str,
-            target: Target, confined: bool = False) -> LocalResult:
+            target: Target, confined: bool = False,
+            later: Optional[set] = None) -> LocalResult:
     """Deliver the message in `msgfile` to ``local@domain`` controlled by
     `target`.  `confined`: see outside_home().  Blocking; never raises for
     delivery problems.  qmail-local's order: the extension, the
-    Delivered-To loop check, then `plan` and `execute`."""
+    Delivered-To loop check, then `plan` and `execute`.  `later`: see
+    deliver_maildir()."""
     if "/" not in target.ext:
         dtline, _ = _header_lines(sender, local, domain)
         try:
@@ -522,7 +530,7 @@ def deliver(config: Config, msgfile: BinaryIO, sender: str, local: str, domain: 
     p = plan(config, sender, local, domain, target)
     if isinstance(p, LocalResult):
         return p
-    return execute(p, msgfile, confined)
+    return execute(p, msgfile, confined, later=later)
 
 
 def plan(config: Config, sender: str, local: str, domain: str,
@@ -589,12 +597,12 @@ def plan(config: Config, sender: str, local: str, domain: str,
 
 
 def execute(p: Plan, msgfile: BinaryIO, confined: bool = False,
-            lock_wait: float = None) -> LocalResult:
+            lock_wait: float = None, later: Optional[set] = None) -> LocalResult:
     """Follow the lines of `p` for the message in `msgfile`: files and
     programs in order, forwards collected (qmail-local's main loop).
     `confined`: see outside_home(); `lock_wait`: seconds an mbox lock is
-    waited for (default MBOX_LOCK_WAIT).  Blocking; never raises for
-    delivery problems."""
+    waited for (default MBOX_LOCK_WAIT); `later`: see deliver_maildir().
+    Blocking; never raises for delivery problems."""
     target, local, domain, sender = p.target, p.local, p.domain, p.sender
     newsender, dtline, rpline = p.newsender, p.dtline, p.rpline
     ext = target.ext
@@ -623,7 +631,7 @@ def execute(p: Plan, msgfile: BinaryIO, confined: bool = False,
                 return LocalResult(deferred("Uh-oh: .qmail file line %s leads out of the "
                                             "home directory. (#4.7.0)" % line, "4.7.0"))
             if line.endswith("/"):
-                r = deliver_maildir(path, msgfile, rpline + dtline)
+                r = deliver_maildir(path, msgfile, rpline + dtline, later)
             else:
                 r = deliver_mbox(path, msgfile, sender, rpline + dtline,
                                  MBOX_LOCK_WAIT if lock_wait is None else lock_wait)

@@ -51,6 +51,7 @@ import time
 from . import SUCCESS, deferred
 from .local import PROGRAM_TIMEOUT, LocalResult, deliver
 from .users import Target
+from ..durable import fsync_dir
 from ..threads import run
 
 #: A child that has not reported after this many seconds is killed.
@@ -103,6 +104,7 @@ def resolve_and_deliver_many(config, msgpath, jobs):
     me = os.geteuid()
     out = []
     f = None
+    later: set = set()  # Maildir new/ directories: one fsync each at the end
     try:
         for sender, local, domain in jobs:
             try:
@@ -121,10 +123,19 @@ def resolve_and_deliver_many(config, msgpath, jobs):
                         "Unable to open the queued message: %s. (#4.3.0)"
                         % (getattr(e, "strerror", None) or e))))
                     continue
-            out.append(deliver(config, f, sender, local, domain, target, confined=True))
+            out.append(deliver(config, f, sender, local, domain, target, confined=True,
+                               later=later))
     finally:
         if f is not None:
             f.close()
+    for path in sorted(later):
+        try:
+            fsync_dir(path)
+        except OSError as e:  # the batch's files may not be there after a crash
+            failed = LocalResult(deferred("Unable to write to Maildir: %s. (#4.3.0)"
+                                          % e.strerror))
+            out = [failed if isinstance(r, LocalResult) and r.result.kind == SUCCESS
+                   else r for r in out]
     return out
 
 
