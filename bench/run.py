@@ -83,6 +83,8 @@ TARGET_REMOTE_MB = 30.0
 TARGET_KB_PER_CONN = 32.0
 # Targets of issue 19 (item 6)
 TARGET_TREE_PSS_MB = 25
+#: issue 19 item 1: delivered msg/s at c=20 against Postfix's, small tree
+TARGET_C20_SMALL = 1.3
 TARGET_TREE_RSS_MB = 32
 TARGET_IDLE_RETURN_S = 60
 TARGET_FSYNC = 2.0
@@ -1430,6 +1432,10 @@ def targets19(res: dict) -> List[dict]:
             add("router budget (%s): eqmail's delivered msg/s at c=20 ≥ aiosmtpd's, no OOM "
                 "kill" % what, e.get("msgs_s"), "≥ aiosmtpd, 0 OOM", ok, shown)
     if "main" in parts:
+        r = res["summary"].get("ratio_postfix_c20_delivered_msgs_s", {}).get("median")
+        add("delivered msg/s at c=20 vs Postfix, with the tree within the peaks below "
+            "(eqmail's default: one process)", r, "≥ %.1f×" % TARGET_C20_SMALL,
+            None if r is None else r >= TARGET_C20_SMALL, fmt(r, 2, "×"))
         eq = res.get("memory", {}).get("eqmail", {})
         pk = eq.get("peak_c20") or {}
         for k, label, goal in (("pss_kb", "PSS", TARGET_TREE_PSS_MB),
