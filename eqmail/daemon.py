@@ -269,8 +269,65 @@ def detach() -> None:
         os.close(null)
 
 
+#: Set (with MALLOC_ARENA_MAX) by eqmaild for its own re-execution.
+_ARENA_MARK = "EQMAIL_ONE_ARENA"
+
+
+def one_malloc_arena() -> None:
+    """glibc gives each thread that allocates under contention a malloc
+    arena of its own, and the threadpool's threads (fsync, Maildir writes)
+    leave freed memory in each: about 0.5 MB of RSS more under a c=20 load.
+    glibc reads MALLOC_ARENA_MAX only when a process starts, so eqmaild runs
+    itself again (same pid, same arguments: sys.orig_argv) with it set to
+    1, then takes the variable out of its environment so that the programs
+    it starts (plugins, .qmail programs) do not inherit it, and gives
+    itself back the process name of the first exec.  Not where the
+    C library is not glibc (musl on OpenWrt has no arenas), not when the
+    admin set MALLOC_ARENA_MAX, and never a second time.  Never raises: if
+    the exec fails, eqmaild goes on as it is."""
+    comm = os.environ.pop(_ARENA_MARK, None)
+    if comm is not None:
+        os.environ.pop("MALLOC_ARENA_MAX", None)  # ours: read by glibc already
+        _set_comm(comm)
+        return
+    if "MALLOC_ARENA_MAX" in os.environ or not getattr(sys, "orig_argv", None):
+        return
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError, AttributeError):
+        return  # not glibc
+    env = dict(os.environ, MALLOC_ARENA_MAX="1")
+    env[_ARENA_MARK] = _get_comm() or "python3"
+    try:
+        os.execve(sys.executable, sys.orig_argv, env)
+    except OSError:
+        pass
+
+
+def _get_comm() -> str:
+    try:
+        with open("/proc/self/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _set_comm(comm: str) -> None:
+    """The process name (/proc/PID/comm) the first exec gave, e.g.
+    ``eqmaild`` for the console script run through its #! line: the init
+    script finds the daemon by it (start-stop-daemon --name)."""
+    if comm and comm != _get_comm():
+        try:
+            with open("/proc/self/comm", "w") as f:
+                f.write(comm[:15])
+        except OSError:
+            pass
+
+
 def main(argv: List[str] = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # the command line, not a caller's list
+        one_malloc_arena()
     # a reload or flush that comes before the handlers exist must not kill us
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, signal.SIG_IGN)

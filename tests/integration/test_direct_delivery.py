@@ -16,6 +16,8 @@ import signal
 import smtplib
 import time
 
+import pytest
+
 from helpers import wait_log
 
 from test_batteries import alias_home, message, wait_drained, wait_until
@@ -176,3 +178,31 @@ def test_a_fan_out_goes_in_batches_with_each_recipients_own_result(home, daemon_
     time.sleep(0.5)
     assert len(home.messages()) == 24  # nobody else again
     assert started(d.log()).count("fan1@localhost") == 1
+
+
+def _environ(pid):
+    with open("/proc/%d/environ" % pid, "rb") as f:
+        return dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+
+
+@pytest.mark.parametrize("admin", [None, "4"])
+def test_one_malloc_arena_and_programs_do_not_inherit_it(home, daemon_factory, admin):
+    """eqmaild runs itself again with MALLOC_ARENA_MAX=1 (glibc reads it at
+    start), same pid; the programs it starts do not see it.  An admin's
+    own MALLOC_ARENA_MAX is left as it is (and no re-run)."""
+    home.setup(rcpthosts=("localhost",))
+    alias = alias_home(home, {".qmail-env": "|env > env-out\n"})
+    d = daemon_factory(home, env={"MALLOC_ARENA_MAX": admin} if admin else None)
+    started_env = _environ(d.proc.pid)
+    send(d.port, ["env@localhost"], message("env", 1))
+    out = os.path.join(alias, "env-out")
+    assert wait_until(lambda: os.path.exists(out) and os.path.getsize(out) > 0)
+    with open(out) as f:
+        seen = dict(l.split("=", 1) for l in f.read().splitlines() if "=" in l)
+    assert "EQMAIL_ONE_ARENA" not in seen
+    if admin is None:
+        assert started_env.get(b"MALLOC_ARENA_MAX") == b"1"  # what glibc read
+        assert "MALLOC_ARENA_MAX" not in seen
+    else:
+        assert b"EQMAIL_ONE_ARENA" not in started_env  # not run again
+        assert started_env.get(b"MALLOC_ARENA_MAX") == admin.encode()
