@@ -1935,12 +1935,7 @@ def stop_started() -> None:
 
 
 def cleanup(keep: bool = False) -> None:
-    while _started:
-        thing = _started.pop()
-        try:
-            thing.stop()
-        except Exception as e:  # keep stopping the others
-            say("stopping %s: %s" % (getattr(thing, "name", thing), e))
+    stop_started()
     if keep:
         say("kept: %s" % " ".join(_tempdirs))
     else:

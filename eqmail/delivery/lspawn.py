@@ -60,6 +60,12 @@ CHILD_TIMEOUT = PROGRAM_TIMEOUT + 300
 MAX_REPORT = 1 << 20
 
 
+def _unopened(e: Exception) -> LocalResult:
+    """The temporary failure for a queued message that cannot be opened."""
+    return LocalResult(deferred("Unable to open the queued message: %s. (#4.3.0)"
+                                % (getattr(e, "strerror", None) or e)))
+
+
 def _deliver_path(config, msgpath, sender, local, domain, target) -> LocalResult:
     """In-process delivery (eqmaild's own uid): confined to the home."""
     from ..queue.store import open_message
@@ -67,8 +73,7 @@ def _deliver_path(config, msgpath, sender, local, domain, target) -> LocalResult
     try:
         f = open_message(msgpath)
     except (OSError, ValueError) as e:
-        return LocalResult(deferred("Unable to open the queued message: %s. (#4.3.0)"
-                                    % (getattr(e, "strerror", None) or e)))
+        return _unopened(e)
     with f:
         return deliver(config, f, sender, local, domain, target, confined=True)
 
@@ -119,9 +124,7 @@ def resolve_and_deliver_many(config, msgpath, jobs):
                 try:
                     f = open_message(msgpath)
                 except (OSError, ValueError) as e:
-                    out.append(LocalResult(deferred(
-                        "Unable to open the queued message: %s. (#4.3.0)"
-                        % (getattr(e, "strerror", None) or e))))
+                    out.append(_unopened(e))
                     continue
             out.append(deliver(config, f, sender, local, domain, target, confined=True,
                                later=later))
@@ -257,8 +260,7 @@ def _fork_as(config, msgpath, sender, local, domain, target) -> LocalResult:
     try:
         msgfd = os.open(msgpath, os.O_RDONLY)
     except OSError as e:
-        return LocalResult(deferred("Unable to open the queued message: %s. (#4.3.0)"
-                                    % e.strerror))
+        return _unopened(e)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: no gevent, no logging, only os._exit
