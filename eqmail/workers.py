@@ -247,6 +247,7 @@ def serve_client(holder, store, table, owner: int, sock, addr, kind: str,
             log.line("smtpd: too many connections (%d, %d from %s)" % (total, per_ip, ip))
             say(sock, reply.TOO_MANY_CONNECTIONS)
             return
+        _quiet.note(total)
         try:
             if started is not None:
                 started()
@@ -262,10 +263,38 @@ def serve_client(holder, store, table, owner: int, sock, addr, kind: str,
                              direct)
         finally:
             table.leave(owner, ip)
+            _quiet.left(table)
     except OSError:
         pass
     finally:
         sock.close()
+
+
+class _AfterBurst:
+    """Once the sessions counted in the table fall to none after at least
+    heap.SESSIONS_BURST were open at once, give the freed heap back a
+    second later if they are still none (eqmail.heap)."""
+
+    __slots__ = ("busiest",)
+
+    def __init__(self) -> None:
+        self.busiest = 0
+
+    def note(self, total: int) -> None:
+        if total > self.busiest:
+            self.busiest = total
+
+    def left(self, table) -> None:
+        from . import heap
+
+        if self.busiest >= heap.SESSIONS_BURST and table.total() == 0:
+            self.busiest = 0
+            import gevent
+
+            gevent.spawn_later(1, lambda: table.total() or heap.give_back())
+
+
+_quiet = _AfterBurst()
 
 
 def say(sock, r) -> None:

@@ -56,7 +56,7 @@ from typing import Dict, List, Optional
 import gevent
 import gevent.event
 
-from .. import address, log
+from .. import address, heap, log
 from ..control import ConfigHolder
 from ..delivery import DEFERRAL, FAILURE, SUCCESS, Result, deferred
 from ..delivery import lspawn
@@ -288,15 +288,7 @@ class Scheduler:
 
     @staticmethod
     def _trim() -> None:
-        import gc
-
-        gc.collect()
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+        heap.give_back()
 
     def _add(self, item: Item, when: float = 0.0) -> None:
         if item.id in self.entries:

@@ -169,3 +169,40 @@ def test_a_table_no_worker_shares_is_private_memory_without_a_lock(tmp_path, mon
         assert locks == []
     finally:
         t.close()
+
+
+def test_the_heap_goes_back_once_a_burst_of_sessions_is_over(tmp_path, monkeypatch):
+    """After heap.SESSIONS_BURST sessions at once, the last one to leave
+    makes eqmaild give the freed heap back a second later; a quiet spell
+    after a small load does not."""
+    import gevent
+
+    from eqmail import heap, workers
+
+    calls = []
+    monkeypatch.setattr(heap, "give_back", lambda: calls.append(1))
+    monkeypatch.setattr(workers, "_quiet", workers._AfterBurst())
+    table = SessionTable.create(str(tmp_path), shared=False)
+
+    def burst(n):
+        for i in range(n):
+            counted, total, _ = table.enter(0, "10.0.%d.%d" % (i // 200, i % 200), 1000, 1000)
+            assert counted
+            workers._quiet.note(total)
+        for i in range(n):
+            table.leave(0, "10.0.%d.%d" % (i // 200, i % 200))
+            workers._quiet.left(table)
+
+    burst(heap.SESSIONS_BURST - 1)
+    gevent.sleep(1.3)
+    assert calls == []
+    burst(heap.SESSIONS_BURST)
+    assert calls == []  # not at once: a second later
+    gevent.sleep(1.3)
+    assert calls == [1]
+    # sessions again within that second: nothing is given back while they run
+    burst(heap.SESSIONS_BURST)
+    table.enter(0, "10.9.9.9", 1000, 1000)
+    gevent.sleep(1.3)
+    assert calls == [1]
+    table.close()
