@@ -563,6 +563,90 @@ def cmd_newu(argv: List[str]) -> int:
     return 0
 
 
+@tool("newaliases", "compile the aliases file (/etc/aliases) for the alias user")
+def cmd_newaliases(argv: List[str]) -> int:
+    p = _parser("newaliases", "Compile the sendmail-style aliases file (the first line "
+                "of HOME/control/aliases, else /etc/aliases) into FILE.cdb, written to "
+                "FILE.tmp and renamed, as fastforward's newaliases does; eqmaild follows "
+                "it for addresses that no user owns (the alias user's, when ~alias has "
+                "no .qmail file of their own). A bad entry is named with its file and "
+                "line, and the old FILE.cdb stays in use (exit 78). Without the aliases "
+                "file there is nothing to do (exit 0). Also `newaliases` and "
+                "`sendmail -bi`. Format: `name: target, ...` where a target is an "
+                "address, a local name, |command, /file or :include:/file.")
+    args = p.parse_args(argv)
+    from .control import ConfigError, load
+    from .delivery import aliases
+
+    home = resolve_home(args.home)
+    try:
+        source = aliases.source_path(load(home))
+    except ConfigError as e:
+        return _fatal("newaliases", EX_CONFIG, "%s: %s" % (_home_text(args.home), e))
+    except OSError:
+        source = aliases.DEFAULT_SOURCE  # no home yet: the system's file
+    if not os.path.exists(source):
+        print("newaliases: no %s: nothing to compile" % source)
+        return 0
+    try:
+        count = aliases.compile_file(source)
+    except aliases.AliasError as e:
+        return _fatal("newaliases", EX_CONFIG, "%s (%s.cdb not changed)" % (e, source))
+    except OSError as e:
+        code = EX_NOPERM if isinstance(e, PermissionError) else EX_CANTCREAT
+        return _fatal("newaliases", code, "%s: %s" % (
+            getattr(e, "filename", None) or source, e.strerror or e))
+    print("newaliases: %s.cdb: %d aliases" % (source, count))
+    return 0
+
+
+@tool("verify", "print where addresses would go, sending nothing (sendmail -bv)")
+def cmd_verify(argv: List[str]) -> int:
+    p = _parser("verify", "For each ADDRESS, print where eqmaild would deliver it: local "
+                "(users/assign, system user or alias user; the dot-qmail file, "
+                "defaultdelivery, /etc/aliases entry, ~/.forward or mail spool it follows) "
+                "or remote (smtproutes relay or MX), following forwards. Nothing is sent. "
+                "What the caller cannot read (another user's home) is said so: run it as "
+                "root to see everything. Exit 0 when every address is deliverable, 100 "
+                "when one would bounce, 111 for temporary trouble. Also `sendmail -bv`.")
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    args = p.parse_args(argv)
+    from .control import ConfigError, load
+    from .verify import explain
+
+    home = resolve_home(args.home)
+    try:
+        config = load(home)
+    except ConfigError as e:
+        return _fatal("verify", EX_CONFIG, "%s: %s" % (_home_text(args.home), e))
+    except OSError as e:
+        return _fatal("verify", EX_NOINPUT, "%s: unable to read the control files: %s"
+                      % (_home_text(args.home), e.strerror or e))
+    worst = 0
+    for address in args.addresses:
+        lines, code = explain(config, address)
+        print("\n".join(lines))
+        worst = max(worst, code)
+    return worst
+
+
+@tool("flush", "try every queued message now (sendmail -q, postqueue -f)")
+def cmd_flush(argv: List[str]) -> int:
+    p = _parser("flush", "Ask eqmaild to try every queued message now, as SIGALRM does, "
+                "through its pickup socket: any local user may ask (eqmaild starts at "
+                "most one flush every 5 seconds). Also `sendmail -q`. Exit 69 when "
+                "eqmaild is not running.")
+    args = p.parse_args(argv)
+    from .queue import pickup
+
+    home = resolve_home(args.home)
+    try:
+        pickup.request_flush(home)
+    except pickup.SubmitError as e:
+        return _fatal("flush", 69, "%s: %s" % (_home_text(args.home), e.text))
+    return 0
+
+
 @tool("inject", "qmail-inject: complete a message's header and queue it")
 def cmd_inject(argv: List[str]) -> int:
     from .inject import cmd_inject as run
@@ -570,7 +654,7 @@ def cmd_inject(argv: List[str]) -> int:
     return run(argv)
 
 
-@tool("sendmail", "sendmail-compatible front end (-t -f -F -i -oi -bs -bp)")
+@tool("sendmail", "sendmail-compatible front end (-t -f -F -i -oi -bs -bp -bi -bv -q)")
 def cmd_sendmail(argv: List[str]) -> int:
     from .inject import cmd_sendmail as run
 
@@ -644,7 +728,7 @@ def usage() -> str:
 #: /usr/sbin/sendmail -> eqmail makes it sendmail).
 ALIASES = {"sendmail": "sendmail", "checkpassword": "chkpw", "mailq": "qread", "qmail-inject": "inject",
            "qmail-queue": "queue", "qmail-qread": "qread", "qmail-qstat": "qstat",
-           "qmail-smtpd": "smtpd", "qmail-newu": "newu"}
+           "qmail-smtpd": "smtpd", "qmail-newu": "newu", "newaliases": "newaliases"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

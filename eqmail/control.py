@@ -54,6 +54,14 @@ CONTROL FILES (default when missing)
     directlocal         1: local mail that only writes files is delivered
                         during DATA (eqmail.delivery.direct); 0: through
                         the queue, as qmail does (eqmail's)
+    aliases             /etc/aliases: the sendmail-style aliases file whose
+                        compiled ``.cdb`` (eqmail newaliases) the alias user's
+                        deliveries follow (eqmail.delivery.aliases; eqmail's)
+    mailspool           none: a system user whose default delivery
+                        (defaultdelivery) names a Maildir that does not exist
+                        gets the mbox ``mailspool/USER`` instead, locked as
+                        Debian policy 11.6 says (the package sets /var/mail;
+                        eqmail's)
     conf-break          +  the extension delimiter (eQmail's conf-break; one
                         character; netqmail used -)
 
@@ -273,6 +281,8 @@ class Config:
     tlsserverciphers: str = ""
     timeoutplugins: int = 60
     directlocal: bool = True
+    aliases: str = "/etc/aliases"
+    mailspool: str = ""
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _route_map: Dict[str, SmtpRoute] = field(default_factory=dict, compare=False, repr=False)
 
@@ -506,6 +516,11 @@ def load(home: str) -> Config:
     perip = max(1, read_int(c("concurrencyperip"), 100))
     server_ciphers = ":".join(text for _, text in (read_list(c("tlsserverciphers")) or []))
     timeoutplugins = max(1, read_int(c("timeoutplugins"), 60))
+    aliases = read_line(c("aliases"), None) or "/etc/aliases"
+    mailspool = (read_line(c("mailspool"), None) or "").rstrip("/")
+    for name, value in (("aliases", aliases), ("mailspool", mailspool)):
+        if value and (not value.startswith("/") or _bad_chars(value)):
+            raise ConfigError(c(name), 1, "expected an absolute path, got %r" % value)
     break_char = read_line(c("conf-break"), "+")
     if len(break_char) != 1 or break_char.isalnum() or break_char in "@.:/":
         raise ConfigError(c("conf-break"), 1, "expected one delimiter character such "
@@ -552,6 +567,8 @@ def load(home: str) -> Config:
         tlsserverciphers=server_ciphers,
         timeoutplugins=timeoutplugins,
         directlocal=read_int(c("directlocal"), 1) != 0,
+        aliases=aliases,
+        mailspool=mailspool,
         _virtual_map=vmap,
         _route_map={r.key: r for r in reversed(routes)},  # the first line wins
     )

@@ -575,11 +575,12 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
     from .queue import pickup
 
     pickup_server = None
+    flusher = pickup.Flusher(scheduler.retry_now)
     try:
         psock = pickup.listen(holder.home)
         gps = gevent.socket.socket(psock.family, psock.type, fileno=psock.detach())
         pickup_server = gevent.server.StreamServer(
-            gps, lambda sock, addr: pickup.serve_client(sock, store),
+            gps, lambda sock, addr: pickup.serve_client(sock, store, flusher),
             spawn=gevent.pool.Pool(MAX_PICKUP))
         pickup_server.start()
     except OSError as e:

@@ -206,14 +206,25 @@ def _host_override(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
-def _settings(config, env: Mapping[str, str], fullname: Optional[str]) -> _Settings:
+def _login() -> Optional[str]:
+    """The login name of the real uid (getpwuid), or None."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name or None
+    except (KeyError, OSError):
+        return None
+
+
+def _settings(config, env: Mapping[str, str], fullname: Optional[str],
+              login_fallback: bool = False) -> _Settings:
     defaultdomain = _host_override(env, "QMAILDEFAULTDOMAIN", config.defaultdomain)
     defaulthost = _host_override(env, "QMAILDEFAULTHOST", config.defaulthost)
     plusdomain = _host_override(env, "QMAILPLUSDOMAIN", config.plusdomain)
     idhost = _host_override(env, "QMAILIDHOST", config.idhost)
     _, mailhost = _env(env, "QMAILHOST", "MAILHOST")
     _, mailuser = _env(env, "QMAILUSER", "MAILUSER", "USER", "LOGNAME")
-    mailuser = mailuser or "anonymous"
+    mailuser = mailuser or (_login() if login_fallback else None) or "anonymous"
     _, shost = _env(env, "QMAILSHOST")
     _, suser = _env(env, "QMAILSUSER")
     for label, value in (("QMAILHOST", mailhost), ("QMAILSHOST", shost)):
@@ -613,14 +624,18 @@ def _split_envelope(addr: str) -> Tuple[str, Optional[str]]:
 
 def prepare(config, stream: BinaryIO, env: Mapping[str, str], recipients: Sequence[str] = (),
             sender: Optional[str] = None, mode: str = "A", fullname: Optional[str] = None,
-            now: Optional[float] = None, pid: Optional[int] = None) -> Prepared:
+            now: Optional[float] = None, pid: Optional[int] = None,
+            login_fallback: bool = False) -> Prepared:
     """Read the header from `stream` and complete it as qmail-inject does.
 
     `config` is a control.Config (defaultdomain, defaulthost, plusdomain,
     idhost); `env` the environment (see ENVIRONMENT); `recipients` the
     argument recipients; `sender` the -f envelope sender ("" or "<>" for the
     null sender); `mode` one of a, h, A, H; `fullname` sendmail's -F;
-    `now` (Unix time) and `pid` default to the current ones.
+    `now` (Unix time) and `pid` default to the current ones;
+    `login_fallback`: without QMAILUSER, MAILUSER, USER and LOGNAME the
+    user is the real uid's login name (sendmail), not "anonymous"
+    (qmail-inject).
 
     Returns a Prepared whose body is `stream` (or a wrapper of it) positioned
     at the body.  Raises InjectError (code 100 or 111) -- see the module
@@ -629,7 +644,7 @@ def prepare(config, stream: BinaryIO, env: Mapping[str, str], recipients: Sequen
         raise InjectError(100, "bad recipient mode %r" % mode)
     now = time.time() if now is None else now
     pid = os.getpid() if pid is None else pid
-    s = _settings(config, env, fullname)
+    s = _settings(config, env, fullname, login_fallback)
 
     envelope_sender: Optional[str] = None
     if sender is not None:
@@ -872,7 +887,7 @@ def cmd_inject(argv: List[str]) -> int:
 # -- sendmail ---------------------------------------------------------------------------------
 
 SENDMAIL_USAGE = ("sendmail: usage: sendmail [--home DIR] [-t] [-f sender] [-F name] [-i] "
-                  "[-o option] [-bm|-bp|-bs] [recipient ...]\n")
+                  "[-o option] [-bm|-bp|-bs|-bi|-bv] [-q[interval]] [recipient ...]\n")
 
 SENDMAIL_HELP = """
 The sendmail(8) interface of eqmail: read a message on stdin, complete its
@@ -885,12 +900,31 @@ when the queue is not writable).
   -F NAME         full name for an added From:
   -i, -oi         accepted: a lone dot never ends the message here
   -bm             deliver mail (the default)
-  -bp             list the queue (eqmail qread); mailq does the same
+  -bp             list the queue (eqmail qread; mailq does the same); the queue
+                  is readable by root and the daemon's user only, others are
+                  told so (exit 77)
   -bs             one SMTP session on stdin/stdout, allowed to relay
-  -o*, -B*, -e*, -v, -N ...   accepted and ignored
+  -bi             compile the aliases file (eqmail newaliases; newaliases)
+  -bv             verify: print where each recipient would go (local user,
+                  alias, .forward, program, remote route) and send nothing
+  -q, -qINTERVAL  try every queued message now (eqmail flush); the interval
+                  (-q30m) is accepted and ignored: eqmaild retries by itself.
+                  -qR... and -qS... flush the whole queue too
+  -oem, -oee, -oep, -oeq, -oew
+                  accepted: errors always come back as a bounce message
+  -N DSN, -R RET, -V ENVID
+                  accepted and not kept: bounces report failures only
+  -o*, -B*, -v, -m, -x, -U, -G, -n, -L*, -O*, -X*, -p*
+                  accepted and ignored
+  -bd, -bD, -C, -qp and anything else: refused (exit 100)
   --home DIR      the eqmail home (default: see eqmail --help)
 
-Exit status: 0 queued, 100 permanent error or bad usage, 111 temporary error.
+Without -f the sender is $QMAILUSER, $MAILUSER, $USER or $LOGNAME, else
+the login name of the real uid (as Postfix and Exim do; qmail-inject says
+"anonymous"), at control/defaulthost.
+
+Exit status: 0 queued, 100 permanent error or bad usage, 111 temporary error;
+-q: 69 when eqmaild is not running.
 """
 
 # Options taking an argument (attached or as the next word), ignored ones included:
@@ -952,6 +986,14 @@ def cmd_sendmail(argv: List[str]) -> int:
         while j < len(word):
             opt = word[j]
             j += 1
+            if opt == "q":
+                if word[j:j + 1] == "p":
+                    sys.stderr.write("sendmail: -qp (a persistent queue runner) is "
+                                     "eqmaild's work: start eqmaild\n")
+                    return 100
+                action = "q"  # -q, -q30m, -qR..., -qS..., -qf: flush all
+                j = len(word)
+                continue
             if opt in _SENDMAIL_FLAG:
                 if opt == "t":
                     headers = True
@@ -975,7 +1017,11 @@ def cmd_sendmail(argv: List[str]) -> int:
             elif opt == "F":
                 fullname = value
             elif opt == "b":
-                if value not in ("m", "p", "s"):
+                if value in ("d", "D"):
+                    sys.stderr.write("sendmail: -b%s: the daemon is eqmaild (see eqmaild "
+                                     "--help)\n" % value)
+                    return 100
+                if value not in ("m", "p", "s", "i", "v"):
                     sys.stderr.write("sendmail: unsupported mode -b%s\n" % _printable(value))
                     return 100
                 action = value
@@ -988,6 +1034,18 @@ def cmd_sendmail(argv: List[str]) -> int:
         from .cli import cmd_qread
 
         return cmd_qread(["--home", home])
+    if action == "i":
+        from .cli import cmd_newaliases
+
+        return cmd_newaliases(["--home", home])
+    if action == "v":
+        from .cli import cmd_verify
+
+        return cmd_verify(["--home", home, "--"] + recipients)
+    if action == "q":
+        from .cli import cmd_flush
+
+        return cmd_flush(["--home", home])
     if action == "s":
         from .cli import cmd_smtpd
 
@@ -1001,4 +1059,4 @@ def cmd_sendmail(argv: List[str]) -> int:
     mode = ("H" if recipients else "h") if headers else "a"
     env = _sendmail_env(sender) if sender is not None else None
     return _run("sendmail", home, True, env=env, recipients=recipients, sender=sender,
-                mode=mode, fullname=fullname)
+                mode=mode, fullname=fullname, login_fallback=True)

@@ -495,6 +495,7 @@ class Plan:
     default: Optional[str]  # DEFAULT, when a -default file matched
     dtline: bytes           # "Delivered-To: local@domain\n"
     rpline: bytes           # "Return-Path: <sender>\n"
+    source: str = ""        # where the lines come from (for sendmail -bv)
 
     @property
     def files_only(self) -> bool:
@@ -559,15 +560,41 @@ def plan(config: Config, sender: str, local: str, domain: str,
         return LocalResult(deferred("Unable to open .qmail file: %s. (#4.2.1)"
                                     % e.strerror, "4.2.1"))
     forward_only = False
+    entry = None
+    if target.dash and (found.path is None or found.default == target.ext) \
+            and target.home == config.path("alias"):
+        # the alias user's address with no dot-qmail file of its own (none,
+        # or the catch-all .qmail-default): /etc/aliases first
+        # (eqmail.delivery.aliases, fastforward's place)
+        from . import aliases
+
+        entry = aliases.lookup(config, local, domain)
+    if entry is not None:
+        try:
+            kept = aliases.dot_qmail_lines(entry, config.envnoathost)
+        except (OSError, aliases.AliasError) as e:
+            return LocalResult(deferred("Unable to read an :include: file of the alias at "
+                                        "%s: %s. (#4.2.1)" % (entry.where, e), "4.2.1"))
+        try:
+            newsender = owner_sender(target, local, domain, sender)
+        except OSError as e:
+            return LocalResult(deferred("Unable to open .qmail file: %s. (#4.2.1)"
+                                        % e.strerror, "4.2.1"))
+        return Plan(target, local, domain, sender, newsender, kept, found.default,
+                    dtline, rpline, "alias at %s" % entry.where)
+    source = found.path or ""
     if found.path is None:
         if target.dash:
             return LocalResult(failed("Sorry, no mailbox here by that name. (#5.1.1)",
                                       "5.1.1"))
         text = config.defaultdelivery.encode("utf-8")
+        source = "control/defaultdelivery (no .qmail)"
     else:
         if found.mode & 0o002:
             return LocalResult(deferred("Uh-oh: .qmail file is writable. (#4.7.0)", "4.7.0"))
         text = found.text or config.defaultdelivery.encode("utf-8")
+        if not found.text:
+            source = "control/defaultdelivery (empty %s)" % found.path
         forward_only = bool(found.text) and bool(found.mode & stat.S_IXUSR)
     lines = [l.decode("utf-8", "surrogateescape").rstrip(" \t\r") for l in text.split(b"\n")]
     if lines and lines[-1] == "" and text.endswith(b"\n"):
@@ -593,7 +620,7 @@ def plan(config: Config, sender: str, local: str, domain: str,
                                     % e.strerror, "4.2.1"))
     kept = [l for l in lines if l and not l.startswith("#")]
     return Plan(target, local, domain, sender, newsender, kept, found.default,
-                dtline, rpline)
+                dtline, rpline, source)
 
 
 def execute(p: Plan, msgfile: BinaryIO, confined: bool = False,

@@ -20,6 +20,13 @@ PROTOCOL
              success, else a qmail-queue exit code (11 address too long,
              91 bad envelope, 53 disk full, 54 read error, ...)
 
+    A request instead of a message starts with ``!`` (a netstring never
+    does): ``!flush\\n`` asks eqmaild to try every queued message now (as
+    SIGALRM does; ``sendmail -q``, ``eqmail flush``), answered ``0 flush``.
+    Any local user may ask, as with Postfix's ``postqueue -f``; eqmaild
+    honours at most one flush every FLUSH_INTERVAL seconds and answers the
+    others ``0 flush already started``.
+
 STANDARDS
     qmail-queue(8) for the envelope, the exit codes and the Received line;
     D. J. Bernstein's netstrings.
@@ -43,6 +50,8 @@ MAX_ENVELOPE = 1 << 20
 #: qmail-queue refuses envelope addresses longer than this (exit 11).
 MAX_ADDRESS = 1002
 READ_TIMEOUT = 1200
+#: Seconds between two flushes that a pickup request may start.
+FLUSH_INTERVAL = 5.0
 
 #: qmail-queue's exit codes and texts (behaviour reference section 5.1).
 TEXTS = {
@@ -135,9 +144,58 @@ def submit(home: str, sender: str, recipients: Sequence[str], header: bytes,
             raise SubmitError(91, "control characters in an envelope address (#5.1.3)")
     if not recipients:
         raise SubmitError(91, "no recipients (#5.1.3)")
+    if os.geteuid() == 0:
+        try:
+            st = os.stat(os.path.join(home, "queue"))
+        except OSError:
+            raise SubmitError(61)
+        if st.st_uid != 0:
+            # the queue is the daemon user's: files root made would be
+            # unreadable to eqmaild, so commit as that user
+            return _commit_as(st.st_uid, st.st_gid, home, sender, recipients, header, body)
     if _can_write_queue(home):
         return _commit_direct(home, sender, recipients, header, body)
     return _via_socket(home, sender, recipients, header, body)
+
+
+def _commit_as(uid: int, gid: int, home, sender, recipients, header, body) -> str:
+    """_commit_direct in a child running as `uid`:`gid` (the queue's
+    owner), as qmail-queue runs setuid qmailq; the Received line keeps the
+    caller's uid.  Returns the queue ID.  Raises SubmitError."""
+    caller = os.getuid()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code, text = 0, ""
+        try:
+            os.close(r)
+            os.setgroups([gid])
+            os.setgid(gid)
+            os.setuid(uid)
+            text = _commit_direct(home, sender, recipients, header, body, caller)
+        except SubmitError as e:
+            code, text = e.code, e.text
+        except BaseException:
+            code, text = 81, ""
+        try:
+            os.write(w, ("%d %s" % (code, text)).encode("utf-8", "replace"))
+        finally:
+            os._exit(0)
+    os.close(w)
+    answer = b""
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        answer += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    code, _, text = answer.decode("utf-8", "replace").partition(" ")
+    if not code.isdigit():
+        raise SubmitError(81)
+    if int(code) != 0:
+        raise SubmitError(int(code), text or None)
+    return text
 
 
 def _chunks(body: BinaryIO):
@@ -153,14 +211,15 @@ def _chunks(body: BinaryIO):
         yield chunk
 
 
-def _commit_direct(home, sender, recipients, header, body) -> str:
+def _commit_direct(home, sender, recipients, header, body, caller: Optional[int] = None
+                   ) -> str:
     try:
         store = Store.open(home, create=False)
         draft = store.draft()
     except (OSError, QueueError):
         raise SubmitError(61)
     try:
-        draft.write(received_line(os.getpid(), os.getuid()))
+        draft.write(received_line(os.getpid(), os.getuid() if caller is None else caller))
         draft.write(header)
         for chunk in _chunks(body):
             draft.write(chunk)
@@ -170,6 +229,37 @@ def _commit_direct(home, sender, recipients, header, body) -> str:
     finally:
         draft.abort()
     return item.id
+
+
+def request_flush(home: str) -> str:
+    """Ask the eqmaild of `home` to try every queued message now (the
+    ``!flush`` request).  Returns its answer text.  Raises SubmitError(74)
+    when eqmaild cannot be reached (not running)."""
+    path = socket_path(home)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    try:
+        try:
+            s.connect(path)
+        except OSError as e:
+            raise SubmitError(74, "unable to reach eqmaild at %s: %s; is it running?"
+                              % (path, e.strerror))
+        try:
+            s.sendall(b"!flush\n")
+            answer = b""
+            while not answer.endswith(b"\n") and len(answer) < 4096:
+                got = s.recv(4096)
+                if not got:
+                    break
+                answer += got
+        except (OSError, socket.timeout):
+            raise SubmitError(74)
+    finally:
+        s.close()
+    code, _, text = answer.decode("utf-8", "replace").strip().partition(" ")
+    if code != "0":
+        raise SubmitError(int(code) if code.isdigit() else 74, text or None)
+    return text
 
 
 def _via_socket(home, sender, recipients, header, body) -> str:
@@ -259,8 +349,40 @@ class _Reader:
         return out
 
 
-def serve_client(sock, store: Store) -> None:
-    """Serve one pickup connection (a greenlet of the daemon)."""
+class Flusher:
+    """The daemon's side of ``!flush``: calls `retry_now()` (the
+    scheduler's SIGALRM handler) at most once every FLUSH_INTERVAL s."""
+
+    def __init__(self, retry_now) -> None:
+        self.retry_now = retry_now
+        self.last = None
+
+    def __call__(self) -> str:
+        import time
+
+        now = time.monotonic()
+        if self.last is not None and now - self.last < FLUSH_INTERVAL:
+            return "flush already started"
+        self.last = now
+        self.retry_now()
+        return "flush"
+
+
+def _request(reader: "_Reader", flush) -> str:
+    """A ``!`` request line: the answer line."""
+    while b"\n" not in reader.buf:
+        if len(reader.buf) > 64:
+            return "91 request too long\n"
+        reader._fill()
+    line = bytes(reader.buf[1:reader.buf.index(b"\n")]).strip()
+    if line == b"flush" and flush is not None:
+        return "0 %s\n" % flush()
+    return "91 unknown request\n"
+
+
+def serve_client(sock, store: Store, flush=None) -> None:
+    """Serve one pickup connection (a greenlet of the daemon): a message,
+    or a ``!`` request.  `flush`: a Flusher (None: flush refused)."""
     from .. import log
 
     try:
@@ -272,6 +394,16 @@ def serve_client(sock, store: Store) -> None:
     try:
         try:
             reader = _Reader(sock)
+            reader._fill()
+            if reader.buf[:1] == b"!":
+                answer = _request(reader, flush)
+                if answer.startswith("0 flush"):
+                    log.line("pickup: flush asked by uid %d pid %d" % (uid, pid))
+                try:
+                    sock.sendall(answer.encode("utf-8"))
+                except OSError:
+                    pass
+                return
             draft = store.draft()
             draft.write(received_line(pid, uid))
             while True:

@@ -1,0 +1,216 @@
+"""The conventions of a native MTA (issue 20) with a real eqmaild: /etc/aliases
+compiled by newaliases and followed for the alias user's addresses,
+sendmail -bi, -bv and -q, and the sender of system mail when no USER or
+LOGNAME is set (the real uid's login)."""
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+from test_local_delivery import (assign_line, head_lines, maildirmake, put, read_dir, results, send,
+                                 user_home, wait_dir, wait_empty_queue, wait_result,
+                                 write_assign)
+
+PY = sys.executable
+
+
+def eqmail(*args, env=None, stdin=b""):
+    r = subprocess.run([PY, "-m", "eqmail"] + list(args), input=stdin, capture_output=True,
+                       timeout=60, env=env)
+    return r.returncode, r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace")
+
+
+@pytest.fixture
+def aliashome(home):
+    """mx.example.org with users/assign joe (a Maildir), an aliases file
+    in the home named by control/aliases."""
+    home.setup(aliases=os.path.join(home.path, "aliases") + "\n")
+    joe = user_home(home, "joe", {"": "./Maildir/\n"})
+    write_assign(home, [assign_line(home, "=", "joe", "joe", joe)])
+    home.joe = joe
+    return home
+
+
+def test_aliases_are_compiled_and_followed_for_the_alias_users_addresses(aliashome,
+                                                                       daemon_factory):
+    home = aliashome
+    alias = os.path.join(home.path, "alias")
+    maildirmake(os.path.join(alias, "Maildir"))
+    put(os.path.join(alias, ".qmail-default"), "./Maildir/\n")  # as eqmaild makes it
+    members = os.path.join(home.path, "members")
+    put(members, "# the list\nJoe, outsider@localhost\n")
+    archive = os.path.join(alias, "archive")
+    put(os.path.join(home.path, "aliases"),
+        "# comment\n"
+        "root: joe\n"
+        "Postmaster: root\n"
+        "team: joe,\n"
+        "\tnobody@localhost\n"
+        "list: :include:%s\n"
+        "prog: \"|cat > %s/prog.out\", %s\n"
+        "special: joe\n" % (members, alias, archive))
+    # ~alias/.qmail-special is the address's own file: it wins over the alias
+    put(os.path.join(alias, ".qmail-special"), "./Maildir/\n")
+    rc, out, err = eqmail("newaliases", "--home", home.path)
+    assert rc == 0, err
+    assert "6 aliases" in out
+    assert os.stat(os.path.join(home.path, "aliases.cdb")).st_mode & 0o777 == 0o644
+
+    d = daemon_factory(home)
+    send(d, "s@x.org", ["postmaster@mx.example.org"], b"Subject: pm\r\n\r\npm\r\n")
+    send(d, "s@x.org", ["team@localhost"], b"Subject: team\r\n\r\nteam\r\n")
+    send(d, "s@x.org", ["list@localhost"], b"Subject: list\r\n\r\nlist\r\n")
+    send(d, "s@x.org", ["prog@localhost"], b"Subject: prog\r\n\r\nprog\r\n")
+    send(d, "s@x.org", ["special@localhost"], b"Subject: special\r\n\r\nspecial\r\n")
+
+    # postmaster -> root -> joe; team -> joe; list -> joe: three in joe's Maildir
+    got = wait_dir(os.path.join(home.joe, "Maildir", "new"), 3)
+    assert sorted(m.split(b"Subject: ")[1].split(b"\n")[0] for m in got) == \
+        [b"list", b"pm", b"team"], d.log()
+    pm = [m for m in got if b"Subject: pm" in m][0]
+    # each forward hop leaves its Delivered-To line (qmail-local's loop check)
+    assert b"Delivered-To: postmaster@mx.example.org" in pm
+    assert b"Delivered-To: root@mx.example.org" in pm
+    # team's second target and the list's outsider: the catch-all Maildir;
+    # special: its own .qmail-special
+    alias_new = wait_dir(os.path.join(alias, "Maildir", "new"), 3)
+    subjects = sorted(m.split(b"Subject: ")[1].split(b"\n")[0] for m in alias_new)
+    assert subjects == [b"list", b"special", b"team"], d.log()
+    assert wait_result(d, "prog@localhost", "success")
+    with open(os.path.join(alias, "prog.out"), "rb") as f:
+        assert f.read().endswith(b"Subject: prog\n\nprog\n")
+    with open(archive, "rb") as f:
+        box = f.read()
+    assert box.startswith(b"From s@x.org ") and b"Delivered-To: prog@localhost" in box
+    assert wait_empty_queue(home), d.log()
+
+    # a bad entry: file and line named, exit 78, the old cdb still in use
+    put(os.path.join(home.path, "aliases"), "root: joe\nbroken line\n")
+    rc, out, err = eqmail("newaliases", "--home", home.path)
+    assert rc == 78
+    assert "%s line 2: expected name: target" % os.path.join(home.path, "aliases") in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    send(d, "s@x.org", ["root@localhost"], b"Subject: again\r\n\r\nagain\r\n")
+    assert len(wait_dir(os.path.join(home.joe, "Maildir", "new"), 4)) == 4, d.log()
+
+    # sendmail -bi compiles too
+    put(os.path.join(home.path, "aliases"), "root: nobody@localhost\n")
+    rc, out, err = eqmail("sendmail", "--home", home.path, "-bi")
+    assert rc == 0 and "1 aliases" in out, err
+    send(d, "s@x.org", ["root@localhost"], b"Subject: moved\r\n\r\nmoved\r\n")
+    assert len(wait_dir(os.path.join(alias, "Maildir", "new"), 4)) == 4, d.log()
+    assert len(read_dir(os.path.join(home.joe, "Maildir", "new"))) == 4
+
+
+def test_an_unreadable_include_file_defers_with_the_alias_named(aliashome, daemon_factory):
+    home = aliashome
+    put(os.path.join(home.path, "aliases"), "list: :include:/nonexistent/members\n")
+    assert eqmail("newaliases", "--home", home.path)[0] == 0
+    d = daemon_factory(home)
+    send(d, "s@x.org", ["list@localhost"], b"Subject: x\r\n\r\nx\r\n")
+    text = wait_result(d, "list@localhost", "deferral")
+    assert "an :include: file of the alias at %s:1" % os.path.join(home.path, "aliases") in text
+
+
+def test_sendmail_bv_shows_where_mail_would_go(aliashome):
+    home = aliashome
+    home.write("smtproutes", "relay.example:[127.0.0.1]:2525\n")
+    put(os.path.join(home.path, "aliases"), "root: joe, far@relay.example, \"|true\"\n")
+    assert eqmail("newaliases", "--home", home.path)[0] == 0
+    maildirmake(os.path.join(home.path, "alias", "Maildir"))
+    rc, out, err = eqmail("sendmail", "--home", home.path, "-bv", "root", "x@other.example")
+    assert rc == 0, out + err
+    lines = out.splitlines()
+    assert lines[0] == "root@mx.example.org: local, alias user (%s/alias)" % home.path
+    assert "  from alias at %s/aliases:1" % home.path in lines
+    assert "  forward to joe@mx.example.org" in lines
+    assert "    joe@mx.example.org: local, user joe (uid %d, home %s)" % (
+        home.uid, home.joe) in lines
+    assert "      Maildir %s/Maildir/" % home.joe in lines
+    assert "    far@relay.example: remote, relay [127.0.0.1]:2525 (control/smtproutes)" \
+        in lines or "    far@relay.example: remote, relay 127.0.0.1:2525 (control/smtproutes)" \
+        in lines, out
+    assert "  program true" in lines
+    assert "x@other.example: remote, MX of other.example" in lines
+    # an address that would bounce: exit 100, and why
+    rc, out, err = eqmail("verify", "--home", home.path, "joe-nothing@localhost")
+    assert rc == 100
+    assert "bounces: Sorry, no mailbox here by that name. (#5.1.1)" in out
+
+
+def test_sendmail_q_flushes_through_the_pickup_socket(aliashome, daemon_factory):
+    home = aliashome
+    flag = os.path.join(home.path, "ok")
+    # the first try fails temporarily; a flush makes the next one now
+    alias = os.path.join(home.path, "alias")
+    os.makedirs(alias)
+    put(os.path.join(alias, ".qmail-later"),
+        "|test -e %s || exit 111\n&joe@localhost\n" % flag)
+    d = daemon_factory(home)
+    send(d, "s@x.org", ["later@localhost"], b"Subject: later\r\n\r\nlater\r\n")
+    wait_result(d, "later@localhost", "deferral")
+    put(flag, "")
+    os.chmod(flag, 0o644)
+    rc, out, err = eqmail("sendmail", "--home", home.path, "-q30m")
+    assert rc == 0, err
+    assert len(wait_dir(os.path.join(home.joe, "Maildir", "new"), 1, timeout=10)) == 1, d.log()
+    log = d.log()
+    assert "pickup: flush asked by uid %d" % os.getuid() in log
+    assert "retrying every queued message now" in log
+    # a second flush at once is answered, not started again
+    assert eqmail("flush", "--home", home.path)[0] == 0
+    assert d.log().count("retrying every queued message now") == 1
+    d.stop()
+    rc, out, err = eqmail("sendmail", "--home", home.path, "-q")
+    assert rc == 69
+    assert "is it running?" in err and "Traceback" not in err
+
+
+def test_sendmail_without_user_or_logname_sends_as_the_real_uids_login(aliashome,
+                                                                       daemon_factory):
+    home = aliashome
+    d = daemon_factory(home)
+    env = {"PATH": "/usr/bin:/bin"}  # env -i, as a systemd timer or cron leaves it
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    rc, out, err = eqmail("sendmail", "--home", home.path, "joe@localhost", env=env,
+                          stdin=b"Subject: cron\n\nhello\n")
+    assert rc == 0, err
+    got = wait_dir(os.path.join(home.joe, "Maildir", "new"), 1)
+    assert got, d.log()
+    me = pwd.getpwuid(os.getuid()).pw_name
+    assert head_lines(got[0])[0] == b"Return-Path: <%s@mx.example.org>" % me.encode()
+    assert b"\nFrom: %s@mx.example.org\n" % me.encode() in got[0]
+    # qmail-inject keeps qmail's "anonymous"
+    rc, out, err = eqmail("inject", "--home", home.path, "joe@localhost", env=env,
+                          stdin=b"Subject: inject\n\nhello\n")
+    assert rc == 0, err
+    got = wait_dir(os.path.join(home.joe, "Maildir", "new"), 2)
+    inj = [m for m in got if b"Subject: inject" in m][0]
+    assert head_lines(inj)[0] == b"Return-Path: <anonymous@mx.example.org>"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-bd"], "the daemon is eqmaild"),
+    (["-qp"], "eqmaild's work"),
+    (["-bx"], "unsupported mode -bx"),
+])
+def test_sendmail_refuses_what_it_cannot_do_clearly(aliashome, args, message):
+    rc, out, err = eqmail("sendmail", "--home", aliashome.path, *args)
+    assert rc == 100
+    assert message in err and "Traceback" not in err
+
+
+def test_sendmail_accepts_error_mode_and_dsn_options(aliashome, daemon_factory):
+    home = aliashome
+    d = daemon_factory(home)
+    rc, out, err = eqmail("sendmail", "--home", home.path, "-oem", "-oee", "-N",
+                          "success,failure", "-R", "hdrs", "-V", "envid1", "-oi",
+                          "joe@localhost", stdin=b"Subject: opts\n\nx\n")
+    assert rc == 0, err
+    assert wait_dir(os.path.join(home.joe, "Maildir", "new"), 1), d.log()
