@@ -58,6 +58,7 @@ import errno
 import fcntl
 import itertools
 import os
+import re
 import signal
 import socket
 import stat
@@ -209,13 +210,14 @@ def _from_line(sender: str, when: Optional[float] = None) -> bytes:
 
 
 def deliver_mbox(path: str, msgfile: BinaryIO, sender: str, prefix: bytes,
-                lock_wait: float = MBOX_LOCK_WAIT) -> Result:
+                lock_wait: float = MBOX_LOCK_WAIT, nofollow: bool = False) -> Result:
     """Append to the mbox `path` under an fcntl lock: From_ line, `prefix`,
     the message with ``>`` before every line matching ``^>*From ``, a final
     newline when missing and one empty line; fsync.  On a write error the
     file is cut back to its old size.  Every failure is temporary."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                     | (os.O_NOFOLLOW if nofollow else 0), 0o600)
     except OSError as e:
         return deferred("Unable to open %s: %s. (#4.2.1)" % (path, e.strerror), "4.2.1")
     try:
@@ -259,6 +261,83 @@ def deliver_mbox(path: str, msgfile: BinaryIO, sender: str, prefix: bytes,
     finally:
         os.close(fd)
     return delivered("mbox %s" % path)
+
+
+# -- the mail spool (control/mailspool) ----------------------------------------------
+
+#: The spool directory's group (mail) this delivery child may take as its
+#: effective group for the spool mbox: kept as the saved set-group-ID by
+#: delivery.lspawn.  A program line never gets it: it is the effective
+#: group only inside deliver_spool, and execve(2) copies the effective
+#: group (the user's) into the saved set-group-ID of the program.
+_spool_gid: Optional[int] = None
+#: A dot-lock older than this (seconds) is stale and removed (Debian's
+#: liblockfile uses 5 minutes).
+DOTLOCK_STALE = 300
+
+
+def allow_spool_group(gid: int) -> None:
+    """Called by the delivery child after setuid: `gid` (the saved
+    set-group-ID) may be taken for the spool mbox."""
+    global _spool_gid
+    _spool_gid = gid
+
+
+def deliver_spool(path: str, msgfile: BinaryIO, sender: str, prefix: bytes,
+                  lock_wait: float = MBOX_LOCK_WAIT) -> Result:
+    """Append to the user's mbox in the mail spool as Debian policy 11.6
+    says: the dot-lock ``path.lock`` (made with O_EXCL; one older than
+    DOTLOCK_STALE seconds is removed), then deliver_mbox's fcntl lock; a
+    new mbox is made mode 0660 in the spool's group (mail).  Symbolic
+    links are never followed.  Every failure is temporary."""
+    raised = False
+    if _spool_gid is not None:
+        os.setegid(_spool_gid)
+        raised = True
+    lock = path + ".lock"
+    locked = False
+    try:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o660)
+            os.fchmod(fd, 0o660)
+            os.close(fd)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            return deferred("Unable to create %s: %s. (#4.2.1)" % (path, e.strerror), "4.2.1")
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return deferred("Uh-oh: %s is not a file of this user. (#4.7.0)" % path, "4.7.0")
+        deadline = time.time() + lock_wait
+        while True:
+            try:
+                os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                                 0o660))
+                locked = True
+                break
+            except FileExistsError:
+                try:
+                    if time.time() - os.lstat(lock).st_mtime > DOTLOCK_STALE:
+                        os.unlink(lock)
+                        continue
+                except OSError:
+                    continue
+            except OSError as e:
+                return deferred("Unable to make the lock %s: %s. (#4.2.1)"
+                                % (lock, e.strerror), "4.2.1")
+            if time.time() >= deadline:
+                return deferred("File has been locked for %d seconds straight. (#4.3.0)"
+                                % lock_wait)
+            time.sleep(0.5)
+        return deliver_mbox(path, msgfile, sender, prefix, lock_wait, nofollow=True)
+    finally:
+        if locked:
+            try:
+                os.unlink(lock)
+            except OSError:
+                pass
+        if raised:
+            os.setegid(os.getgid())
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -496,6 +575,7 @@ class Plan:
     dtline: bytes           # "Delivered-To: local@domain\n"
     rpline: bytes           # "Return-Path: <sender>\n"
     source: str = ""        # where the lines come from (for sendmail -bv)
+    spool: str = ""         # the line that is the mail spool mbox (control/mailspool)
 
     @property
     def files_only(self) -> bool:
@@ -619,8 +699,109 @@ def plan(config: Config, sender: str, local: str, domain: str,
         return LocalResult(deferred("Unable to open .qmail file: %s. (#4.2.1)"
                                     % e.strerror, "4.2.1"))
     kept = [l for l in lines if l and not l.startswith("#")]
+    try:
+        kept, forward_file = dot_forward(kept, target, config.envnoathost)
+    except ForwardError as e:
+        return LocalResult(deferred("%s. (#4.2.1)" % e, "4.2.1"))
+    if forward_file:
+        source = "%s (%s)" % (forward_file, source) if source else forward_file
+    spool = ""
+    if config.mailspool and found.text in (None, b"") and not target.dash:
+        kept, spool = _spool_instead(kept, target, config.mailspool)
     return Plan(target, local, domain, sender, newsender, kept, found.default,
-                dtline, rpline, source)
+                dtline, rpline, source, spool)
+
+
+# -- dot-forward and the mail spool ---------------------------------------------------
+
+#: ``|dot-forward .forward`` (any directory before the program's name):
+#: eqmail does what qmail's dot-forward program would.
+_DOT_FORWARD = re.compile(r"^\|\s*(?:\S*/)?dot-forward\s+([^\s/][^\s]*)\s*$")
+#: Bytes of a .forward file read at most.
+MAX_FORWARD_FILE = 65536
+
+
+class ForwardError(Exception):
+    """A .forward file that must not be followed; the text says why."""
+
+
+def dot_forward(lines: List[str], target: Target, envnoathost: str
+                ) -> Tuple[List[str], str]:
+    """Follow a ``|dot-forward FILE`` line as qmail's dot-forward(1) does:
+    without FILE (usually ``.forward``) in the home the line does nothing;
+    with it, its entries replace the line and the lines after it are
+    skipped (dot-forward exits 99), unless an entry is ``\\USER`` (this
+    user: deliver here as well, so the following lines stay).  Entries:
+    addresses (bare names get ``@envnoathost``), ``|command``, ``/file``
+    (a Maildir when it ends in ``/``); comma or line separated, ``#``
+    comments, double quotes protect commas.  Returns (lines, the path of
+    the file followed or "").  Raises ForwardError for a file that is
+    writable by others, too big, or has bad entries."""
+    from .aliases import AliasError, _split_targets, _target
+
+    for i, line in enumerate(lines):
+        m = _DOT_FORWARD.match(line)
+        if not m:
+            continue
+        name = m.group(1)
+        if ".." in name.split("/"):
+            raise ForwardError("Uh-oh: dot-forward file %s leads out of the home" % name)
+        path = os.path.join(target.home, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return lines[:i] + lines[i + 1:], ""
+            raise ForwardError("Unable to read %s: %s" % (path, e.strerror))
+        try:
+            st = os.fstat(fd)
+            if st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
+                raise ForwardError("Uh-oh: %s is writable by others or not a file" % path)
+            data = os.read(fd, MAX_FORWARD_FILE + 1)
+        finally:
+            os.close(fd)
+        if len(data) > MAX_FORWARD_FILE:
+            raise ForwardError("%s is larger than %d bytes" % (path, MAX_FORWARD_FILE))
+        entries: List[str] = []
+        keep_here = False
+        try:
+            for n, raw in enumerate(data.split(b"\n"), 1):
+                text = raw.decode("utf-8", "surrogateescape").strip()
+                if not text or text.startswith("#"):
+                    continue
+                for t in _split_targets(text, path, n):
+                    if t.startswith("\\") and t[1:].lower() == target.user.lower():
+                        keep_here = True
+                        continue
+                    entry = _target(t, path, n)
+                    if entry.startswith(":include:"):
+                        raise AliasError(path, n, ":include: is for /etc/aliases only")
+                    if entry.startswith("&") and "@" not in entry:
+                        entry = "%s@%s" % (entry, envnoathost)
+                    entries.append(entry)
+        except AliasError as e:
+            raise ForwardError("Unable to follow %s" % e)
+        rest = lines[i + 1:] if keep_here else []
+        return lines[:i] + entries + rest, path
+    return lines, ""
+
+
+def _spool_instead(lines: List[str], target: Target, spooldir: str) -> Tuple[List[str], str]:
+    """control/mailspool: a Maildir line of the default delivery whose
+    Maildir (its new/) does not exist becomes the mbox SPOOLDIR/USER.
+    Returns (lines, that line or "")."""
+    spool = os.path.join(spooldir, target.user)
+    out, used = [], ""
+    for line in lines:
+        if line.endswith("/") and line[:1] in ("/", "."):
+            path = line if line.startswith("/") else os.path.join(target.home, line)
+            if not os.path.isdir(os.path.join(path, "new")):
+                if not used:
+                    out.append(spool)
+                    used = spool
+                continue
+        out.append(line)
+    return out, used
 
 
 def execute(p: Plan, msgfile: BinaryIO, confined: bool = False,
@@ -659,6 +840,9 @@ def execute(p: Plan, msgfile: BinaryIO, confined: bool = False,
                                             "home directory. (#4.7.0)" % line, "4.7.0"))
             if line.endswith("/"):
                 r = deliver_maildir(path, msgfile, rpline + dtline, later)
+            elif p.spool and line == p.spool:
+                r = deliver_spool(path, msgfile, sender, rpline + dtline,
+                                  MBOX_LOCK_WAIT if lock_wait is None else lock_wait)
             else:
                 r = deliver_mbox(path, msgfile, sender, rpline + dtline,
                                  MBOX_LOCK_WAIT if lock_wait is None else lock_wait)

@@ -310,6 +310,18 @@ def _reap(pid: int, deadline: float):
     return status
 
 
+def _spool_group(config, target: Target):
+    """The group of control/mailspool's directory (Debian's mail) when it
+    differs from the target's own, else None."""
+    if not getattr(config, "mailspool", "") or target.dash:
+        return None
+    try:
+        gid = os.stat(config.mailspool).st_gid
+    except OSError:
+        return None
+    return None if gid in (target.gid, 0) else gid
+
+
 def _child(config, msgfd: int, w: int, sender, local, domain, target: Target) -> None:
     import signal
 
@@ -326,8 +338,18 @@ def _child(config, msgfd: int, w: int, sender, local, domain, target: Target) ->
                 pass
     os.closerange(top + 1, 65536)
     os.setgroups([target.gid])
-    os.setgid(target.gid)
+    spool_gid = _spool_group(config, target)
+    if spool_gid is not None:
+        # the spool's group only as the saved set-group-ID: taken for the
+        # spool mbox alone, gone before any program (delivery.local)
+        os.setresgid(target.gid, target.gid, spool_gid)
+    else:
+        os.setgid(target.gid)
     os.setuid(target.uid)
+    if spool_gid is not None:
+        from .local import allow_spool_group
+
+        allow_spool_group(spool_gid)
     os.chdir("/")
     from ..queue.store import message_window
 
