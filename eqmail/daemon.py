@@ -82,6 +82,38 @@ DEFAULT_ROOT_LISTEN = {"smtp": ["0.0.0.0:25", "[::]:25"],
                        "submission": ["0.0.0.0:587", "[::]:587"]}
 
 
+def read_listen(path: str) -> dict:
+    """control/listen: the listeners when no --smtp, --submission or
+    --smtps is given, one per line, ``smtp ADDR:PORT``, ``submission
+    ADDR:PORT`` or ``smtps ADDR:PORT`` (``#`` comments); the package's
+    debconf answers write it.  Returns {kind: [spec]}; {} when the file is
+    missing or empty.  Raises ValueError naming the file and line.  Read
+    at start only: a change needs a restart."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(65536)
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ValueError("%s: %s" % (path, e.strerror))
+    out: dict = {}
+    for n, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        kind, _, spec = line.partition(" ")
+        spec = spec.strip()
+        if kind not in ("smtp", "submission", "smtps") or not spec:
+            raise ValueError("%s line %d: expected smtp|submission|smtps ADDR:PORT, got %r"
+                             % (path, n, line))
+        try:
+            parse_listen(spec)
+        except ValueError as e:
+            raise ValueError("%s line %d: %s" % (path, n, e))
+        out.setdefault(kind, []).append(spec)
+    return out
+
+
 def parse_listen(text: str) -> Tuple[int, str, int]:
     """``ADDR:PORT`` or ``[IPV6]:PORT`` -> (family, address, port).
     Raises ValueError."""
@@ -160,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pidfile", metavar="FILE", help="write the daemon's pid here")
     p.add_argument("--smtp", metavar="ADDR:PORT", action="append", default=None,
                    help="SMTP listener, repeatable; IPv6 as [::1]:2525 "
-                        "(default 127.0.0.1:2525, or 0.0.0.0:25 and [::]:25 as root)")
+                        "(default: the lines of HOME/control/listen, `smtp ADDR:PORT`, "
+                        "`submission ...`, `smtps ...`; without it 127.0.0.1:2525, or "
+                        "0.0.0.0:25 and [::]:25 as root)")
     p.add_argument("--submission", metavar="ADDR:PORT", action="append", default=None,
                    help="submission listener (RFC 6409): AUTH before MAIL, TLSREQUIRED=1 "
                         "by default; repeatable (default 127.0.0.1:2587, or 0.0.0.0:587 "
@@ -336,7 +370,14 @@ def main(argv: List[str] = None) -> int:
     given = {"smtp": args.smtp, "submission": args.submission, "smtps": args.smtps}
     defaults = not any(given.values())
     if defaults:
-        given = DEFAULT_ROOT_LISTEN if is_root else DEFAULT_USER_LISTEN
+        try:
+            given = read_listen(os.path.join(home, "control", "listen"))
+        except ValueError as e:
+            return fatal(EX_CONFIG, str(e))
+        if given:
+            defaults = False
+        else:
+            given = DEFAULT_ROOT_LISTEN if is_root else DEFAULT_USER_LISTEN
     listen = [(kind, spec) for kind, specs in given.items() for spec in specs or ()]
     for kind, spec in listen:
         try:

@@ -214,3 +214,41 @@ def test_sendmail_accepts_error_mode_and_dsn_options(aliashome, daemon_factory):
                           "joe@localhost", stdin=b"Subject: opts\n\nx\n")
     assert rc == 0, err
     assert wait_dir(os.path.join(home.joe, "Maildir", "new"), 1), d.log()
+
+
+def test_control_listen_sets_the_listeners_when_none_are_given(aliashome):
+    import socket
+    import subprocess as sp
+    import time
+
+    from helpers import free_port
+
+    home = aliashome
+    port = free_port()
+    home.write("listen", "# loopback only\nsmtp 127.0.0.1:%d\n" % port)
+    home.chown()
+    kwargs = dict(user=home.uid, group=home.gid, extra_groups=[]) if ROOT else {}
+    proc = sp.Popen([PY, "-m", "eqmail.daemon", "--home", home.path, "--foreground"],
+                    stdout=sp.PIPE, stderr=sp.STDOUT, **kwargs)
+    try:
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                    assert s.recv(100).startswith(b"220 ")
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("nothing listens on control/listen's port")
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0].decode()
+    assert "listening for SMTP on 127.0.0.1:%d" % port in out
+    assert "2525" not in out
+    # a bad line: exit 78, file and line named
+    home.write("listen", "smtp 127.0.0.1:%d\nlmtp 127.0.0.1:24\n" % port)
+    r = sp.run([PY, "-m", "eqmail.daemon", "--home", home.path, "--foreground"],
+               capture_output=True, text=True, timeout=30, **kwargs)
+    assert r.returncode == 78
+    assert "control/listen line 2: expected smtp|submission|smtps" in r.stderr
