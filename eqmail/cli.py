@@ -158,6 +158,11 @@ def cmd_smtpd(argv: List[str]) -> int:
     env = dict(os.environ)
     if not env.get("TCPREMOTEIP") and env.get("REMOTE_HOST"):
         env["TCPREMOTEIP"] = env["REMOTE_HOST"]
+    from .workers import plain_ip
+
+    for name in ("TCPREMOTEIP", "TCPLOCALIP"):  # ::ffff:127.0.0.1 as eqmaild logs it
+        if env.get(name):
+            env[name] = plain_ip(env[name])
     sock = None
     if stat.S_ISSOCK(os.fstat(0).st_mode):  # xinetd/inetd/tcpserver hand us the socket
         try:
@@ -711,8 +716,9 @@ def usage() -> str:
         lines.append("  %-13s %s" % (name, summary))
     lines += [""]
     for para in ("mailq is qread (`eqmail mailq`), as are the names below. The daemon is "
-                 "`eqmaild` (eqmaild --help). Called as sendmail, mailq, qmail-inject, "
-                 "qmail-queue, qmail-qread, qmail-qstat, qmail-smtpd or qmail-newu (a "
+                 "`eqmaild` (eqmaild --help). Called as sendmail, mailq, newaliases, "
+                 "qmail-inject, qmail-queue, qmail-qread, qmail-qstat, qmail-smtpd or "
+                 "qmail-newu (a "
                  "symlink to eqmail), eqmail is that tool.",
                  HOME_RULE + " So tools run where `eqmaild --home ./eqmail-home` was "
                  "started reach that daemon. A tool that fails names the home it used.",

@@ -49,11 +49,11 @@ fi
 
 version=$(/usr/bin/python3 -c '
 import re
-text = open("pyproject.toml", encoding="utf-8").read()
-print(re.search(r"(?m)^version\s*=\s*\"([^\"]+)\"", text).group(1))')
+text = open("eqmail/__init__.py", encoding="utf-8").read()
+print(re.search(r"(?m)^__version__\s*=\s*\"([^\"]+)\"", text).group(1))')
 changelog_version=$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)
 if [ "$changelog_version" != "$version" ]; then
-    echo "build-deb.sh: packaging/debian/changelog is at $changelog_version, pyproject.toml at $version" >&2
+    echo "build-deb.sh: packaging/debian/changelog is at $changelog_version, eqmail/__init__.py at $version" >&2
     exit 1
 fi
 

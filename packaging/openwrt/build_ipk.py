@@ -154,14 +154,14 @@ if __name__ == "__main__":
 '''
 
 
-def project_version(pyproject: str) -> str:
-    """[project] version of pyproject.toml (a plain string literal)."""
-    with open(pyproject, encoding="utf-8") as f:
+def project_version(init_py: str) -> str:
+    """eqmail.__version__ from eqmail/__init__.py (the one place it is kept;
+    pyproject.toml reads it too)."""
+    with open(init_py, encoding="utf-8") as f:
         text = f.read()
-    section = re.search(r"^\[project\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
-    m = section and re.search(r'^version\s*=\s*["\']([^"\']+)["\']', section.group(1), re.M)
+    m = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', text, re.M)
     if not m:
-        raise SystemExit("build_ipk: no [project] version in %s" % pyproject)
+        raise SystemExit("build_ipk: no __version__ in %s" % init_py)
     return m.group(1)
 
 
@@ -299,7 +299,7 @@ def build_control(version: str, installed_size: int, pyver: str) -> Tree:
 
 
 def build_ipk(outdir: str, release: str, pyver: str, mtime: int) -> str:
-    version = "%s-%s" % (project_version(os.path.join(REPO, "pyproject.toml")), release)
+    version = "%s-%s" % (project_version(os.path.join(REPO, "eqmail", "__init__.py")), release)
     data_tree = build_data(pyver)
     data_tar = data_tree.tar_gz(mtime)
     # ipkg-build's Installed-Size: the size of the uncompressed data tar

@@ -56,6 +56,7 @@ PIDFILE = "/run/eqmaild.pid"
 QMAIL = "/var/qmail"
 DAEMON = "/usr/sbin/eqmaild"
 RCPT_USER = "eqdebuser"
+JOE = "eqdebjoe"  # a system user without a Maildir: Debian's /var/mail/USER
 LISTEN = "--smtp 127.0.0.1:25 --submission 127.0.0.1:587"
 
 
@@ -173,14 +174,19 @@ def test_deb_contents(deb):
                  "./usr/bin/eqmail", "./usr/sbin/sendmail -> ../bin/eqmail",
                  "./usr/lib/python3/dist-packages/cdblib/cdblib.py",
                  "./usr/lib/python3/dist-packages/eqmail/daemon.py",
-                 "./lib/systemd/system/eqmaild.service"):
+                 "./lib/systemd/system/eqmaild.service",
+                 "./usr/bin/newaliases -> eqmail", "./etc/logrotate.d/eqmail",
+                 "./usr/share/doc/eqmail/examples/eqmail-smtp"):
         assert path in listing, path
     ctrl = os.path.join(REPO, "build", "deb", "ctrl")
     shutil.rmtree(ctrl, ignore_errors=True)
     rc, out = run(["dpkg-deb", "-e", deb, ctrl], timeout=60)
     assert rc == 0, out
     with open(os.path.join(ctrl, "conffiles")) as f:
-        assert set(f.read().split()) == {"/etc/default/eqmaild", "/etc/init.d/eqmaild"}
+        assert set(f.read().split()) == {"/etc/default/eqmaild", "/etc/init.d/eqmaild",
+                                         "/etc/logrotate.d/eqmail"}
+    for name in ("config", "templates"):  # the debconf questions
+        assert os.path.exists(os.path.join(ctrl, name)), name
     shutil.rmtree(ctrl, ignore_errors=True)
 
 
@@ -195,6 +201,28 @@ class Machine:
         self.user_made = False
         self.users_before = {}
         self.qmail_made = False
+        self.saved = {}
+        self.joe_made = False
+
+    def save(self, path):
+        """Keep `path` as it is now (or its absence) for cleanup()."""
+        if path not in self.saved:
+            try:
+                with open(path, "rb") as f:
+                    self.saved[path] = f.read()
+            except FileNotFoundError:
+                self.saved[path] = None
+
+    def restore_files(self):
+        for path, data in self.saved.items():
+            if data is None:
+                if os.path.exists(path):
+                    os.unlink(path)
+            else:
+                with open(path, "wb") as f:
+                    f.write(data)
+        if os.path.exists("/etc/aliases.cdb") and "/etc/aliases.cdb" not in self.saved:
+            os.unlink("/etc/aliases.cdb")
 
     # policy-rc.d: let eqmaild through, everything else as before
     def wrap_policy(self):
@@ -259,6 +287,12 @@ class Machine:
             if not self.users_before.get("eqmail", True):
                 run(["groupdel", "eqmail"], timeout=60)
         self.restore_policy()
+        self.restore_files()
+        if self.joe_made:
+            run(["userdel", "--remove", JOE], timeout=60)
+            for path in ("/var/mail/" + JOE, "/var/mail/%s.lock" % JOE):
+                if os.path.exists(path):
+                    os.unlink(path)
         if self.removed_mtas:
             rc, out = run(APT + ["install", "--no-install-recommends"] + self.removed_mtas)
             if rc != 0:
@@ -305,9 +339,24 @@ def test_install_start_deliver_reload_stop_purge(deb, machine):
     machine.removed_mtas = installed_mtas()  # apt removes them for eqmail
     machine.users_before = {u: _exists(u) for u in ("eqmail", "alias")}
     machine.qmail_made = True
-    rc, out = run(APT + ["install", "--no-install-recommends", deb])
+    for path in ("/etc/aliases", "/etc/mailname"):
+        machine.save(path)
+    # port 25 is taken during the installation: the install still succeeds
+    # and says so (issue 20 item 5); eqmaild starts once the port is free
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("127.0.0.1", 25))
+    blocker.listen(1)
+    try:
+        rc, out = run(APT + ["install", "--no-install-recommends", deb])
+    finally:
+        blocker.close()
     assert rc == 0, "apt-get install failed (%d):\n%s" % (rc, out[-6000:])
     assert installed("eqmail")
+    assert "eqmaild did not start (is port 25 or 587 in use" in out, out[-3000:]
+    assert not package_daemons()
+    rc, text = init("start")
+    assert rc == 0, text
     for mta in machine.removed_mtas:
         assert not installed(mta), "%s should have been replaced" % mta
     with open(DEFAULTS) as f:
@@ -320,9 +369,25 @@ def test_install_start_deliver_reload_stop_purge(deb, machine):
     assert os.stat(os.path.join(QMAIL, "alias")).st_uid == alias.pw_uid
     assert os.path.islink("/usr/sbin/sendmail")
 
-    # the package started the service (policy-rc.d let eqmaild through)
+    # debconf, non-interactive: local only, the mail name from the host;
+    # system users get Debian's defaults; /etc/aliases compiled
+    control = os.path.join(QMAIL, "control")
+    with open(os.path.join(control, "listen")) as f:
+        listen = f.read()
+    assert "smtp 127.0.0.1:25\n" in listen and "0.0.0.0" not in listen
+    with open("/etc/mailname") as f:
+        mailname = f.read().strip()
+    with open(os.path.join(control, "me")) as f:
+        assert f.read().strip() == mailname
+    with open(os.path.join(control, "defaultdelivery")) as f:
+        assert f.read() == "|dot-forward .forward\n./Maildir/\n"
+    with open(os.path.join(control, "mailspool")) as f:
+        assert f.read() == "/var/mail\n"
+    assert os.path.exists("/etc/aliases") and os.path.exists("/etc/aliases.cdb")
+
+    # started by hand once port 25 was free
     pid = wait_running()
-    assert pid, "the package did not start eqmaild:\n%s" % out[-3000:]
+    assert pid, "eqmaild did not start:\n%s" % text
     with open("/proc/%d/comm" % pid) as f:
         assert f.read().strip() == "eqmaild"
     assert uids(pid) == [eqmail.pw_uid] * 4, "eqmaild runs as %s, not eqmail" % uids(pid)
@@ -355,6 +420,43 @@ def test_install_start_deliver_reload_stop_purge(deb, machine):
     assert len(alias_files) == 1, "not delivered to %s" % alias_new
     assert os.stat(os.path.join(alias_new, alias_files[0])).st_uid == alias.pw_uid
 
+    # a system user without a Maildir, mailed by root as cron does (env -i):
+    # /var/mail/USER, 0660 USER:mail, from root@mailname
+    rc, out = run(["useradd", "--create-home", "--shell", "/usr/sbin/nologin", JOE])
+    assert rc == 0, out
+    machine.joe_made = True
+    r = subprocess.run(["env", "-i", "/usr/sbin/sendmail", JOE], input=b"Subject: cron\n\nhi\n",
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r
+    box = "/var/mail/" + JOE
+    deadline = time.time() + 30
+    while time.time() < deadline and not (os.path.exists(box) and os.path.getsize(box)):
+        time.sleep(0.1)
+    assert os.path.exists(box), run(["/usr/bin/eqmail", "qread"], timeout=60)[1]
+    st = os.stat(box)
+    assert st.st_uid == pwd.getpwnam(JOE).pw_uid and st.st_mode & 0o777 == 0o660
+    import grp
+    assert st.st_gid == grp.getgrnam("mail").gr_gid
+    with open(box, "rb") as f:
+        data = f.read()
+    assert data.startswith(b"From root@%s " % mailname.encode()), data[:200]
+    assert b"Subject: cron" in data
+    # /etc/aliases: an alias to that user, compiled by newaliases
+    with open("/etc/aliases", "a") as f:
+        f.write("eqdebteam: %s\n" % JOE)
+    rc, out = run(["newaliases"])
+    assert rc == 0 and "aliases" in out, out
+    rc, out = run(["/usr/sbin/sendmail", "-bv", "eqdebteam"])
+    assert rc == 0 and "forward to %s@%s" % (JOE, mailname) in out, out
+    swaks(25, "eqdebteam@localhost")
+    deadline = time.time() + 30
+    while time.time() < deadline and open(box, "rb").read().count(b"\nFrom ") < 1:
+        time.sleep(0.1)
+    assert open(box, "rb").read().count(b"\nFrom ") == 1, "the alias was not followed"
+    # sendmail -q: any user may flush
+    rc, out = run(["runuser", "-u", JOE, "--", "/usr/sbin/sendmail", "-q"])
+    assert rc == 0, out
+
     rc, text = init("status")
     assert rc == 0, text
     rc, text = init("reload")
@@ -362,6 +464,29 @@ def test_install_start_deliver_reload_stop_purge(deb, machine):
     time.sleep(1)
     assert read_pid() == pid and alive(pid), "reload changed the PID"
     assert init("status")[0] == 0
+
+    # dpkg-reconfigure, non-interactive, with preseeded answers: a satellite
+    sel = ("eqmail eqmail/mode select satellite\n"
+           "eqmail eqmail/mailname string sat.example.org\n"
+           "eqmail eqmail/smarthost string 127.0.0.1:2526\n"
+           "eqmail eqmail/smarthost_login string\n")
+    r = subprocess.run(["debconf-set-selections"], input=sel.encode(), capture_output=True,
+                       timeout=60, env=SYS_ENV)
+    assert r.returncode == 0, r
+    rc, out = run(["dpkg-reconfigure", "-fnoninteractive", "eqmail"])
+    assert rc == 0, out
+    with open(os.path.join(control, "smtproutes")) as f:
+        assert ":127.0.0.1:2526\n" in f.read()
+    st = os.stat(os.path.join(control, "smtproutes"))
+    assert st.st_mode & 0o777 == 0o640 and st.st_gid == pwd.getpwnam("eqmail").pw_gid
+    with open("/etc/mailname") as f:
+        assert f.read() == "sat.example.org\n"
+    with open(os.path.join(control, "me")) as f:
+        assert f.read() == "sat.example.org\n"
+    rc, out = run(["/usr/sbin/sendmail", "-bv", "someone@example.net"])
+    assert "relay 127.0.0.1:2526 (control/smtproutes)" in out, out
+    pid = wait_running()
+    assert pid, "eqmaild did not come back after dpkg-reconfigure:\n%s" % out
 
     rc, text = init("stop")
     assert rc == 0, text
@@ -398,7 +523,8 @@ def test_install_start_deliver_reload_stop_purge(deb, machine):
     assert not installed("eqmail")
     assert not wait_gone([pid]), "eqmaild %d survived the purge" % pid
     assert not wait_gone(package_daemons(), 10.0), "eqmaild processes left after purge"
-    for path in (INIT, DEFAULTS, PIDFILE, "/usr/sbin/sendmail", "/var/lib/eqmail"):
+    for path in (INIT, DEFAULTS, PIDFILE, "/usr/sbin/sendmail", "/var/lib/eqmail",
+                 "/etc/aliases.cdb"):
         assert not os.path.lexists(path), "%s left after purge" % path
     # what the package made goes, the mail stays: the queue was empty and
     # went; alias/ holds a message and stays, and with it the home and the

@@ -40,10 +40,10 @@ EPOCH = "1700000000"
 
 
 def project_version() -> str:
-    with open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8") as f:
+    """eqmail.__version__ (pyproject.toml reads it from there)."""
+    with open(os.path.join(REPO, "eqmail", "__init__.py"), encoding="utf-8") as f:
         text = f.read()
-    project = text.split("[project]", 1)[1].split("\n[", 1)[0]
-    return re.search(r'^version\s*=\s*"([^"]+)"', project, re.M).group(1)
+    return re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.M).group(1)
 
 
 VERSION = project_version()
