@@ -523,9 +523,18 @@ def _qbad_show(store, name: str, home_arg: Optional[str]) -> int:
 
 # -- queue / newu -------------------------------------------------------------------------
 
-@tool("queue", "qmail-queue: queue the message on fd 0 with the envelope on fd 1")
+@tool("queue", "qmail-queue (message on fd 0, envelope on fd 1); with list, show, "
+      "delete, hold, release, requeue or flush: the admin's queue operations")
 def cmd_queue(argv: List[str]) -> int:
-    p = _parser("queue", "qmail-queue compatible: read the message on fd 0 and the envelope "
+    from .queueadmin import OPS
+
+    if any(a in OPS for a in argv[:3]):  # qmail-queue takes no arguments
+        from .queueadmin import main as admin
+
+        return admin(argv)
+    p = _parser("queue", "`eqmail queue list|show|delete|hold|release|requeue|flush "
+                "...` are the admin's queue operations (eqmail queue list --help). "
+                "Without them: qmail-queue compatible: read the message on fd 0 and the envelope "
                 "(F<sender>\\0T<rcpt>\\0...\\0) on fd 1, queue them, print nothing, and "
                 "exit 0, or with qmail-queue's codes (11-40 permanent, others temporary) "
                 "and one line on stderr naming the home. "

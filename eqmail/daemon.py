@@ -621,7 +621,8 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
         psock = pickup.listen(holder.home)
         gps = gevent.socket.socket(psock.family, psock.type, fileno=psock.detach())
         pickup_server = gevent.server.StreamServer(
-            gps, lambda sock, addr: pickup.serve_client(sock, store, flusher),
+            gps, lambda sock, addr: pickup.serve_client(sock, store, flusher,
+                                                        scheduler.admin),
             spawn=gevent.pool.Pool(MAX_PICKUP))
         pickup_server.start()
     except OSError as e:

@@ -25,7 +25,10 @@ PROTOCOL
     SIGALRM does; ``sendmail -q``, ``eqmail flush``), answered ``0 flush``.
     Any local user may ask, as with Postfix's ``postqueue -f``; eqmaild
     honours at most one flush every FLUSH_INTERVAL seconds and answers the
-    others ``0 flush already started``.
+    others ``0 flush already started``.  ``!queue OP ID...\\n`` (OP
+    delete, hold, release or retry; ``eqmail queue``) is for root and
+    eqmaild's own user only (SO_PEERCRED), answered ``0 <what was done>``
+    or ``77 permission denied``.
 
 STANDARDS
     qmail-queue(8) for the envelope, the exit codes and the Received line;
@@ -39,6 +42,7 @@ SECURITY
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 from typing import BinaryIO, List, Optional, Sequence, Tuple
@@ -50,6 +54,10 @@ MAX_ENVELOPE = 1 << 20
 #: qmail-queue refuses envelope addresses longer than this (exit 11).
 MAX_ADDRESS = 1002
 READ_TIMEOUT = 1200
+#: Bytes of one ``!`` request line at most.
+MAX_REQUEST = 1 << 16
+#: A queue ID (``birth.pid.seq``), the only thing a queue request may name.
+_QUEUE_ID = re.compile(r"^[0-9]{1,20}\.[0-9]{1,10}\.[0-9]{1,20}$")
 #: Seconds between two flushes that a pickup request may start.
 FLUSH_INTERVAL = 5.0
 
@@ -235,31 +243,7 @@ def request_flush(home: str) -> str:
     """Ask the eqmaild of `home` to try every queued message now (the
     ``!flush`` request).  Returns its answer text.  Raises SubmitError(74)
     when eqmaild cannot be reached (not running)."""
-    path = socket_path(home)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(30)
-    try:
-        try:
-            s.connect(path)
-        except OSError as e:
-            raise SubmitError(74, "unable to reach eqmaild at %s: %s; is it running?"
-                              % (path, e.strerror))
-        try:
-            s.sendall(b"!flush\n")
-            answer = b""
-            while not answer.endswith(b"\n") and len(answer) < 4096:
-                got = s.recv(4096)
-                if not got:
-                    break
-                answer += got
-        except (OSError, socket.timeout):
-            raise SubmitError(74)
-    finally:
-        s.close()
-    code, _, text = answer.decode("utf-8", "replace").strip().partition(" ")
-    if code != "0":
-        raise SubmitError(int(code) if code.isdigit() else 74, text or None)
-    return text
+    return request(home, "flush", timeout=30)
 
 
 def _via_socket(home, sender, recipients, header, body) -> str:
@@ -368,21 +352,60 @@ class Flusher:
         return "flush"
 
 
-def _request(reader: "_Reader", flush) -> str:
+def _request(reader: "_Reader", flush, admin, uid: int) -> str:
     """A ``!`` request line: the answer line."""
     while b"\n" not in reader.buf:
-        if len(reader.buf) > 64:
+        if len(reader.buf) > MAX_REQUEST:
             return "91 request too long\n"
         reader._fill()
-    line = bytes(reader.buf[1:reader.buf.index(b"\n")]).strip()
-    if line == b"flush" and flush is not None:
+    line = bytes(reader.buf[1:reader.buf.index(b"\n")]).decode("ascii", "replace").split()
+    if line == ["flush"] and flush is not None:
         return "0 %s\n" % flush()
+    if len(line) >= 3 and line[0] == "queue" and admin is not None:
+        if uid not in (0, os.geteuid()):
+            return "77 permission denied: the queue is root's and eqmaild's user's\n"
+        if line[1] not in ("delete", "hold", "release", "retry") or not all(
+                _QUEUE_ID.match(i) for i in line[2:]):
+            return "91 bad queue request\n"
+        return "0 %s\n" % admin(line[1], line[2:], uid).replace("\n", " ")
     return "91 unknown request\n"
 
 
-def serve_client(sock, store: Store, flush=None) -> None:
+def request(home: str, line: str, timeout: float = 60) -> str:
+    """Send one ``!`` request line to the eqmaild of `home`; its answer
+    text.  Raises SubmitError (74 when eqmaild cannot be reached, else
+    the answer's code)."""
+    path = socket_path(home)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except OSError as e:
+            raise SubmitError(74, "unable to reach eqmaild at %s: %s; is it running?"
+                              % (path, e.strerror))
+        try:
+            s.sendall(("!%s\n" % line).encode("ascii"))
+            answer = b""
+            while not answer.endswith(b"\n") and len(answer) < MAX_REQUEST * 4:
+                got = s.recv(65536)
+                if not got:
+                    break
+                answer += got
+        except (OSError, socket.timeout):
+            raise SubmitError(74)
+    finally:
+        s.close()
+    code, _, text = answer.decode("utf-8", "replace").strip().partition(" ")
+    if code != "0":
+        raise SubmitError(int(code) if code.isdigit() else 74, text or None)
+    return text
+
+
+def serve_client(sock, store: Store, flush=None, admin=None) -> None:
     """Serve one pickup connection (a greenlet of the daemon): a message,
-    or a ``!`` request.  `flush`: a Flusher (None: flush refused)."""
+    or a ``!`` request.  `flush`: a Flusher (None: flush refused);
+    `admin(op, ids, uid) -> str`: the scheduler's queue operations."""
     from .. import log
 
     try:
@@ -396,7 +419,7 @@ def serve_client(sock, store: Store, flush=None) -> None:
             reader = _Reader(sock)
             reader._fill()
             if reader.buf[:1] == b"!":
-                answer = _request(reader, flush)
+                answer = _request(reader, flush, admin, uid)
                 if answer.startswith("0 flush"):
                     log.line("pickup: flush asked by uid %d pid %d" % (uid, pid))
                 try:

@@ -127,7 +127,7 @@ def next_retry(birth: float, now: float, channel: str) -> float:
 
 class _Entry:
     __slots__ = ("item", "next", "inflight", "channel", "finishing", "failures",
-                 "removed")
+                 "removed", "deferred")
 
     def __init__(self, item: Item, channels: List[str]):
         self.item = item
@@ -140,6 +140,8 @@ class _Entry:
         self.failures = None
         #: the queue file is gone already (removed by the finishing delivery)
         self.removed = False
+        #: {recipient: last temporary failure} as in defer/ID; None: not read
+        self.deferred = None
 
 
 class Scheduler:
@@ -172,6 +174,8 @@ class Scheduler:
         self._parked_heap: list = []
         #: The most messages known at once since the queue was last empty.
         self._busiest = 0
+        #: Messages the admin held (queue/hold/): never started until released.
+        self.held: set = set()
 
     # -- life cycle -------------------------------------------------------------
 
@@ -180,6 +184,7 @@ class Scheduler:
         from ..threads import run
 
         self.store.recover(at_start=True)
+        self.held = set(self.store.held_ids())
         # reading every file to check its commit mark: off the hub (and no
         # threadpool, 0.5 MB of RSS, for an empty queue)
         if self.store.ids():
@@ -438,8 +443,8 @@ class Scheduler:
         while heap and heap[0][0] <= now:
             _, _, msgid = heapq.heappop(heap)
             entry = self.entries.get(msgid)
-            if entry is None:
-                continue
+            if entry is None or msgid in self.held:
+                continue  # gone, or held (release() makes it due again)
             if not entry.item.pending() and not any(entry.inflight):
                 gevent.spawn(self._finish, entry)  # done before a restart
                 continue
@@ -546,6 +551,10 @@ class Scheduler:
                     entry.failures = True
                 if not (batch and result.kind == SUCCESS):
                     self._record(item, i, result, mark=not last)
+            texts = {item.recipients[i]: r.text for i, r in zip(idxs, final)
+                     if r.kind == DEFERRAL}
+            if texts:
+                self._note_deferrals(entry, texts)
             if batch:  # the successes' done marks in one thread call
                 done = [i for i, r in zip(idxs, final) if r.kind == SUCCESS]
                 try:
@@ -686,6 +695,94 @@ class Scheduler:
         if not any(self.inflight.values()):
             self._idle.set()
         self._wake.set()
+
+    def _note_deferrals(self, entry: _Entry, texts: dict) -> None:
+        """Keep each recipient's last temporary failure in defer/ID (for
+        eqmail queue list), written only when one changed: a relay that
+        stays down costs one small write a message, not one a retry."""
+        known = entry.deferred
+        if known is None:
+            known = run(self.store.deferrals, entry.item.id)
+        if all(known.get(k) == v for k, v in texts.items()):
+            entry.deferred = known
+            return
+        known = dict(known, **texts)
+        entry.deferred = known
+        try:
+            run(self.store.write_deferrals, entry.item.id, known)
+        except OSError:
+            pass  # a note only
+
+    # -- the admin's operations (eqmail queue, through the pickup socket) ------------
+
+    def admin(self, op: str, ids: List[str], uid: int) -> str:
+        """`op` (delete, hold, release, retry) on the queue IDs `ids`, for
+        the user `uid` (checked by the caller).  A message being delivered
+        right now is not deleted ("busy"; the caller may ask again).
+        Returns one line: what was done to each ID."""
+        out = []
+        for msgid in ids:
+            entry = self.entries.get(msgid)
+            exists = entry is not None or os.path.exists(self.store.message_path(msgid))
+            if not exists:
+                out.append("%s: no such message" % msgid)
+                continue
+            if op == "delete":
+                if entry is not None and (any(entry.inflight) or entry.finishing):
+                    out.append("%s: busy (being delivered), not deleted" % msgid)
+                    continue
+                self.entries.pop(msgid, None)
+                self.held.discard(msgid)
+                try:
+                    run(self.store.remove_id_now, msgid)
+                    run(self.store.drop_failures, msgid)
+                except OSError as e:
+                    out.append("%s: unable to delete: %s" % (msgid, e))
+                    continue
+                log.line("msg %s deleted by uid %d (eqmail queue delete)" % (msgid, uid))
+                log.end_msg(msgid)
+                out.append("%s: deleted" % msgid)
+            elif op == "hold":
+                try:
+                    run(self.store.set_held, msgid, True)
+                except OSError as e:
+                    out.append("%s: unable to hold: %s" % (msgid, e))
+                    continue
+                self.held.add(msgid)
+                log.line("msg %s held by uid %d" % (msgid, uid))
+                out.append("%s: held" % msgid)
+            elif op == "retry" and msgid in self.held:
+                out.append("%s: held, not tried (release it)" % msgid)
+            elif op in ("release", "retry"):
+                if op == "release":
+                    try:
+                        run(self.store.set_held, msgid, False)
+                    except OSError as e:
+                        out.append("%s: unable to release: %s" % (msgid, e))
+                        continue
+                    self.held.discard(msgid)
+                    log.line("msg %s released by uid %d" % (msgid, uid))
+                self._due_now(msgid)
+                out.append("%s: %s" % (msgid, "released" if op == "release" else "due now"))
+            else:
+                out.append("%s: unknown operation %s" % (msgid, op))
+        self._wake.set()
+        return "; ".join(out)
+
+    def _due_now(self, msgid: str) -> None:
+        """Every pending recipient of `msgid` is due now (read back from
+        disk when it is parked)."""
+        entry = self.entries.get(msgid)
+        if entry is None:
+            item = run(self.store.load_committed, msgid)
+            if item is None:
+                return
+            self._add(item, 0.0)
+            entry = self.entries.get(msgid)
+            if entry is None:
+                return
+        entry.next = [0.0] * len(entry.next)
+        self._push(msgid, 0.0)
 
     def _remember_next(self, item: Item, when: float) -> None:
         """Keep the message's next try in its queue file's modification time,

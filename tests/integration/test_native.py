@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import time
 import subprocess
 import sys
 
@@ -252,3 +253,112 @@ def test_control_listen_sets_the_listeners_when_none_are_given(aliashome):
                capture_output=True, text=True, timeout=30, **kwargs)
     assert r.returncode == 78
     assert "control/listen line 2: expected smtp|submission|smtps" in r.stderr
+
+
+def _ids_in(text):
+    import re
+    return re.findall(r"^(\d+\.\d+\.\d+)  ", text, re.M)
+
+
+def test_queue_operations_while_eqmaild_delivers(aliashome, daemon_factory):
+    """eqmail queue list/show/hold/delete/release/flush on 60 deferred
+    messages, with deletes racing the flush's deliveries: a message said
+    to be deleted is never delivered, every other one exactly once."""
+    import re
+    import threading
+
+    home = aliashome
+    alias = os.path.join(home.path, "alias")
+    os.makedirs(alias)
+    maildirmake(os.path.join(alias, "Maildir"))
+    flag = os.path.join(home.path, "ok")
+    put(os.path.join(alias, ".qmail-later"),
+        "|test -e %s || { echo relay is down; exit 111; }\n./Maildir/\n" % flag)
+    d = daemon_factory(home)
+    n = 60
+    for k in range(n):
+        send(d, "s%d@x.org" % k, ["later@localhost"], b"Subject: m%d\r\n\r\nbody\r\n" % k)
+    deadline = time.time() + 30
+    while time.time() < deadline and d.log().count("deferral: relay is down") < n:
+        time.sleep(0.1)
+    rc, out, err = eqmail("queue", "list", "--home", home.path)
+    assert rc == 0, err
+    ids = _ids_in(out)
+    assert len(ids) == n, out
+    assert out.count("last: relay is down") == n
+    assert "next try in" in out
+    # filters
+    rc, out, _ = eqmail("queue", "list", "--home", home.path, "--sender", "s7@x.org")
+    assert _ids_in(out) and all("<s7@x.org>" in l for l in out.splitlines() if l[:1].isdigit())
+    rc, out, _ = eqmail("queue", "show", "--home", home.path, ids[0])
+    assert rc == 0 and "sender: <s" in out and "Subject: m" in out and "body" not in out
+    rc, out, _ = eqmail("queue", "show", "--home", home.path, "--body", ids[0])
+    assert "body" in out
+
+    rc, out, err = eqmail("queue", "hold", "--home", home.path, *ids[:10])
+    assert rc == 0 and out.count(": held") == 10, out + err
+    assert "not running" not in out, out
+    assert d.log().count("held by uid") == 10
+    # deleted while waiting: never delivered
+    rc, out, err = eqmail("queue", "delete", "--home", home.path, *ids[10:20])
+    assert rc == 0 and out.count(": deleted") == 10, out + err
+    put(flag, "")
+    os.chmod(flag, 0o644)
+    said = {}
+
+    def delete():
+        r, o, e = eqmail("queue", "delete", "--home", home.path, *ids[20:30])
+        said["delete"] = o
+
+    # deleted while the flush delivers: each is either deleted (and never
+    # delivered) or busy (and delivered once)
+    t = threading.Thread(target=delete)
+    rc, out, err = eqmail("queue", "flush", "--home", home.path)
+    t.start()
+    t.join(60)
+    assert rc == 0, err
+    assert out.count("held, not tried") == 10, out
+    deleted = set(re.findall(r"^(\S+): deleted$", said["delete"], re.M))
+    busy = set(re.findall(r"^(\S+): busy", said["delete"], re.M))
+    gone = set(re.findall(r"^(\S+): no such message", said["delete"], re.M))
+    assert deleted | busy | gone == set(ids[20:30]), said
+    deleted |= set(ids[10:20])
+
+    def subjects():
+        new = os.path.join(alias, "Maildir", "new")
+        return [open(os.path.join(new, f), "rb").read().split(b"Subject: ")[1].split(b"\n")[0]
+                for f in os.listdir(new)]
+
+    expect = n - 10 - len(deleted)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(subjects()) < expect:
+        time.sleep(0.1)
+    time.sleep(1)
+    got = subjects()
+    assert len(got) == len(set(got)) == expect, (len(got), expect, d.log()[-3000:])
+    # the held ones wait; released, they go
+    rc, out, _ = eqmail("queue", "list", "--home", home.path, "--state", "held")
+    assert sorted(_ids_in(out)) == sorted(ids[:10])
+    rc, out, err = eqmail("queue", "release", "--home", home.path, "--all")
+    assert rc == 0 and out.count(": released") == 10, out + err
+    deadline = time.time() + 30
+    while time.time() < deadline and len(subjects()) < expect + 10:
+        time.sleep(0.1)
+    got = subjects()
+    assert len(got) == len(set(got)) == expect + 10
+    assert wait_empty_queue(home), d.log()
+    log = d.log()
+    for msgid in deleted:
+        assert "msg %s deleted by uid" % msgid in log
+    # another user: refused by the queue's permissions and by eqmaild
+    if ROOT:
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            PY, "-c", "from eqmail.queue import pickup\n"
+                            "try:\n pickup.request(%r, 'queue delete 1.2.3')\n"
+                            "except pickup.SubmitError as e:\n print(e.code, e.text)" % home.path],
+                           capture_output=True, text=True, timeout=60)
+        assert r.stdout.startswith("77 permission denied"), r
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            PY, "-m", "eqmail", "queue", "list", "--home", home.path],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 77 and "permission denied" in r.stderr, r
