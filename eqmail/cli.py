@@ -644,6 +644,24 @@ def cmd_verify(argv: List[str]) -> int:
     return worst
 
 
+@tool("status", "one screen on eqmaild: pid, uptime, listeners, queue, deliveries, "
+      "memory, certificate, alerts")
+def cmd_status(argv: List[str]) -> int:
+    p = _parser("status", "Ask the running eqmaild (any local user may) for its pid, "
+                "version, uptime and listeners, the queue (messages, held, bouncing, the "
+                "oldest one's age), deliveries, deferrals and failures of the last hour "
+                "and day, session workers, the memory of its process tree, the server "
+                "certificate's expiry and its last alerts. Exit 0 when all is well, 1 "
+                "when something needs the admin (an alert in the last hour, a message "
+                "older than a day, a certificate expired or expiring within 14 days), "
+                "3 when eqmaild is not running.")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    args = p.parse_args(argv)
+    from .status import main as status
+
+    return status(resolve_home(args.home), args.json, _home_text(args.home))
+
+
 @tool("flush", "try every queued message now (sendmail -q, postqueue -f)")
 def cmd_flush(argv: List[str]) -> int:
     p = _parser("flush", "Ask eqmaild to try every queued message now, as SIGALRM does, "

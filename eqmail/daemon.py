@@ -507,6 +507,20 @@ LISTENER_NAMES = {"smtp": "SMTP", "smtps": "SMTP over TLS (smtps)",
                   "submission": "submission"}
 
 
+def _certificate(path: str):
+    """{path, not_after (Unix time)} of the server certificate, None without
+    one; {path, error} when it cannot be read."""
+    if not os.path.exists(path):
+        return None
+    try:
+        import ssl
+
+        info = ssl._ssl._test_decode_cert(path)  # the stdlib's own PEM reader
+        return {"path": path, "not_after": ssl.cert_time_to_seconds(info["notAfter"])}
+    except Exception as e:  # an odd file must not break the status request
+        return {"path": path, "error": str(e)[:200]}
+
+
 def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int = 0,
           worker_load: float = 0.5, worker_idle: float = 30, helper=None) -> int:
     """Run the listeners and the scheduler until SIGTERM/SIGINT, with up to
@@ -615,6 +629,26 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
 
     from .queue import pickup
 
+    import time
+
+    started_at = time.time()
+
+    def status() -> dict:
+        """What `eqmail status` shows of this eqmaild (the `!status` request)."""
+        import time
+
+        from . import stats
+
+        return {"pid": os.getpid(), "version": __version__, "home": holder.home,
+                "started": started_at, "now": time.time(),
+                "listeners": [[LISTENER_NAMES[kind], spec] for kind, spec, _ in sockets],
+                "queue": scheduler.summary(),
+                "last_hour": stats.totals(3600), "last_day": stats.totals(86400),
+                "workers": [w.pid for w in workers.workers if getattr(w, "pid", None)],
+                "alerts": list(stats.alerts),
+                "certificate": _certificate(os.path.join(holder.home, "control",
+                                                         "servercert.pem"))}
+
     pickup_server = None
     flusher = pickup.Flusher(scheduler.retry_now)
     try:
@@ -622,7 +656,7 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
         gps = gevent.socket.socket(psock.family, psock.type, fileno=psock.detach())
         pickup_server = gevent.server.StreamServer(
             gps, lambda sock, addr: pickup.serve_client(sock, store, flusher,
-                                                        scheduler.admin),
+                                                        scheduler.admin, status),
             spawn=gevent.pool.Pool(MAX_PICKUP))
         pickup_server.start()
     except OSError as e:

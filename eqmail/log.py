@@ -377,6 +377,9 @@ def warning(text: str) -> None:
 
 def alert(text: str) -> None:
     line("alert: " + clean(text, 1000))
+    from . import stats
+
+    stats.alert(clean(text, 300))
 
 
 # -- queue and scheduler (qmail-send) ----------------------------------------
@@ -398,6 +401,9 @@ def starting_delivery(num: int, msgid: str, channel: str, recipient: str) -> Non
 def delivery(num: int, kind: str, report: str) -> None:
     """kind is ``success``, ``deferral`` or ``failure``."""
     line("delivery %d: %s: %s" % (num, kind, clean(report, 1000)))
+    from . import stats
+
+    stats.count(kind)
 
 
 def direct_delivery(msgid: str, size: int, sender: str, recipient: str,
@@ -407,6 +413,9 @@ def direct_delivery(msgid: str, size: int, sender: str, recipient: str,
     new/info/starting/delivery/end lines."""
     line("direct msg %s: bytes %d from <%s> to local %s: success: %s"
          % (msgid, size, clean(sender), clean(recipient), clean(report, 1000)))
+    from . import stats
+
+    stats.count("success")
 
 
 def end_msg(msgid: str) -> None:

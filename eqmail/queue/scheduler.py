@@ -769,6 +769,22 @@ class Scheduler:
         self._wake.set()
         return "; ".join(out)
 
+    def summary(self) -> dict:
+        """Queue figures for eqmail status: messages (in memory and parked
+        on disk), held, waiting for their bounce, the oldest one's birth
+        (Unix time, None when empty) and deliveries running.  O(messages)
+        over the in-memory keys; no file is read."""
+        from .store import id_time
+
+        births = [e.item.birth for e in self.entries.values()]
+        births += [id_time(unpack_id(k & _ID_MASK)) for k in self._parked_heap]
+        return {"messages": len(self.entries) + len(self._parked_heap),
+                "in_memory": len(self.entries), "parked": len(self._parked_heap),
+                "held": len(self.held),
+                "bouncing": sum(1 for e in self.entries.values() if e.failures),
+                "oldest": min(births) if births else None,
+                "delivering": dict(self.inflight)}
+
     def _due_now(self, msgid: str) -> None:
         """Every pending recipient of `msgid` is due now (read back from
         disk when it is parked)."""

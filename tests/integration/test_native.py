@@ -362,3 +362,31 @@ def test_queue_operations_while_eqmaild_delivers(aliashome, daemon_factory):
                             PY, "-m", "eqmail", "queue", "list", "--home", home.path],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 77 and "permission denied" in r.stderr, r
+
+
+def test_eqmail_status_for_any_user(aliashome, daemon_factory):
+    import json as _json
+
+    home = aliashome
+    d = daemon_factory(home)
+    send(d, "s@x.org", ["joe@localhost"], b"Subject: st\r\n\r\nx\r\n")
+    assert wait_dir(os.path.join(home.joe, "Maildir", "new"), 1)
+    rc, out, err = eqmail("status", "--home", home.path)
+    assert rc in (0, 1), err
+    lines = out.splitlines()
+    assert lines[0].startswith("eqmaild 0.") and ": running, pid %d, up " % d.proc.pid in lines[0]
+    assert "listening: SMTP 127.0.0.1:%d" % d.port in out
+    assert "last hour: 1 delivered, 0 deferred, 0 failed" in out
+    assert "memory: " in out and " MB RSS in 1 process(es)" in out
+    rc, out, err = eqmail("status", "--home", home.path, "--json")
+    st = _json.loads(out)
+    assert st["running"] and st["pid"] == d.proc.pid and st["queue"]["messages"] == 0
+    assert st["tree_rss_kb"] > 1000
+    if ROOT:  # any user may ask
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            PY, "-m", "eqmail", "status", "--home", home.path, "--json"],
+                           capture_output=True, text=True, timeout=60)
+        assert _json.loads(r.stdout)["pid"] == d.proc.pid, r
+    d.stop()
+    rc, out, err = eqmail("status", "--home", home.path)
+    assert rc == 3 and out.startswith("eqmaild: not running")
