@@ -154,6 +154,12 @@ if __name__ == "__main__":
 '''
 
 
+#: The names eqmail takes through opkg's alternatives, and its priority.
+ALTERNATIVES = ("/usr/sbin/sendmail", "/usr/lib/sendmail", "/usr/bin/mailq",
+                "/usr/bin/newaliases")
+ALT_PRIORITY = 200
+
+
 def project_version(init_py: str) -> str:
     """eqmail.__version__ from eqmail/__init__.py (the one place it is kept;
     pyproject.toml reads it too)."""
@@ -263,7 +269,6 @@ def build_data(pyver: str) -> Tree:
     tree.file(site + "/cdblib/LICENSE", read(os.path.join(VENDOR, "cdblib", "LICENSE")))
     tree.file("usr/bin/eqmaild", SCRIPT.format(module="eqmail.daemon"), 0o755)
     tree.file("usr/bin/eqmail", SCRIPT.format(module="eqmail.cli"), 0o755)
-    tree.symlink("usr/sbin/sendmail", "../bin/eqmail")
     tree.file("etc/init.d/eqmaild", read(os.path.join(FILES, "eqmaild.init")), 0o755)
     tree.file("etc/config/eqmail", read(os.path.join(FILES, "eqmail.config")), 0o644)
     tree.file("lib/upgrade/keep.d/eqmail", read(os.path.join(FILES, "eqmail.keep")), 0o644)
@@ -282,6 +287,10 @@ def build_control(version: str, installed_size: int, pyver: str) -> Tree:
         ("LicenseFiles", "cdblib/LICENSE"),
         ("Section", "mail"),
         ("Require-User", REQUIRE_USER),
+        # opkg's alternatives (as msmtp-mta): another package's sendmail
+        # with a higher priority may take the names, and gives them back
+        ("Alternatives", ", ".join("%d:%s:/usr/bin/eqmail" % (ALT_PRIORITY, link)
+                                   for link in ALTERNATIVES)),
         ("Architecture", ARCH),
         ("Installed-Size", str(installed_size)),
         ("Maintainer", MAINTAINER),

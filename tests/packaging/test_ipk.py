@@ -130,6 +130,19 @@ def test_control_fields(ipk):
     assert int(f["Installed-Size"]) == len(gzip.decompress(ipk["outer"]["./data.tar.gz"][1]))
 
 
+def test_alternatives_as_msmtp_mta(ipk):
+    f = control_fields(ipk)
+    alts = [a.strip() for a in f["Alternatives"].split(",")]
+    assert alts == ["200:/usr/sbin/sendmail:/usr/bin/eqmail",
+                    "200:/usr/lib/sendmail:/usr/bin/eqmail",
+                    "200:/usr/bin/mailq:/usr/bin/eqmail",
+                    "200:/usr/bin/newaliases:/usr/bin/eqmail"]
+    with open(os.path.join(REPO, "packaging", "openwrt", "eqmail", "Makefile")) as mk:
+        text = mk.read()
+    for a in alts:
+        assert a in text, a
+
+
 def test_control_scripts(ipk):
     c = ipk["control"]
     assert c["./conffiles"][1] == b"/etc/config/eqmail\n"
@@ -175,8 +188,8 @@ def test_file_list(ipk):
         assert info.isfile() and info.mode == mode, path
     assert data["./etc/init.d/eqmaild"][1] == open(INIT, "rb").read()
     assert data["./etc/config/eqmail"][1] == open(UCI, "rb").read()
-    sendmail = data["./usr/sbin/sendmail"][0]
-    assert sendmail.issym() and sendmail.linkname == "../bin/eqmail"
+    # sendmail, mailq and newaliases come through opkg's alternatives
+    assert "./usr/sbin/sendmail" not in data
     for script, module in (("eqmaild", "eqmail.daemon"), ("eqmail", "eqmail.cli")):
         text = data["./usr/bin/" + script][1].decode()
         assert text.startswith("#!/usr/bin/python3\n") and "from %s import main" % module in text
@@ -198,13 +211,16 @@ def test_everything_root_owned_and_reproducible(ipk, dist, tmp_path):
 
 
 def test_console_scripts_of_the_package_run(ipk, tmp_path):
-    """The data tree, unpacked: /usr/bin/eqmail{,d} and the sendmail symlink
-    run with the system's Python (3.11 here, as on OpenWrt 24.10)."""
+    """The data tree, unpacked: /usr/bin/eqmail{,d} and a sendmail symlink
+    (opkg's alternative) run with the system's Python (3.11 here, as on OpenWrt 24.10)."""
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip("no %s" % SYSTEM_PYTHON)
     root = tmp_path / "root"
     with tarfile.open(fileobj=io.BytesIO(ipk["outer"]["./data.tar.gz"][1]), mode="r:gz") as t:
         t.extractall(str(root))
+    # the link opkg's alternatives make
+    (root / "usr/sbin").mkdir(parents=True, exist_ok=True)
+    (root / "usr/sbin/sendmail").symlink_to("../bin/eqmail")
     env = dict(os.environ, PYTHONPATH=str(root / SITE), PYTHONDONTWRITEBYTECODE="1")
     for argv, expect in (([str(root / "usr/bin/eqmaild"), "--help"], "usage: eqmaild"),
                          ([str(root / "usr/bin/eqmail"), "--help"], "usage: eqmail TOOL"),
@@ -235,7 +251,7 @@ def test_sdk_makefile(ipk):
     assert conffiles.split() == ["/etc/config/eqmail"]
     for needle in ("./files/eqmaild.init $(1)/etc/init.d/eqmaild",
                    "./files/eqmail.config $(1)/etc/config/eqmail",
-                   "../bin/eqmail $(1)/usr/sbin/sendmail", "./vendor/cdblib",
+                   "200:/usr/sbin/sendmail:/usr/bin/eqmail", "./vendor/cdblib",
                    "24.10"):
         assert needle in mk, needle
 
@@ -492,3 +508,34 @@ def test_zipapp_symlink_names_and_vendored_cdblib(dist, tmp_path):
                        cwd=str(tmp_path), env={k: v for k, v in os.environ.items()
                                                if k != "PYTHONPATH"})
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("shell", shells(), ids=lambda s: s[0])
+def test_init_script_mail_options(shell, tmp_path):
+    """mailname and smarthost become control/me and control/smtproutes at
+    start and at reload; without the option the file it wrote goes, an
+    admin's own file stays."""
+    home = tmp_path / "home"
+    (home / "control").mkdir(parents=True)
+    (home / "control" / "me").write_text("old.example.org\n")
+    (home / "control" / "locals").write_text("old.example.org\n")
+    uci = ("config eqmail 'main'\n\toption home '%s'\n\toption mailname 'r.example.org'\n"
+           "\toption smarthost 'smtp.example.net:587'\n\toption smarthost_login 'me'\n"
+           "\toption smarthost_password 'pw'\n" % home)
+    out = run_init(shell[1], uci, "reload_service", tmp_path=tmp_path)
+    assert "eqmail config-fast --home %s r.example.org" % home in out
+    assert "signal eqmaild * HUP" in out
+    routes = home / "control" / "smtproutes"
+    assert routes.read_text().splitlines()[1] == ":smtp.example.net:587 me pw"
+    assert routes.stat().st_mode & 0o777 == 0o640
+    assert "r.example.org" in (home / "control" / "locals").read_text().split()
+    uci = "config eqmail 'main'\n\toption home '%s'\n\toption smarthost '[2001:db8::1]'\n" % home
+    run_init(shell[1], uci, "start_service", tmp_path=tmp_path)
+    assert routes.read_text().splitlines()[1] == ":[2001:db8::1]:25"
+    run_init(shell[1], "config eqmail 'main'\n\toption home '%s'\n" % home, "start_service",
+             tmp_path=tmp_path)
+    assert not routes.exists()
+    routes.write_text(":relay.example.org\n")  # the admin's own
+    run_init(shell[1], "config eqmail 'main'\n\toption home '%s'\n" % home, "reload_service",
+             tmp_path=tmp_path)
+    assert routes.read_text() == ":relay.example.org\n"
