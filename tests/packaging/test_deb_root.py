@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -152,6 +153,20 @@ def root(deb):  # noqa: F811
         r.remove()
 
 
+def _peek(root, proc) -> bytes:
+    """What the sink printed so far (nothing once it waits: non-blocking)."""
+    import select
+
+    out = b""
+    while select.select([proc.stdout], [], [], 0)[0]:
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        out += chunk
+    root.seen = getattr(root, "seen", b"") + out
+    return root.seen
+
+
 def _daemon(root):
     try:
         pid = int(root.read("/run/eqmaild.pid").decode().strip())
@@ -227,6 +242,25 @@ def test_the_package_in_a_clean_debian_root(root, deb):  # noqa: F811
     assert root.wait(lambda: _daemon(root)), "eqmaild did not come back"
     rc, out = root.run("sendmail -bv someone@example.net")
     assert "relay 127.0.0.1:2526 (control/smtproutes)" in out
+    # and mail for the world goes through that smarthost (a real SMTP
+    # server in the namespace: aiosmtpd's, printing what it receives)
+    sink = subprocess.Popen(["ip", "netns", "exec", root.ns, sys.executable, "-m", "aiosmtpd",
+                             "-n", "-l", "127.0.0.1:2526"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        time.sleep(1.5)
+        root.run("printf 'Subject: out\\n\\nvia the smarthost\\n' | sendmail far@example.net")
+        assert root.wait(lambda: b"MESSAGE FOLLOWS" in _peek(root, sink) or False, 30) or \
+            b"via the smarthost" in root.run("eqmail queue list")[1].encode(), "not relayed"
+    finally:
+        sink.kill()
+        got = getattr(root, "seen", b"") + sink.communicate(timeout=10)[0]
+    assert b"via the smarthost" in got and b"Subject: out" in got, got[-2000:]
+    # an internet site: every address (no control/listen), still serving
+    root.run("echo 'eqmail eqmail/mode select internet site' | debconf-set-selections && "
+             "dpkg-reconfigure -fnoninteractive eqmail", timeout=300)
+    assert not os.path.exists(root.file(control + "listen"))
+    assert root.wait(lambda: _daemon(root)), "eqmaild did not come back"
 
     # purge: no daemon left, the users' mail kept, newaliases' cdb gone
     root.run(" ".join(APT) + " purge eqmail", timeout=600)
