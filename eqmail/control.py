@@ -54,6 +54,10 @@ CONTROL FILES (default when missing)
     directlocal         1: local mail that only writes files is delivered
                         during DATA (eqmail.delivery.direct); 0: through
                         the queue, as qmail does (eqmail's)
+    timeoutstress       10 seconds: while the sessions are at STRESS_SHARE of
+                        concurrencyincoming or more, a session waits this
+                        long for the client at most (Postfix's stress
+                        mode); 0: off (eqmail's)
     aliases             /etc/aliases: the sendmail-style aliases file whose
                         compiled ``.cdb`` (eqmail newaliases) the alias user's
                         deliveries follow (eqmail.delivery.aliases; eqmail's)
@@ -237,6 +241,11 @@ def parse_smtprule(path: str, lineno: int, text: str) -> ClientRule:
     return ClientRule(pattern, action == "allow", tuple(env), net)
 
 
+#: The share of concurrencyincoming from which the sessions are in stress
+#: mode (see timeoutstress).
+STRESS_SHARE = 0.8
+
+
 @dataclass(frozen=True)
 class Config:
     """One consistent snapshot of the control files.  Domains are lower case."""
@@ -281,6 +290,7 @@ class Config:
     tlsserverciphers: str = ""
     timeoutplugins: int = 60
     directlocal: bool = True
+    timeoutstress: int = 10
     aliases: str = "/etc/aliases"
     mailspool: str = ""
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -567,6 +577,7 @@ def load(home: str) -> Config:
         tlsserverciphers=server_ciphers,
         timeoutplugins=timeoutplugins,
         directlocal=read_int(c("directlocal"), 1) != 0,
+        timeoutstress=max(0, read_int(c("timeoutstress"), 10)),
         aliases=aliases,
         mailspool=mailspool,
         _virtual_map=vmap,

@@ -169,7 +169,8 @@ def fit_session_pool(pool, config) -> None:
 
 def serve_connection(config, store, sock, kind: str, env: Dict[str, str],
                      stopping: Callable[[], bool], checkpassword,
-                     direct: bool = False) -> None:
+                     direct: bool = False,
+                     stressed: Optional[Callable[[], bool]] = None) -> None:
     """Run one SMTP session on the accepted socket `sock` (gevent socket).
 
     `kind` is the listener ("smtp", "submission" or "smtps": TLS first);
@@ -206,11 +207,17 @@ def serve_connection(config, store, sock, kind: str, env: Dict[str, str],
             conn["sock"] = ctx.wrap_socket(conn["sock"], server_side=True)
             return conn["sock"].recv, _sender(conn["sock"]), tls.cipher_name(conn["sock"])
 
-        Session(config, store, conn["sock"].recv, _sender(conn["sock"]), env,
-                stopping=stopping,
-                starttls=starttls if ctx is not None and kind != "smtps" else None,
-                tls_cipher=cipher, checkpassword=checkpassword,
-                submission=kind == "submission", direct=direct).run()
+        session = Session(config, store, conn["sock"].recv, _sender(conn["sock"]), env,
+                          stopping=stopping,
+                          starttls=starttls if ctx is not None and kind != "smtps" else None,
+                          tls_cipher=cipher, checkpassword=checkpassword,
+                          submission=kind == "submission", direct=direct,
+                          stressed=stressed)
+        _live.add(session)
+        try:
+            session.run()
+        finally:
+            _live.discard(session)
     except OSError:
         pass
     finally:
@@ -248,6 +255,10 @@ def serve_client(holder, store, table, owner: int, sock, addr, kind: str,
             say(sock, reply.TOO_MANY_CONNECTIONS)
             return
         _quiet.note(total)
+        from .control import STRESS_SHARE
+
+        threshold = max(1, int(config.concurrencyincoming * STRESS_SHARE))
+        _stress_onset(total, threshold, config)
         try:
             if started is not None:
                 started()
@@ -260,14 +271,40 @@ def serve_client(holder, store, table, owner: int, sock, addr, kind: str,
                 env["QMAILQUEUE"] = os.environ["QMAILQUEUE"]
             env.update(rule.env if rule is not None else ())
             serve_connection(config, store, sock, kind, env, stopping, checkpassword,
-                             direct)
+                             direct, lambda: table.total() >= threshold)
         finally:
             table.leave(owner, ip)
             _quiet.left(table)
+            if _stress["on"]:
+                _stress_onset(table.total(), threshold, config)
     except OSError:
         pass
     finally:
         sock.close()
+
+
+#: The SMTP sessions of this process (bounded by concurrencyincoming).
+_live: set = set()
+_stress = {"on": False}
+
+
+def _stress_onset(total: int, threshold: int, config) -> None:
+    """Load-adaptive limits (Postfix's stress mode): when the sessions reach
+    `threshold` (control.STRESS_SHARE of concurrencyincoming), every session
+    of this process that waits for its client waits at most
+    control/timeoutstress seconds more, and later reads as long as the load
+    stays; so idle connections cannot lock real clients out for
+    timeoutsmtpd.  Logged once each time it begins and ends."""
+    if total >= threshold:
+        if not _stress["on"] and config.timeoutstress:
+            _stress["on"] = True
+            log.line("smtpd: stress: %d sessions of %d: clients get at most %d s a read"
+                     % (total, config.concurrencyincoming, config.timeoutstress))
+            for session in list(_live):
+                session.squeeze()
+    elif _stress["on"] and total < threshold // 2:
+        _stress["on"] = False
+        log.line("smtpd: stress over: %d sessions" % total)
 
 
 class _AfterBurst:

@@ -197,7 +197,8 @@ class Session:
                  starttls: Optional[Callable[[], tuple]] = None,
                  tls_cipher: Optional[str] = None,
                  checkpassword: Optional[Sequence[str]] = None,
-                 submission: bool = False, direct: bool = False):
+                 submission: bool = False, direct: bool = False,
+                 stressed: Optional[Callable[[], bool]] = None):
         self.env: Dict[str, str] = dict(env or {})
         env = self.env
         self.config = config
@@ -216,6 +217,14 @@ class Session:
         if databytes is not None:  # else control/databytes (qmail: scan_ulong)
             self.databytes = databytes
         self.timeout = config.timeoutsmtpd
+        #: load-adaptive limits (Postfix's stress mode): while `stressed()`
+        #: (the sessions near concurrencyincoming), a read waits at most
+        #: control/timeoutstress seconds
+        self.stressed = stressed
+        self.stress_timeout = getattr(config, "timeoutstress", 0)
+        self._waiting = False
+        self._reads = 0
+        self._greenlet = None
         self.greeting = config.smtpgreeting
         self.starttls = starttls          # None: STARTTLS not offered
         self.tls_cipher = tls_cipher      # set once TLS is on
@@ -278,23 +287,53 @@ class Session:
             except (ConnectionError, OSError) as e:
                 raise Disconnect(str(e))
 
+    def _read_timeout(self) -> int:
+        if self.stress_timeout and self.stressed is not None and self.stressed():
+            return min(self.timeout, self.stress_timeout)
+        return self.timeout
+
     def _read(self, limit: int) -> bytes:
         if not self.reader.has_line():
             self.flush()
             # one timer per session, started and cancelled around each read
+            # (a new one only when the timeout changes: stress mode)
+            seconds = self._read_timeout()
             timer = self._timer
-            if timer is None:
-                timer = self._timer = gevent.Timeout(self.timeout)
+            if timer is None or timer.seconds != seconds:
+                timer = self._timer = gevent.Timeout(seconds)
             timer.start()
+            self._waiting = True
+            self._reads += 1
+            self._greenlet = gevent.getcurrent()
             try:
                 return self.reader.readline(limit)
             except gevent.Timeout as t:
-                if t is not timer:
+                if t is not self._timer:
                     raise
                 raise TimeoutError()
             finally:
-                timer.cancel()
+                self._waiting = False
+                self._timer.cancel()
         return self.reader.readline(limit)  # a whole line is buffered: no wait
+
+    def squeeze(self) -> None:
+        """Stress mode has begun: a session waiting for the client now waits
+        at most control/timeoutstress seconds more (called by
+        eqmail.workers for every session of this process, from another
+        greenlet)."""
+        if not self._waiting or not self.stress_timeout or self._timer is None \
+                or self._timer.seconds <= self.stress_timeout:
+            return
+        gevent.spawn_later(self.stress_timeout, self._expire, self._reads)
+
+    def _expire(self, reads: int) -> None:
+        """The squeezed wait is over: end it as its own timer would."""
+        if self._waiting and self._reads == reads and self._greenlet is not None:
+            g = self._greenlet
+            if hasattr(g, "kill"):  # a gevent Greenlet (the server's)
+                g.kill(self._timer, block=False)
+            else:
+                gevent.kill(g, self._timer)
 
     def _log(self, event: str) -> None:
         log.smtpd(event, self.mailfrom, self.remote_ip, self.last_rcpt, self.helo_host)

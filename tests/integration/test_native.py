@@ -390,3 +390,46 @@ def test_eqmail_status_for_any_user(aliashome, daemon_factory):
     d.stop()
     rc, out, err = eqmail("status", "--home", home.path)
     assert rc == 3 and out.startswith("eqmaild: not running")
+
+
+def test_stress_mode_frees_sessions_held_by_idle_clients(aliashome, daemon_factory):
+    """Issue 21 item 7: 9 idle connections of concurrencyincoming 10 put
+    eqmaild in stress mode: each idle one is closed after timeoutstress
+    (2 s here), not timeoutsmtpd (1200 s), and a real client gets through."""
+    import socket
+
+    home = aliashome
+    home.write("concurrencyincoming", "10\n")
+    home.write("concurrencyperip", "10\n")
+    home.write("timeoutstress", "2\n")
+    d = daemon_factory(home)
+    idle = []
+    for _ in range(7):  # below 8 (80 %): no stress yet
+        s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+        assert s.recv(200).startswith(b"220 ")
+        idle.append(s)
+    time.sleep(3)
+    for s in idle:  # still open: timeoutsmtpd applies
+        s.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            s.recv(200)
+        s.setblocking(True)
+    t0 = time.time()
+    late = socket.create_connection(("127.0.0.1", d.port), timeout=10)  # the 8th
+    assert late.recv(200).startswith(b"220 ")
+    idle.append(late)
+    for s in idle:
+        s.settimeout(10)
+        try:
+            got = s.recv(200)
+        except socket.timeout:
+            raise AssertionError("an idle session stayed open:\n" + d.log())
+        assert got.startswith(b"451 timeout") or got == b"", got
+    took = time.time() - t0
+    assert took < 6, took
+    assert "smtpd: stress: 8 sessions of 10" in d.log()
+    # a real client now
+    send(d, "s@x.org", ["joe@localhost"], b"Subject: after\r\n\r\nx\r\n")
+    assert wait_dir(os.path.join(home.joe, "Maildir", "new"), 1)
+    for s in idle:
+        s.close()
