@@ -58,6 +58,15 @@ CONTROL FILES (default when missing)
                         concurrencyincoming or more, a session waits this
                         long for the client at most (Postfix's stress
                         mode); 0: off (eqmail's)
+    greetdelay          0 seconds: wait this long before the greeting; a
+                        client that talks first is refused (554) and
+                        dropped (postscreen's pregreet test; GREETDELAY in
+                        smtprules wins; eqmail's)
+    strictpipelining    0; 1: a client that sends a command behind another
+                        without PIPELINING (before EHLO, or after HELO) is
+                        refused (554) and dropped (STRICTPIPELINING; eqmail's)
+    tarpitdelay         0 seconds slept before each refused RCPT (TARPITDELAY;
+                        eqmail's)
     aliases             /etc/aliases: the sendmail-style aliases file whose
                         compiled ``.cdb`` (eqmail newaliases) the alias user's
                         deliveries follow (eqmail.delivery.aliases; eqmail's)
@@ -291,6 +300,9 @@ class Config:
     timeoutplugins: int = 60
     directlocal: bool = True
     timeoutstress: int = 10
+    greetdelay: int = 0
+    strictpipelining: bool = False
+    tarpitdelay: int = 0
     aliases: str = "/etc/aliases"
     mailspool: str = ""
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -578,6 +590,9 @@ def load(home: str) -> Config:
         timeoutplugins=timeoutplugins,
         directlocal=read_int(c("directlocal"), 1) != 0,
         timeoutstress=max(0, read_int(c("timeoutstress"), 10)),
+        greetdelay=max(0, read_int(c("greetdelay"), 0)),
+        strictpipelining=read_int(c("strictpipelining"), 0) != 0,
+        tarpitdelay=max(0, read_int(c("tarpitdelay"), 0)),
         aliases=aliases,
         mailspool=mailspool,
         _virtual_map=vmap,

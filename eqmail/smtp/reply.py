@@ -71,6 +71,10 @@ HELP = R(214, "2.0.0", "eqmail: see RFC 5321; commands HELO EHLO MAIL RCPT DATA 
 GO_AHEAD = R(354, None, "go ahead")
 # 4xx
 TIMEOUT = R(451, "4.4.2", "timeout (#4.4.2)", close=True)
+EARLY_TALKER = R(554, None, "SMTP protocol violation: talked before the greeting (#5.5.0)",
+                 close=True)
+UNAUTH_PIPELINING = R(554, "5.5.0", "SMTP protocol violation: pipelining without "
+                      "PIPELINING (#5.5.0)", close=True)
 BARE_LF = R(451, "4.6.0", "See http://pobox.com/~djb/docs/smtplf.html.", close=True)
 QQT_FAILURE = R(451, "4.3.0", "qqt failure (#4.3.0)")
 TOO_MANY_RCPT = R(452, "4.5.3", "too many recipients (#4.5.3)")

@@ -225,6 +225,9 @@ class Session:
         self._waiting = False
         self._reads = 0
         self._greenlet = None
+        self.strict_pipelining = bool(self._setting("STRICTPIPELINING",
+                                                    int(config.strictpipelining)))
+        self.tarpit = self._setting("TARPITDELAY", config.tarpitdelay)
         self.greeting = config.smtpgreeting
         self.starttls = starttls          # None: STARTTLS not offered
         self.tls_cipher = tls_cipher      # set once TLS is on
@@ -366,6 +369,9 @@ class Session:
                         self.send(reply.TIMEOUT)
                         break
                     r = self._error(reply.LINE_TOO_LONG)
+                elif self.strict_pipelining and not self.esmtp and self.reader.has_line():
+                    log.line("smtpd: %s pipelined without PIPELINING" % self.remote_ip)
+                    r = reply.UNAUTH_PIPELINING
                 else:
                     r = self.dispatch(line)
                 if r is not None:
@@ -398,12 +404,39 @@ class Session:
             log.alert("smtpd: unable to read control/smtpplugins: %s" % e)
             self.send(reply.SPP_UNREADABLE)
             return False
+        delay = self._setting("GREETDELAY", self.config.greetdelay)
+        if delay > 0 and self._talks_within(delay):
+            log.line("smtpd: early talker %s: sent before the greeting (greetdelay %d s)"
+                     % (self.remote_ip, delay))
+            self.send(reply.EARLY_TALKER)
+            return False
         refusal = self._spp_refusal(self._spp("connection"))
         if refusal is None:
             self.send(reply.greeting(self.greeting))
             return True
         self.send(refusal)  # an E text replaces the greeting, the session goes on
         return not refusal.close
+
+    def _setting(self, name: str, default: int) -> int:
+        """A number from the session's environment (smtprules), else `default`."""
+        value = self.env.get(name)
+        if value is None:
+            return default
+        value = value.strip()
+        return int(value) if value.isdigit() else (1 if value and value != "0" else 0)
+
+    def _talks_within(self, seconds: float) -> bool:
+        """Whether the client sends anything (or hangs up) within `seconds`
+        before it was greeted; what it sent stays unread."""
+        try:
+            with gevent.Timeout(seconds, False):
+                data = self.reader._recv(self.reader._bufsize)
+                if data:
+                    self.reader.unread(data)
+                return True
+        except (ConnectionError, OSError):
+            return True
+        return False
 
     # -- qmail-spp ------------------------------------------------------------------
 
@@ -479,6 +512,8 @@ class Session:
                 return reply.UNRECOGNISED.closing()
             return self._error(reply.UNRECOGNISED)
         r = handler(arg)
+        if r is not None and r.code >= 400 and verb == "RCPT" and self.tarpit:
+            gevent.sleep(min(self.tarpit, self.timeout))  # a tarpit for bad recipients
         if r is not None and r.code >= 500:
             return self._error(r)
         return r

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, wait_log
 from test_local_delivery import (assign_line, head_lines, maildirmake, put, read_dir, results, send,
                                  user_home, wait_dir, wait_empty_queue, wait_result,
                                  write_assign)
@@ -433,3 +433,77 @@ def test_stress_mode_frees_sessions_held_by_idle_clients(aliashome, daemon_facto
     assert wait_dir(os.path.join(home.joe, "Maildir", "new"), 1)
     for s in idle:
         s.close()
+
+
+def _talk(port, data, wait_first=0.0, timeout=10):
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        if wait_first:
+            time.sleep(wait_first)
+        if data:
+            s.sendall(data)
+        out = b""
+        while True:
+            try:
+                got = s.recv(4096)
+            except socket.timeout:
+                break
+            if not got:
+                break
+            out += got
+            if b"221 " in out or out.count(b"\r\n") > 20:
+                break
+        return out
+    finally:
+        s.close()
+
+
+def test_early_talkers_are_refused_and_patient_clients_greeted(aliashome, daemon_factory):
+    """Issue 21 item 6: greetdelay (postscreen's pregreet test)."""
+    home = aliashome
+    home.write("greetdelay", "1\n")
+    d = daemon_factory(home)
+    out = _talk(d.port, b"EHLO fast.example\r\n")
+    assert out.startswith(b"554 SMTP protocol violation: talked before the greeting"), out
+    assert b"220 " not in out
+    assert wait_log(d, "smtpd: early talker 127.0.0.1")
+    t0 = time.time()
+    out = _talk(d.port, b"QUIT\r\n", wait_first=1.5)
+    assert out.startswith(b"220 ") and b"221 " in out, out
+    assert time.time() - t0 >= 1.0
+    # smtprules may turn it off for a client (GREETDELAY="0")
+    home.write("smtprules", '127.0.0.1:allow,GREETDELAY="0"\n')
+    d.signal(__import__("signal").SIGHUP)
+    assert wait_log(d, "control files reloaded")
+    out = _talk(d.port, b"QUIT\r\n")
+    assert out.startswith(b"220 "), out
+
+
+def test_strict_pipelining_and_the_tarpit(aliashome, daemon_factory):
+    """Issue 21 item 6: commands sent behind HELO without PIPELINING are
+    refused; EHLO clients may pipeline; a refused RCPT waits tarpitdelay."""
+    home = aliashome
+    home.write("strictpipelining", "1\n")
+    home.write("tarpitdelay", "1\n")
+    d = daemon_factory(home)
+    out = _talk(d.port, b"HELO a.example\r\nMAIL FROM:<a@b.example>\r\n", wait_first=0.3)
+    assert b"554 SMTP protocol violation: pipelining without PIPELINING" in out, out
+    assert b"250 " not in out.split(b"\r\n", 1)[1], out
+    assert wait_log(d, "smtpd: 127.0.0.1 pipelined without PIPELINING")
+    # EHLO, then a pipelined transaction: fine
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=20) as s:
+        s.ehlo("b.example")
+        assert s.does_esmtp and "pipelining" in s.esmtp_features
+        t0 = time.time()
+        code, _ = s.docmd("RCPT TO:<someone@elsewhere.example>")  # before MAIL: 503
+        code, _ = s.docmd("MAIL FROM:<a@b.example>")
+        assert code == 250
+        t0 = time.time()
+        code, _ = s.docmd("RCPT TO:<someone@elsewhere.example>")
+        assert code == 553 and time.time() - t0 >= 1.0  # the tarpit
+        t0 = time.time()
+        code, _ = s.docmd("RCPT TO:<joe@localhost>")
+        assert code == 250 and time.time() - t0 < 1.0
