@@ -67,6 +67,9 @@ CONTROL FILES (default when missing)
                         refused (554) and dropped (STRICTPIPELINING; eqmail's)
     tarpitdelay         0 seconds slept before each refused RCPT (TARPITDELAY;
                         eqmail's)
+    rbls, rblthreshold, rblwhen, rbltemporary
+                        none, 1, connect, 0: DNS blocklists (see
+                        eqmail.smtp.dnsbl; eqmail's)
     aliases             /etc/aliases: the sendmail-style aliases file whose
                         compiled ``.cdb`` (eqmail newaliases) the alias user's
                         deliveries follow (eqmail.delivery.aliases; eqmail's)
@@ -303,6 +306,10 @@ class Config:
     greetdelay: int = 0
     strictpipelining: bool = False
     tarpitdelay: int = 0
+    rbls: Tuple[Tuple[str, int, bool], ...] = ()
+    rblthreshold: int = 1
+    rblwhen: str = "connect"
+    rbltemporary: bool = False
     aliases: str = "/etc/aliases"
     mailspool: str = ""
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -543,6 +550,19 @@ def load(home: str) -> Config:
     for name, value in (("aliases", aliases), ("mailspool", mailspool)):
         if value and (not value.startswith("/") or _bad_chars(value)):
             raise ConfigError(c(name), 1, "expected an absolute path, got %r" % value)
+    rbls = []
+    for n, text in read_list(c("rbls")) or []:
+        words = text.split()
+        zone = words[0]
+        allow = zone.startswith("+")
+        zone = zone.lstrip("+").strip(".").lower()
+        if not zone or len(words) > 2 or any(ch in zone for ch in "/:@ ") or \
+                (len(words) == 2 and not words[1].isdigit()):
+            raise ConfigError(c("rbls"), n, "expected ZONE [WEIGHT] or +ZONE, got %r" % text)
+        rbls.append((zone, int(words[1]) if len(words) == 2 else 1, allow))
+    rblwhen = (read_line(c("rblwhen"), None) or "connect").strip().lower()
+    if rblwhen not in ("connect", "mail"):
+        raise ConfigError(c("rblwhen"), 1, "expected connect or mail, got %r" % rblwhen)
     break_char = read_line(c("conf-break"), "+")
     if len(break_char) != 1 or break_char.isalnum() or break_char in "@.:/":
         raise ConfigError(c("conf-break"), 1, "expected one delimiter character such "
@@ -593,6 +613,10 @@ def load(home: str) -> Config:
         greetdelay=max(0, read_int(c("greetdelay"), 0)),
         strictpipelining=read_int(c("strictpipelining"), 0) != 0,
         tarpitdelay=max(0, read_int(c("tarpitdelay"), 0)),
+        rbls=tuple(rbls),
+        rblthreshold=max(1, read_int(c("rblthreshold"), 1)),
+        rblwhen=rblwhen,
+        rbltemporary=read_int(c("rbltemporary"), 0) != 0,
         aliases=aliases,
         mailspool=mailspool,
         _virtual_map=vmap,

@@ -71,6 +71,14 @@ HELP = R(214, "2.0.0", "eqmail: see RFC 5321; commands HELO EHLO MAIL RCPT DATA 
 GO_AHEAD = R(354, None, "go ahead")
 # 4xx
 TIMEOUT = R(451, "4.4.2", "timeout (#4.4.2)", close=True)
+def rbl(text: str, permanent: bool, at_mail: bool) -> Reply:
+    """A DNS blocklist's refusal (rblsmtpd's RBLSMTPD text): at the
+    connection 554 or 421 and hang up, at MAIL 553 or 451."""
+    if at_mail:
+        return R(553, "5.7.1", text) if permanent else R(451, "4.7.1", text)
+    return R(554, None, text, close=True) if permanent else R(421, None, text, close=True)
+
+
 EARLY_TALKER = R(554, None, "SMTP protocol violation: talked before the greeting (#5.5.0)",
                  close=True)
 UNAUTH_PIPELINING = R(554, "5.5.0", "SMTP protocol violation: pipelining without "

@@ -410,12 +410,37 @@ class Session:
                      % (self.remote_ip, delay))
             self.send(reply.EARLY_TALKER)
             return False
+        if self.config.rblwhen == "connect":
+            refusal = self._rbl(at_mail=False)
+            if refusal is not None:
+                self.send(refusal)
+                return False
         refusal = self._spp_refusal(self._spp("connection"))
         if refusal is None:
             self.send(reply.greeting(self.greeting))
             return True
         self.send(refusal)  # an E text replaces the greeting, the session goes on
         return not refusal.close
+
+    def _rbl(self, at_mail: bool) -> Optional[Reply]:
+        """rblsmtpd's check (eqmail.smtp.dnsbl): RBLSMTPD from the rules,
+        else the look-ups (once a session); the refusal, or None.  A
+        RELAYCLIENT or authenticated session is never refused."""
+        if self.relayclient is not None or self.auth_user is not None:
+            return None
+        text = self.env.get("RBLSMTPD")
+        if text is None:
+            if not self.config.rbls:
+                return None
+            from . import dnsbl
+
+            text = self.env["RBLSMTPD"] = dnsbl.verdict(self.config, self.remote_ip)
+        if not text:
+            return None
+        permanent = text.startswith("-")
+        shown = (text[1:] if permanent else text) or "your address is not welcome here"
+        log.line("smtpd: %s refused by DNS blocklist: %s" % (self.remote_ip, log.clean(shown)))
+        return reply.rbl(shown, permanent, at_mail)
 
     def _setting(self, name: str, default: int) -> int:
         """A number from the session's environment (smtprules), else `default`."""
@@ -708,6 +733,10 @@ class Session:
             return refusal
         if "mail" in self.later:  # LM: every MAIL until RSET (qmail-spp)
             return reply.raw(self.later["mail"])
+        if self.config.rblwhen == "mail":
+            refusal = self._rbl(at_mail=True)
+            if refusal is not None:
+                return refusal
         # AUTH=<...> is ignored: eQmail let unauthenticated clients put any
         # identity into the Received line with it.
         override = False
