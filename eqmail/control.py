@@ -70,6 +70,8 @@ CONTROL FILES (default when missing)
     rbls, rblthreshold, rblwhen, rbltemporary
                         none, 1, connect, 0: DNS blocklists (see
                         eqmail.smtp.dnsbl; eqmail's)
+    spfbehavior         0: SPF off; 1-6 qmail-spf's levels (see
+                        eqmail.smtp.spfcheck; SPFBEHAVIOR in smtprules)
     aliases             /etc/aliases: the sendmail-style aliases file whose
                         compiled ``.cdb`` (eqmail newaliases) the alias user's
                         deliveries follow (eqmail.delivery.aliases; eqmail's)
@@ -310,6 +312,7 @@ class Config:
     rblthreshold: int = 1
     rblwhen: str = "connect"
     rbltemporary: bool = False
+    spfbehavior: int = 0
     aliases: str = "/etc/aliases"
     mailspool: str = ""
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -617,6 +620,7 @@ def load(home: str) -> Config:
         rblthreshold=max(1, read_int(c("rblthreshold"), 1)),
         rblwhen=rblwhen,
         rbltemporary=read_int(c("rbltemporary"), 0) != 0,
+        spfbehavior=min(6, max(0, read_int(c("spfbehavior"), 0))),
         aliases=aliases,
         mailspool=mailspool,
         _virtual_map=vmap,

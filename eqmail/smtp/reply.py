@@ -79,6 +79,14 @@ def rbl(text: str, permanent: bool, at_mail: bool) -> Reply:
     return R(554, None, text, close=True) if permanent else R(421, None, text, close=True)
 
 
+def spf(result: str, explanation: str) -> Reply:
+    """A refusal for an SPF result (RFC 7208 section 8; RFC 7372's 5.7.23)."""
+    if result == "temperror":
+        return R(451, "4.4.3", "SPF: temporary error evaluating the sender's domain, "
+                 "try again later (#4.4.3)")
+    return R(550, "5.7.23", "SPF %s: %s (#5.7.1)" % (result, explanation or "not permitted"))
+
+
 EARLY_TALKER = R(554, None, "SMTP protocol violation: talked before the greeting (#5.5.0)",
                  close=True)
 UNAUTH_PIPELINING = R(554, "5.5.0", "SMTP protocol violation: pipelining without "

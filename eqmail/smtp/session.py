@@ -270,6 +270,7 @@ class Session:
         self.later = {}
 
     def _new_transaction(self) -> None:
+        self.spf_header: Optional[str] = None
         self.mailfrom: Optional[str] = None
         self.bad_mail = False
         self.rcpts: list = []
@@ -441,6 +442,30 @@ class Session:
         shown = (text[1:] if permanent else text) or "your address is not welcome here"
         log.line("smtpd: %s refused by DNS blocklist: %s" % (self.remote_ip, log.clean(shown)))
         return reply.rbl(shown, permanent, at_mail)
+
+    _spf_missing_told = False
+
+    def _spf(self, level: int, sender: str) -> Optional[Reply]:
+        """SPF for MAIL FROM (eqmail.smtp.spfcheck, in the threadpool): sets
+        SPFRESULT and the Received-SPF field; the refusal `level` calls
+        for, or None."""
+        from ..threads import run
+        from . import spfcheck
+
+        try:
+            v = run(spfcheck.check, self.config, self.remote_ip, sender, self.helo_host)
+        except spfcheck.Unavailable as e:
+            if not Session._spf_missing_told:
+                Session._spf_missing_told = True
+                log.alert("smtpd: %s; mail is not checked" % e)
+            return None
+        self.env["SPFRESULT"] = v.result
+        self.spf_header = "Received-SPF: " + v.header
+        if spfcheck.refuses(level, v.result):
+            log.line("smtpd: spf %s: %s from %s refused (spfbehavior %d)"
+                     % (v.result, log.clean(sender), self.remote_ip, level))
+            return reply.spf(v.result, v.explanation)
+        return None
 
     def _setting(self, name: str, default: int) -> int:
         """A number from the session's environment (smtprules), else `default`."""
@@ -737,6 +762,11 @@ class Session:
             refusal = self._rbl(at_mail=True)
             if refusal is not None:
                 return refusal
+        level = self._setting("SPFBEHAVIOR", self.config.spfbehavior)
+        if level > 0 and self.relayclient is None and self.auth_user is None:
+            refusal = self._spf(level, sender)
+            if refusal is not None:
+                return refusal
         # AUTH=<...> is ignored: eQmail let unauthenticated clients put any
         # identity into the Received line with it.
         override = False
@@ -864,6 +894,8 @@ class Session:
         ends, so that a 4 KB body costs a few calls rather than one per line.
         """
         self.send(reply.GO_AHEAD)
+        if self.spf_header:  # above our Received line (RFC 7208 section 9.1)
+            draft.write(self.spf_header.encode("utf-8", "replace") + b"\n")
         draft.write(received_line(self.remote_host, self.helo_host, self.remoteinfo,
                                   self.remote_ip, self.local_host, self.proto()))
         for header in self.spp_headers:  # plugins' H lines, under Received
