@@ -70,6 +70,9 @@ CONTROL FILES (default when missing)
     rbls, rblthreshold, rblwhen, rbltemporary
                         none, 1, connect, 0: DNS blocklists (see
                         eqmail.smtp.dnsbl; eqmail's)
+    greydelay, greywindow, greylifetime, greyallow
+                        0 (off), 2 days, 35 days, none: greylisting (see
+                        eqmail.smtp.greylist; GREYLIST=0 in smtprules)
     spfbehavior         0: SPF off; 1-6 qmail-spf's levels (see
                         eqmail.smtp.spfcheck; SPFBEHAVIOR in smtprules)
     aliases             /etc/aliases: the sendmail-style aliases file whose
@@ -313,6 +316,10 @@ class Config:
     rblwhen: str = "connect"
     rbltemporary: bool = False
     spfbehavior: int = 0
+    greydelay: int = 0
+    greywindow: int = 172800
+    greylifetime: int = 3024000
+    greyallow: Tuple[str, ...] = ()
     aliases: str = "/etc/aliases"
     mailspool: str = ""
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -621,6 +628,10 @@ def load(home: str) -> Config:
         rblwhen=rblwhen,
         rbltemporary=read_int(c("rbltemporary"), 0) != 0,
         spfbehavior=min(6, max(0, read_int(c("spfbehavior"), 0))),
+        greydelay=max(0, read_int(c("greydelay"), 0)),
+        greywindow=max(60, read_int(c("greywindow"), 172800)),
+        greylifetime=max(3600, read_int(c("greylifetime"), 3024000)),
+        greyallow=tuple(text.strip().lower() for _, text in (read_list(c("greyallow")) or [])),
         aliases=aliases,
         mailspool=mailspool,
         _virtual_map=vmap,

@@ -87,6 +87,11 @@ def spf(result: str, explanation: str) -> Reply:
     return R(550, "5.7.23", "SPF %s: %s (#5.7.1)" % (result, explanation or "not permitted"))
 
 
+def greylisted(seconds: int) -> Reply:
+    """Greylisting's try-again (RFC 6647 section 2.1)."""
+    return R(451, "4.7.1", "greylisted, please try again in %d seconds (#4.7.1)" % seconds)
+
+
 EARLY_TALKER = R(554, None, "SMTP protocol violation: talked before the greeting (#5.5.0)",
                  close=True)
 UNAUTH_PIPELINING = R(554, "5.5.0", "SMTP protocol violation: pipelining without "

@@ -821,8 +821,32 @@ class Session:
                                           self.relayclient, self.local_ip)
         if refusal is not None:
             return refusal
+        if self.config.greydelay > 0:
+            refusal = self._greylist(rcpt)
+            if refusal is not None:
+                return refusal
         self.rcpts.append(rcpt)
         return reply.OK_RCPT
+
+    def _greylist(self, rcpt: str) -> Optional[Reply]:
+        """Greylisting (eqmail.smtp.greylist, in the threadpool): 451 for a
+        triplet not yet seen long enough, else None.  Trusted sessions,
+        SPF passes, GREYLIST=0 and control/greyallow are let by."""
+        if self.relayclient is not None or self.auth_user is not None or \
+                self.env.get("SPFRESULT") == "pass" or self.env.get("GREYLIST") == "0":
+            return None
+        from ..threads import run
+        from . import greylist
+
+        sender = self.mailfrom or ""
+        if greylist.allowed(self.config, self.remote_ip, sender):
+            return None
+        wait = run(greylist.check, self.config, self.remote_ip, sender, rcpt)
+        if wait is None:
+            return None
+        log.line("smtpd: greylisted %s from %s to %s for %d s"
+                 % (log.clean(sender), self.remote_ip, log.clean(rcpt), wait))
+        return reply.greylisted(wait)
 
     def smtp_DATA(self, arg: str) -> Optional[Reply]:
         if self.mailfrom is None:

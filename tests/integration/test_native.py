@@ -507,3 +507,49 @@ def test_strict_pipelining_and_the_tarpit(aliashome, daemon_factory):
         t0 = time.time()
         code, _ = s.docmd("RCPT TO:<joe@localhost>")
         assert code == 250 and time.time() - t0 < 1.0
+
+
+def test_greylisting_with_a_real_retrying_mta(home, daemon_factory):
+    """Issue 21 item 5: eqmaild A relays to eqmaild B, which greylists
+    (greydelay 2 s): A's first try gets 451, A retries (a flush, as its
+    own schedule would later), and B takes the message; a known triplet
+    passes at once, and a restart of B keeps what it learnt."""
+    from helpers import Home
+
+    b_home = home
+    b_home.setup(greydelay="2\n", rcpthosts=("mx.example.org",))
+    b = daemon_factory(b_home)
+    a_home = Home()
+    try:
+        a_home.setup(me="a.example.org", locals_=("a.example.org",),
+                     smtproutes="mx.example.org:[127.0.0.1]:%d\n" % b.port)
+        a = daemon_factory(a_home)
+
+        def inject(subject):
+            rc, out, err = eqmail("inject", "--home", a_home.path, "-f", "s@a.example.org",
+                                  "postmaster@mx.example.org",
+                                  stdin=b"Subject: %s\n\nhi\n" % subject.encode())
+            assert rc == 0, err
+
+        inject("first")
+        assert wait_log(a, "greylisted, please try again in"), a.log() + b.log()
+        assert wait_log(b, "smtpd: greylisted s@a.example.org from 127.0.0.1 to "
+                           "postmaster@mx.example.org")
+        assert b_home.messages() == []
+        time.sleep(2.2)
+        assert eqmail("flush", "--home", a_home.path)[0] == 0
+        got = b_home.wait_messages(1, timeout=20)
+        assert len(got) == 1 and b"Subject: first" in got[0], a.log()
+        # known now: the next message passes at once, after B restarts too
+        greylisted = b.log().count("smtpd: greylisted")
+        b.stop()
+        b.start()
+        a_home.write("smtproutes", "mx.example.org:[127.0.0.1]:%d\n" % b.port)
+        a.signal(__import__("signal").SIGHUP)
+        assert wait_log(a, "control files reloaded")
+        inject("second")
+        got = b_home.wait_messages(2, timeout=20)
+        assert len(got) == 2, a.log() + b.log()
+        assert b.log().count("smtpd: greylisted") == greylisted
+    finally:
+        a_home.remove()
