@@ -300,11 +300,26 @@ def _stress_onset(total: int, threshold: int, config) -> None:
             _stress["on"] = True
             log.line("smtpd: stress: %d sessions of %d: clients get at most %d s a read"
                      % (total, config.concurrencyincoming, config.timeoutstress))
-            for session in list(_live):
-                session.squeeze()
+            # one timer for all: weak references, so that a session that
+            # ends meanwhile is not kept
+            import weakref
+
+            import gevent
+
+            stalled = [(weakref.ref(session), n) for session in list(_live)
+                       for n in (session.stalled_read(),) if n is not None]
+            if stalled:
+                gevent.spawn_later(config.timeoutstress, _expire_stalled, stalled)
     elif _stress["on"] and total < threshold // 2:
         _stress["on"] = False
         log.line("smtpd: stress over: %d sessions" % total)
+
+
+def _expire_stalled(stalled) -> None:
+    for ref, reads in stalled:
+        session = ref()
+        if session is not None:
+            session.expire(reads)
 
 
 class _AfterBurst:

@@ -320,18 +320,19 @@ class Session:
                 self._timer.cancel()
         return self.reader.readline(limit)  # a whole line is buffered: no wait
 
-    def squeeze(self) -> None:
-        """Stress mode has begun: a session waiting for the client now waits
-        at most control/timeoutstress seconds more (called by
-        eqmail.workers for every session of this process, from another
-        greenlet)."""
+    def stalled_read(self) -> Optional[int]:
+        """Stress mode has begun (eqmail.workers): the number of the read
+        this session waits in, when it waits for its client longer than
+        control/timeoutstress allows; else None."""
         if not self._waiting or not self.stress_timeout or self._timer is None \
                 or self._timer.seconds <= self.stress_timeout:
-            return
-        gevent.spawn_later(self.stress_timeout, self._expire, self._reads)
+            return None
+        return self._reads
 
-    def _expire(self, reads: int) -> None:
-        """The squeezed wait is over: end it as its own timer would."""
+    def expire(self, reads: int) -> None:
+        """The squeezed wait is over: if the session still waits in read
+        number `reads`, end it as its own timer would (from another
+        greenlet)."""
         if self._waiting and self._reads == reads and self._greenlet is not None:
             g = self._greenlet
             if hasattr(g, "kill"):  # a gevent Greenlet (the server's)
