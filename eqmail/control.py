@@ -73,6 +73,9 @@ CONTROL FILES (default when missing)
     greydelay, greywindow, greylifetime, greyallow
                         0 (off), 2 days, 35 days, none: greylisting (see
                         eqmail.smtp.greylist; GREYLIST=0 in smtprules)
+    authcheck, dmarcreject, authmaxsize
+                        0, 0, 2097152: DKIM, DMARC, ARC and
+                        Authentication-Results (eqmail.smtp.authcheck)
     spfbehavior         0: SPF off; 1-6 qmail-spf's levels (see
                         eqmail.smtp.spfcheck; SPFBEHAVIOR in smtprules)
     aliases             /etc/aliases: the sendmail-style aliases file whose
@@ -320,6 +323,9 @@ class Config:
     greywindow: int = 172800
     greylifetime: int = 3024000
     greyallow: Tuple[str, ...] = ()
+    authcheck: bool = False
+    dmarcreject: bool = False
+    authmaxsize: int = 2097152
     aliases: str = "/etc/aliases"
     mailspool: str = ""
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -631,6 +637,9 @@ def load(home: str) -> Config:
         greydelay=max(0, read_int(c("greydelay"), 0)),
         greywindow=max(60, read_int(c("greywindow"), 172800)),
         greylifetime=max(3600, read_int(c("greylifetime"), 3024000)),
+        authcheck=read_int(c("authcheck"), 0) != 0,
+        dmarcreject=read_int(c("dmarcreject"), 0) != 0,
+        authmaxsize=max(0, read_int(c("authmaxsize"), 2097152)),
         greyallow=tuple(text.strip().lower() for _, text in (read_list(c("greyallow")) or [])),
         aliases=aliases,
         mailspool=mailspool,

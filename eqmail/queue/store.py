@@ -1455,6 +1455,23 @@ class Draft:
             return None
         return bytes(self._buf)
 
+    def contents(self, limit: int) -> Optional[bytes]:
+        """The whole message written so far when it is at most `limit`
+        bytes (read back from the file when it went to disk), else None;
+        None after a write error too.  May block (a threadpool read)."""
+        if self.error is not None or self._closed or self.size > limit:
+            return None
+        if self.fd < 0:
+            return bytes(self._buf)
+        if self._buf:
+            self._flush()
+            if self.error is not None:
+                return None
+        try:
+            return _offload(os.pread, self.fd, self.size, 0)
+        except OSError:
+            return None
+
     def _flush(self) -> None:
         buf, self._buf = bytes(self._buf), bytearray()
         try:

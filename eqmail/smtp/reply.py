@@ -92,6 +92,12 @@ def greylisted(seconds: int) -> Reply:
     return R(451, "4.7.1", "greylisted, please try again in %d seconds (#4.7.1)" % seconds)
 
 
+def dmarc_reject(domain: str) -> Reply:
+    """A message refused under its From domain's DMARC policy (RFC 7489 6.7)."""
+    return R(550, "5.7.1", "the DMARC policy of %s says reject, and this message "
+             "failed (#5.7.1)" % domain)
+
+
 EARLY_TALKER = R(554, None, "SMTP protocol violation: talked before the greeting (#5.5.0)",
                  close=True)
 UNAUTH_PIPELINING = R(554, "5.5.0", "SMTP protocol violation: pipelining without "

@@ -50,6 +50,7 @@ from .. import address, log
 from ..control import Config, parse_size
 from ..queue.store import QueueError, Store
 from . import policy, reply
+from .authcheck import authserv_id as authcheck_id
 from .reply import Reply
 
 MAX_LINE = 1000
@@ -443,6 +444,52 @@ class Session:
         shown = (text[1:] if permanent else text) or "your address is not welcome here"
         log.line("smtpd: %s refused by DNS blocklist: %s" % (self.remote_ip, log.clean(shown)))
         return reply.rbl(shown, permanent, at_mail)
+
+    _auth_missing_told = False
+
+    def _authcheck_on(self) -> bool:
+        return bool(self._setting("AUTHCHECK", int(self.config.authcheck))) and \
+            self.relayclient is None and self.auth_user is None and \
+            not self.env.get("QMAILQUEUE")
+
+    def _authenticate(self, draft):
+        """DKIM, ARC, DMARC (eqmail.smtp.authcheck, in the threadpool) on the
+        received message: a new draft that starts with the
+        Authentication-Results field (the old one is aborted), a Reply
+        when DMARC's reject is honoured (dmarcreject), or None (too big,
+        libraries missing, or a failure: the message goes on unchanged)."""
+        from ..threads import run
+        from . import authcheck
+
+        data = draft.contents(self.config.authmaxsize)
+        if data is None:
+            return None
+        try:
+            outcome = run(authcheck.evaluate, self.config, data, self.remote_ip,
+                          self.mailfrom or "", self.helo_host, self.env.get("SPFRESULT"))
+        except authcheck.Unavailable as e:
+            if not Session._auth_missing_told:
+                Session._auth_missing_told = True
+                log.alert("smtpd: %s; mail is not checked" % e)
+            return None
+        except Exception as e:  # a library's trouble must not lose the message
+            log.alert("smtpd: authentication checks failed: %s: %s" % (type(e).__name__, e))
+            return None
+        self.env["DMARCRESULT"] = outcome.dmarc
+        if outcome.dmarc == "fail" and outcome.policy == "reject" and \
+                self._setting("DMARCREJECT", int(self.config.dmarcreject)):
+            log.line("smtpd: dmarc fail (p=reject) for %s from %s: refused"
+                     % (log.clean(outcome.from_domain), self.remote_ip))
+            return reply.dmarc_reject(outcome.from_domain)
+        try:
+            fresh = self._draft()
+        except (QueueError, OSError):
+            return None
+        fresh.write(outcome.header.encode("utf-8", "replace") + b"\n")
+        fresh.write(data)
+        draft.abort()
+        self._extra_drafts.append(fresh)
+        return fresh
 
     _spf_missing_told = False
 
@@ -867,10 +914,13 @@ class Session:
         except OSError as e:  # no pipes for the QMAILQUEUE program
             log.alert("smtpd: unable to start QMAILQUEUE: %s" % e)
             return reply.QQT_FAILURE
+        self._extra_drafts = []
         try:
             return self._data(draft)
         finally:
             draft.abort()  # no-op after a commit
+            for extra in self._extra_drafts:  # authcheck's copy
+                extra.abort()
             self._reset()
 
     def _deliver_direct(self, draft, rcpts):
@@ -930,6 +980,10 @@ class Session:
         too_big = False
         in_header = True
         hops = 0
+        # Authentication-Results claiming this host, from outside: dropped
+        # (RFC 8601 section 5) when eqmail adds its own
+        strip_ar = self.config.me.lower().encode() if self._authcheck_on() else None
+        dropping = False
         at_start = True   # the next chunk begins a line
         held_cr = False   # a CR ended the last piece; is LF next?
         write = draft.write
@@ -998,6 +1052,12 @@ class Session:
                             in_header = False
                         elif body[:8].lower() == b"received" or body[:9].lower() == b"delivered":
                             hops += 1
+                        if strip_ar is not None and body:
+                            if body[:1] not in (b" ", b"\t"):
+                                dropping = body[:23].lower() == b"authentication-results:" \
+                                    and authcheck_id(body) == strip_ar
+                            if dropping:
+                                continue
                 out = body + b"\n"
                 at_start = True
             else:
@@ -1023,6 +1083,12 @@ class Session:
         if hops >= MAX_HOPS:
             self._log("message looping")
             return reply.LOOPING
+        if strip_ar is not None:
+            got = self._authenticate(draft)
+            if isinstance(got, Reply):
+                return got
+            if got is not None:
+                draft = got
         rcpts = self.rcpts
         if self.direct and self.config.directlocal and self.config.concurrencylocal \
                 and not self.env.get("QMAILQUEUE"):

@@ -34,3 +34,12 @@ def test_bad_rbls_lines_name_the_line(tmp_path, text):
     with pytest.raises(ConfigError) as e:
         load(_home(tmp_path, rbls="ok.example\n" + text))
     assert e.value.lineno == 2
+
+
+def test_authserv_id_of_authentication_results_lines():
+    from eqmail.smtp.authcheck import authserv_id
+
+    assert authserv_id(b"Authentication-Results: MX.example.org; dkim=pass") == b"mx.example.org"
+    assert authserv_id(b"Authentication-Results: (c) mx.example.org 1; none") == b"mx.example.org"
+    assert authserv_id(b"Authentication-Results:mx.example.org") == b"mx.example.org"
+    assert authserv_id(b"Authentication-Results: ") == b""
