@@ -67,7 +67,53 @@ def _libs():
     except ImportError as e:
         raise Unavailable("authentication checks need dkimpy and authheaders (Debian: "
                           "python3-dkim, python3-authheaders): %s" % e)
+    _org_domain_once(authheaders)
     return dkim, authheaders
+
+
+_org = {"psl": None, "cache": {}}
+#: Organizational domains remembered at most (a dict, emptied when full).
+ORG_CACHE = 4096
+
+
+def _org_domain_once(authheaders) -> None:
+    """authheaders 0.15 parses the whole Public Suffix List again for every
+    message (about 30 ms of CPU and several MB in flight): give its
+    dmarc_lookup one parsed list, built once from the file it would read,
+    and remember the answers.  The result is the one authheaders computes."""
+    lookup = getattr(authheaders, "dmarc_lookup", None)
+    if lookup is None or getattr(lookup.get_org_domain, "_eqmail", False):
+        return
+    original = lookup.get_org_domain
+
+    def get_org_domain(domain):
+        hit = _org["cache"].get(domain)
+        if hit is not None:
+            return hit
+        psl = _org["psl"]
+        if psl is None:
+            try:
+                try:
+                    from authheaders.findpsl import location  # Debian: the system's list
+                    with open(location) as f:
+                        psl = lookup.PublicSuffixList(f)
+                except ImportError:  # the list authheaders carries
+                    import importlib.resources
+
+                    ref = importlib.resources.files("authheaders") / "public_suffix_list.txt"
+                    with importlib.resources.as_file(ref) as path, open(path) as f:
+                        psl = lookup.PublicSuffixList(f)
+            except Exception:
+                return original(domain)
+            _org["psl"] = psl
+        value = psl.get_public_suffix(domain)
+        if len(_org["cache"]) >= ORG_CACHE:
+            _org["cache"].clear()
+        _org["cache"][domain] = value
+        return value
+
+    get_org_domain._eqmail = True
+    lookup.get_org_domain = get_org_domain
 
 
 def _dkim_results(dkim, authheaders, data: bytes) -> List:
