@@ -656,7 +656,8 @@ def serve(holder, sockets, created: bool, checkpassword=None, max_workers: int =
         gps = gevent.socket.socket(psock.family, psock.type, fileno=psock.detach())
         pickup_server = gevent.server.StreamServer(
             gps, lambda sock, addr: pickup.serve_client(sock, store, flusher,
-                                                        scheduler.admin, status),
+                                                        scheduler.admin, status,
+                                                        lambda: scheduler.last_errors),
             spawn=gevent.pool.Pool(MAX_PICKUP))
         pickup_server.start()
     except OSError as e:

@@ -7,7 +7,9 @@ SUMMARY
     list [FILTER]            one block per message: ID, age, size, sender,
                              held/bouncing, then each recipient with its
                              state (pending or done, local or remote), the
-                             next try and the last temporary failure
+                             next try and the last temporary failure (of
+                             that recipient, or for a remote one of its
+                             domain; eqmaild keeps the last 1,000 in memory)
     show ID [--body]         the envelope and the header (and the body)
     delete ID... | --all     remove messages for good (no bounce)
     hold ID... | --all       never try them until released
@@ -83,6 +85,27 @@ def _parser():
     return p
 
 
+def _next_try(store, item) -> float:
+    """The next try eqmaild keeps in the queue file's mtime (0 unknown)."""
+    try:
+        return os.stat(store.message_path(item.id)).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _last_errors(home: str) -> dict:
+    """eqmaild's last temporary failures ({} when it is not running)."""
+    import json
+
+    from .queue import pickup
+
+    try:
+        got = json.loads(pickup.request(home, "errors", timeout=30))
+    except (pickup.SubmitError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
 def _selected(args, store, item, held: set, now: float) -> bool:
     if args.sender and args.sender.lower() not in item.sender.lower():
         return False
@@ -98,7 +121,7 @@ def _selected(args, store, item, held: set, now: float) -> bool:
         return False
     if args.state == "bouncing" and not os.path.exists(os.path.join(store.bounce, item.id)):
         return False
-    if args.state == "deferred" and not store.deferrals(item.id):
+    if args.state == "deferred" and not (item.pending() and _next_try(store, item) > now):
         return False
     if args.state == "pending" and not item.pending():
         return False
@@ -133,7 +156,7 @@ def main(argv: List[str]) -> int:
             return _queue_failure("queue", args.home, e)
         items = [i for i in items if _selected(args, store, i, held, now)]
         if op == "list":
-            _list(store, items, held, now)
+            _list(store, items, held, now, _last_errors(home))
             return 0
         ids = [i.id for i in items]
     else:
@@ -200,7 +223,7 @@ def _offline(store, op: str, ids: List[str]) -> str:
     return "; ".join(out)
 
 
-def _list(store, items, held: set, now: float) -> None:
+def _list(store, items, held: set, now: float, errors: dict) -> None:
     from .control import ConfigError, load
     from .delivery.route import route
 
@@ -216,19 +239,18 @@ def _list(store, items, held: set, now: float) -> None:
             flags.append("bouncing")
         print("%s  %s  %d  <%s>%s" % (item.id, _age_text(now - item.birth), max(item.size, 0),
                                        item.sender, "  " + " ".join(flags) if flags else ""))
-        notes = store.deferrals(item.id)
-        try:
-            nxt = os.stat(store.message_path(item.id)).st_mtime
-        except OSError:
-            nxt = 0
+        nxt = _next_try(store, item)
         for rcpt, done in zip(item.recipients, item.done):
             channel = route(config, rcpt).channel if config is not None else "?"
             line = "    %-7s %-6s <%s>" % ("done" if done else "pending", channel, rcpt)
             if not done:
                 if nxt > now and item.id not in held:
                     line += "  next try in %s" % _age_text(nxt - now)
-                if rcpt in notes:
-                    line += "  last: %s" % notes[rcpt]
+                from .queue.scheduler import error_key
+
+                last = errors.get(error_key(rcpt, channel))
+                if last:
+                    line += "  last: %s" % last
             print(line)
 
 
@@ -244,10 +266,8 @@ def _show(store, msgid: str, body: bool) -> int:
     print("arrived: %s" % time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(item.birth)))
     print("size: %d" % max(item.size, 0))
     print("sender: <%s>" % item.sender)
-    notes = store.deferrals(item.id)
     for rcpt, done in zip(item.recipients, item.done):
-        print("recipient: <%s> %s%s" % (rcpt, "done" if done else "pending",
-                                        ("; last: " + notes[rcpt]) if rcpt in notes else ""))
+        print("recipient: <%s> %s" % (rcpt, "done" if done else "pending"))
     print()
     out = sys.stdout.buffer
     sys.stdout.flush()

@@ -26,7 +26,9 @@ PROTOCOL
     Any local user may ask, as with Postfix's ``postqueue -f``; eqmaild
     honours at most one flush every FLUSH_INTERVAL seconds and answers the
     others ``0 flush already started``.  ``!status\\n`` is answered
-    ``0 <JSON>`` (eqmail status), for any user.  ``!queue OP ID...\\n`` (OP
+    ``0 <JSON>`` (eqmail status), for any user; ``!errors\\n`` with the
+    JSON of the last temporary failures (eqmail queue list), for root
+    and eqmaild's user.  ``!queue OP ID...\\n`` (OP
     delete, hold, release or retry; ``eqmail queue``) is for root and
     eqmaild's own user only (SO_PEERCRED), answered ``0 <what was done>``
     or ``77 permission denied``.
@@ -353,7 +355,7 @@ class Flusher:
         return "flush"
 
 
-def _request(reader: "_Reader", flush, admin, uid: int, status=None) -> str:
+def _request(reader: "_Reader", flush, admin, uid: int, status=None, errors=None) -> str:
     """A ``!`` request line: the answer line."""
     while b"\n" not in reader.buf:
         if len(reader.buf) > MAX_REQUEST:
@@ -362,6 +364,12 @@ def _request(reader: "_Reader", flush, admin, uid: int, status=None) -> str:
     line = bytes(reader.buf[1:reader.buf.index(b"\n")]).decode("ascii", "replace").split()
     if line == ["flush"] and flush is not None:
         return "0 %s\n" % flush()
+    if line == ["errors"] and errors is not None:
+        if uid not in (0, os.geteuid()):
+            return "77 permission denied: the queue is root's and eqmaild's user's\n"
+        import json
+
+        return "0 %s\n" % json.dumps(errors())
     if line == ["status"] and status is not None:
         import json
 
@@ -407,11 +415,13 @@ def request(home: str, line: str, timeout: float = 60) -> str:
     return text
 
 
-def serve_client(sock, store: Store, flush=None, admin=None, status=None) -> None:
+def serve_client(sock, store: Store, flush=None, admin=None, status=None,
+                 errors=None) -> None:
     """Serve one pickup connection (a greenlet of the daemon): a message,
     or a ``!`` request.  `flush`: a Flusher (None: flush refused);
     `admin(op, ids, uid) -> str`: the scheduler's queue operations;
-    `status() -> dict`: eqmaild's figures for ``!status`` (any user)."""
+    `status() -> dict`: eqmaild's figures for ``!status`` (any user);
+    `errors() -> dict`: the last temporary failures for ``!errors``."""
     from .. import log
 
     try:
@@ -425,7 +435,7 @@ def serve_client(sock, store: Store, flush=None, admin=None, status=None) -> Non
             reader = _Reader(sock)
             reader._fill()
             if reader.buf[:1] == b"!":
-                answer = _request(reader, flush, admin, uid, status)
+                answer = _request(reader, flush, admin, uid, status, errors)
                 if answer.startswith("0 flush"):
                     log.line("pickup: flush asked by uid %d pid %d" % (uid, pid))
                 try:

@@ -119,6 +119,18 @@ def unpack_id(packed: int) -> str:
     return "%d.%d.%d" % (packed >> 64, (packed >> 32) & 0xFFFFFFFF, packed & 0xFFFFFFFF)
 
 
+#: Last temporary failures remembered at most (eqmail queue list).
+LAST_ERRORS = 1000
+
+
+def error_key(recipient: str, channel: str) -> str:
+    """The key of `recipient`'s last temporary failure: the address for a
+    local one, ``@domain`` for a remote one (one SMTP transaction a domain)."""
+    if channel == REMOTE:
+        return "@" + recipient.rpartition("@")[2].lower()
+    return recipient.lower()
+
+
 def next_retry(birth: float, now: float, channel: str) -> float:
     """qmail-send's retry time for a delivery that starts at `now`."""
     age = max(0, int(now - birth))
@@ -127,7 +139,7 @@ def next_retry(birth: float, now: float, channel: str) -> float:
 
 class _Entry:
     __slots__ = ("item", "next", "inflight", "channel", "finishing", "failures",
-                 "removed", "deferred")
+                 "removed")
 
     def __init__(self, item: Item, channels: List[str]):
         self.item = item
@@ -140,8 +152,6 @@ class _Entry:
         self.failures = None
         #: the queue file is gone already (removed by the finishing delivery)
         self.removed = False
-        #: {recipient: last temporary failure} as in defer/ID; None: not read
-        self.deferred = None
 
 
 class Scheduler:
@@ -176,6 +186,9 @@ class Scheduler:
         self._busiest = 0
         #: Messages the admin held (queue/hold/): never started until released.
         self.held: set = set()
+        #: The last temporary failure of local recipients and remote domains
+        #: (`error_key`), oldest first, at most LAST_ERRORS.
+        self.last_errors: Dict[str, str] = {}
 
     # -- life cycle -------------------------------------------------------------
 
@@ -697,21 +710,17 @@ class Scheduler:
         self._wake.set()
 
     def _note_deferrals(self, entry: _Entry, texts: dict) -> None:
-        """Keep each recipient's last temporary failure in defer/ID (for
-        eqmail queue list), written only when one changed: a relay that
-        stays down costs one small write a message, not one a retry."""
-        known = entry.deferred
-        if known is None:
-            known = run(self.store.deferrals, entry.item.id)
-        if all(known.get(k) == v for k, v in texts.items()):
-            entry.deferred = known
-            return
-        known = dict(known, **texts)
-        entry.deferred = known
-        try:
-            run(self.store.write_deferrals, entry.item.id, known)
-        except OSError:
-            pass  # a note only
+        """Remember the last temporary failure of each local recipient and
+        each remote domain (for eqmail queue list), in memory only and at
+        most LAST_ERRORS of them: nothing is written, so a relay that stays
+        down costs no disk writes per message."""
+        errors = self.last_errors
+        for rcpt, text in texts.items():
+            key = error_key(rcpt, entry.channel[entry.item.recipients.index(rcpt)])
+            errors.pop(key, None)
+            if len(errors) >= LAST_ERRORS:
+                errors.pop(next(iter(errors)))
+            errors[key] = text
 
     # -- the admin's operations (eqmail queue, through the pickup socket) ------------
 

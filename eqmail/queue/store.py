@@ -511,9 +511,6 @@ class Store:
         self.spare = os.path.join(qdir, "spare")
         #: hold/ID: the admin held the message (eqmail queue hold)
         self.hold = os.path.join(qdir, "hold")
-        #: defer/ID: the last temporary failure of each recipient, JSON
-        #: {recipient: text} (eqmail queue list); written when it changes
-        self.defer = os.path.join(qdir, "defer")
         self.bad = os.path.join(qdir, "bad")
         #: msgid -> the last alert logged for it (one alert per problem)
         self._reported: dict = {}
@@ -548,7 +545,7 @@ class Store:
         store = cls(qdir)
         if create:
             for d in (qdir, store.mess, store.tmp, store.bounce, store.spare,
-                      store.hold, store.defer, os.path.join(qdir, "lock")):
+                      store.hold, os.path.join(qdir, "lock")):
                 os.makedirs(d, mode=0o700, exist_ok=True)
             if not os.path.exists(store.trigger):
                 try:
@@ -1221,7 +1218,7 @@ class Store:
             except FileNotFoundError:
                 pass
         fsync_dir_soon(self.mess)  # see STATES
-        for d in (self.hold, self.defer):  # an admin's or a deferral's note
+        for d in (self.hold,):  # the admin's note
             try:
                 os.unlink(os.path.join(d, msgid))
             except FileNotFoundError:
@@ -1314,29 +1311,6 @@ class Store:
             except FileNotFoundError:
                 pass
 
-    def write_deferrals(self, msgid: str, texts: dict) -> None:
-        """defer/ID := `texts` ({recipient: last temporary failure}), via a
-        temporary name; no fsync (a note, not mail).  Raises OSError."""
-        import json
-
-        os.makedirs(self.defer, mode=0o700, exist_ok=True)
-        path = os.path.join(self.defer, msgid)
-        with open(path + ".new", "w", encoding="utf-8", errors="surrogateescape") as f:
-            json.dump(texts, f, sort_keys=True)
-        os.replace(path + ".new", path)
-
-    def deferrals(self, msgid: str) -> dict:
-        """defer/ID ({} when none or unreadable)."""
-        import json
-
-        try:
-            with open(os.path.join(self.defer, msgid), encoding="utf-8",
-                      errors="surrogateescape") as f:
-                got = json.load(f)
-        except (OSError, ValueError):
-            return {}
-        return got if isinstance(got, dict) else {}
-
     def drop_failures(self, msgid: str) -> None:
         try:
             os.unlink(os.path.join(self.bounce, msgid))
@@ -1358,7 +1332,7 @@ class Store:
         committed = set(os.listdir(self.mess))
         now = time.time()
         removed = 0
-        for d in (self.tmp, self.bounce, self.hold, self.defer):
+        for d in (self.tmp, self.bounce, self.hold):
             if not os.path.isdir(d):
                 continue
             for name in os.listdir(d):
