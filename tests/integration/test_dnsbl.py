@@ -80,3 +80,17 @@ def test_a_zone_that_does_not_answer_lists_nobody(home, dns, daemon_factory):
     assert greet(d.port, "127.0.0.1").startswith(b"220 ")
     assert greet(d.port, "127.0.0.2").startswith(b"554 ")
     assert "Traceback" not in d.log()
+
+
+def test_a_huge_txt_answer_is_cut_to_one_short_line(home, dns, daemon_factory):
+    """Bad input (issue 21): a listing whose TXT record is 40 strings of 200
+    bytes (8 KB, over TCP) gives a refusal of one short line."""
+    big = " ".join('"%s"' % (("x%02d" % i) * 66) for i in range(40))
+    server = dns(["2.0.0.127.huge.test. 300 IN A 127.0.0.2",
+                  "2.0.0.127.huge.test. 300 IN TXT %s" % big])
+    home.setup(rbls="huge.test\n")
+    d = daemon_factory(home, env={"EQMAIL_RESOLV_CONF": server.resolv_conf})
+    got = greet(d.port, "127.0.0.2")
+    assert got.startswith(b"554 Your address 127.0.0.2 is listed: x00x00"), got[:100]
+    assert got.count(b"\r\n") == 1 and len(got) < 600, len(got)
+    assert "Traceback" not in d.log()
