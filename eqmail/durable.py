@@ -60,6 +60,30 @@ def _fsync(path: str, directory: bool = True) -> None:
         os.close(fd)
 
 
+def replace_file(path: str, fill, mode: int = 0o644) -> None:
+    """Write the file `path` whole or not at all: `fill(f)` writes into
+    ``path.tmp`` (created with `mode`), which is fsync'd and renamed over
+    `path`, then the directory is fsync'd.  On any error the temporary
+    file is removed and the old `path` stays.  Blocking; raises OSError
+    (and whatever `fill` raises)."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def fsync_dir(path: str) -> None:
     """Make the entries of directory `path` that exist now durable.
     Blocking; raises OSError from the fsync this thread ran."""

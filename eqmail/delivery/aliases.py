@@ -8,7 +8,7 @@ SUMMARY
 
     * ``eqmail newaliases`` (also ``newaliases``, ``sendmail -bi``)
       compiles the aliases file into ``<file>.cdb`` (written to
-      ``<file>.tmp``, fsync'd and renamed, mode 0644), or names the file
+      ``<file>.cdb.tmp``, fsync'd and renamed, mode 0644), or names the file
       and line of the first bad entry and leaves the old cdb in use;
     * a local delivery to the alias user (an address that is no user of
       users/assign and no system user) for which the alias home has no
@@ -186,60 +186,46 @@ def parse(path: str) -> List[Tuple[str, Entry]]:
 
 
 def compile_file(path: str) -> int:
-    """newaliases: compile `path` into `path`.cdb (via `path`.tmp, fsync'd,
-    mode 0644).  Returns the number of aliases.  Raises AliasError (the
+    """newaliases: compile `path` into `path`.cdb (via `path`.cdb.tmp,
+    fsync'd, mode 0644).  Returns the number of aliases.  Raises AliasError (the
     old cdb stays), OSError."""
     import cdblib
 
-    entries = parse(path)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            with cdblib.Writer(f) as w:
-                for key, entry in entries:
-                    w.put(key.encode("utf-8"),
-                          "\0".join((entry.where,) + entry.targets).encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path + ".cdb")
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    from ..durable import fsync_dir
+    from ..durable import replace_file
 
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    entries = parse(path)
+
+    def fill(f):
+        with cdblib.Writer(f) as w:
+            for key, entry in entries:
+                w.put(key.encode("utf-8"),
+                      "\0".join((entry.where,) + entry.targets).encode("utf-8"))
+
+    replace_file(path + ".cdb", fill)
     return len(entries)
 
 
-_cache: Dict[str, tuple] = {}
+def _read_cdb(path: str):
+    """A cdblib reader of the file, or None when it is not a cdb."""
+    import cdblib
+
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return cdblib.Reader(data)
+    except Exception:
+        return None  # not a cdb: as if there were none
 
 
 def _reader(cdbpath: str):
-    """The cdblib reader of `cdbpath` (re-read when it changes), or None."""
-    try:
-        st = os.stat(cdbpath)
-    except OSError:
-        _cache.pop(cdbpath, None)
-        return None
-    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-    hit = _cache.get(cdbpath)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    import cdblib
+    """The reader of `cdbpath`, re-read when the file changes (the stat
+    cache of delivery.users), or None."""
+    from .users import _cached
 
     try:
-        with open(cdbpath, "rb") as f:
-            reader = cdblib.Reader(f.read())
-    except Exception:
-        reader = None  # unreadable or not a cdb: as if there were none
-    _cache.clear()
-    _cache[cdbpath] = (stamp, reader)
-    return reader
+        return _cached(cdbpath, _read_cdb)
+    except OSError:
+        return None
 
 
 def lookup(config, local: str, domain: str) -> Optional[Entry]:

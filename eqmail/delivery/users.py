@@ -166,17 +166,17 @@ class Assignments:
         [(key, entry)] in file order."""
         import cdblib
 
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
+        from ..durable import replace_file
+
+        def fill(f):
             with cdblib.Writer(f) as w:
                 for key, (user, uid, gid, home, dash, ext) in order:
                     w.put(key.encode("utf-8", "surrogateescape"),
                           ("%s\0%d\0%d\0%s\0%s\0%s\0" % (user, uid, gid, home, dash, ext))
                           .encode("utf-8", "surrogateescape"))
                 w.put(b"", self.wildchars.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+        replace_file(path, fill)
 
 
 def newu(home: str) -> int:

@@ -249,26 +249,24 @@ def request_flush(home: str) -> str:
     return request(home, "flush", timeout=30)
 
 
-def _via_socket(home, sender, recipients, header, body) -> str:
+def _exchange(home: str, send, timeout: float, limit: int, suffix: str = ""):
+    """Connect to eqmaild's pickup socket, `send(sock)`, read its one answer
+    line: (code, text).  Raises SubmitError(74) when eqmaild cannot be
+    reached or the conversation breaks."""
     path = socket_path(home)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(READ_TIMEOUT)
+    s.settimeout(timeout)
     try:
         try:
             s.connect(path)
         except OSError as e:
-            raise SubmitError(74, "unable to reach eqmaild at %s: %s; is it running? "
-                                  "(#4.4.2)" % (path, e.strerror))
+            raise SubmitError(74, "unable to reach eqmaild at %s: %s; is it running?%s"
+                              % (path, e.strerror, suffix))
         try:
-            if header:
-                s.sendall(b"%d:%s," % (len(header), header))
-            for chunk in _chunks(body):
-                s.sendall(b"%d:%s," % (len(chunk), chunk))
-            env = encode_envelope(sender, recipients)
-            s.sendall(b"0:," + b"%d:%s," % (len(env), env))
+            send(s)
             answer = b""
-            while not answer.endswith(b"\n") and len(answer) < 4096:
-                got = s.recv(4096)
+            while not answer.endswith(b"\n") and len(answer) < limit:
+                got = s.recv(65536)
                 if not got:
                     break
                 answer += got
@@ -279,8 +277,21 @@ def _via_socket(home, sender, recipients, header, body) -> str:
     code, _, text = answer.decode("utf-8", "replace").strip().partition(" ")
     if not code.isdigit():
         raise SubmitError(74)
-    if int(code) != 0:
-        raise SubmitError(int(code), text or None)
+    return int(code), text
+
+
+def _via_socket(home, sender, recipients, header, body) -> str:
+    def send(s):
+        if header:
+            s.sendall(b"%d:%s," % (len(header), header))
+        for chunk in _chunks(body):
+            s.sendall(b"%d:%s," % (len(chunk), chunk))
+        env = encode_envelope(sender, recipients)
+        s.sendall(b"0:," + b"%d:%s," % (len(env), env))
+
+    code, text = _exchange(home, send, READ_TIMEOUT, 4096, " (#4.4.2)")
+    if code != 0:
+        raise SubmitError(code, text or None)
     return text
 
 
@@ -388,30 +399,10 @@ def request(home: str, line: str, timeout: float = 60) -> str:
     """Send one ``!`` request line to the eqmaild of `home`; its answer
     text.  Raises SubmitError (74 when eqmaild cannot be reached, else
     the answer's code)."""
-    path = socket_path(home)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        try:
-            s.connect(path)
-        except OSError as e:
-            raise SubmitError(74, "unable to reach eqmaild at %s: %s; is it running?"
-                              % (path, e.strerror))
-        try:
-            s.sendall(("!%s\n" % line).encode("ascii"))
-            answer = b""
-            while not answer.endswith(b"\n") and len(answer) < MAX_REQUEST * 4:
-                got = s.recv(65536)
-                if not got:
-                    break
-                answer += got
-        except (OSError, socket.timeout):
-            raise SubmitError(74)
-    finally:
-        s.close()
-    code, _, text = answer.decode("utf-8", "replace").strip().partition(" ")
-    if code != "0":
-        raise SubmitError(int(code) if code.isdigit() else 74, text or None)
+    code, text = _exchange(home, lambda s: s.sendall(("!%s\n" % line).encode("ascii")),
+                           timeout, MAX_REQUEST * 4)
+    if code != 0:
+        raise SubmitError(code, text or None)
     return text
 
 

@@ -564,8 +564,7 @@ class Scheduler:
                     entry.failures = True
                 if not (batch and result.kind == SUCCESS):
                     self._record(item, i, result, mark=not last)
-            texts = {item.recipients[i]: r.text for i, r in zip(idxs, final)
-                     if r.kind == DEFERRAL}
+            texts = [(i, r.text) for i, r in zip(idxs, final) if r.kind == DEFERRAL]
             if texts:
                 self._note_deferrals(entry, texts)
             if batch:  # the successes' done marks in one thread call
@@ -709,14 +708,14 @@ class Scheduler:
             self._idle.set()
         self._wake.set()
 
-    def _note_deferrals(self, entry: _Entry, texts: dict) -> None:
+    def _note_deferrals(self, entry: _Entry, texts: List[tuple]) -> None:
         """Remember the last temporary failure of each local recipient and
         each remote domain (for eqmail queue list), in memory only and at
         most LAST_ERRORS of them: nothing is written, so a relay that stays
         down costs no disk writes per message."""
         errors = self.last_errors
-        for rcpt, text in texts.items():
-            key = error_key(rcpt, entry.channel[entry.item.recipients.index(rcpt)])
+        for i, text in texts:  # (recipient index, text)
+            key = error_key(entry.item.recipients[i], entry.channel[i])
             errors.pop(key, None)
             if len(errors) >= LAST_ERRORS:
                 errors.pop(next(iter(errors)))
@@ -751,28 +750,26 @@ class Scheduler:
                 log.line("msg %s deleted by uid %d (eqmail queue delete)" % (msgid, uid))
                 log.end_msg(msgid)
                 out.append("%s: deleted" % msgid)
-            elif op == "hold":
+            elif op in ("hold", "release"):
+                hold = op == "hold"
                 try:
-                    run(self.store.set_held, msgid, True)
+                    run(self.store.set_held, msgid, hold)
                 except OSError as e:
-                    out.append("%s: unable to hold: %s" % (msgid, e))
+                    out.append("%s: unable to %s: %s" % (msgid, op, e))
                     continue
-                self.held.add(msgid)
-                log.line("msg %s held by uid %d" % (msgid, uid))
-                out.append("%s: held" % msgid)
-            elif op == "retry" and msgid in self.held:
-                out.append("%s: held, not tried (release it)" % msgid)
-            elif op in ("release", "retry"):
-                if op == "release":
-                    try:
-                        run(self.store.set_held, msgid, False)
-                    except OSError as e:
-                        out.append("%s: unable to release: %s" % (msgid, e))
-                        continue
+                if hold:
+                    self.held.add(msgid)
+                else:
                     self.held.discard(msgid)
-                    log.line("msg %s released by uid %d" % (msgid, uid))
-                self._due_now(msgid)
-                out.append("%s: %s" % (msgid, "released" if op == "release" else "due now"))
+                    self._due_now(msgid)
+                log.line("msg %s %s by uid %d" % (msgid, "held" if hold else "released", uid))
+                out.append("%s: %s" % (msgid, "held" if hold else "released"))
+            elif op == "retry":
+                if msgid in self.held:
+                    out.append("%s: held, not tried (release it)" % msgid)
+                else:
+                    self._due_now(msgid)
+                    out.append("%s: due now" % msgid)
             else:
                 out.append("%s: unknown operation %s" % (msgid, op))
         self._wake.set()
