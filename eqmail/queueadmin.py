@@ -225,7 +225,7 @@ def _offline(store, op: str, ids: List[str]) -> str:
 
 def _list(store, items, held: set, now: float, errors: dict) -> None:
     from .control import ConfigError, load
-    from .delivery.route import route
+    from .delivery.route import error_key, route
 
     try:
         config = load(os.path.dirname(store.qdir))
@@ -246,8 +246,6 @@ def _list(store, items, held: set, now: float, errors: dict) -> None:
             if not done:
                 if nxt > now and item.id not in held:
                     line += "  next try in %s" % _age_text(nxt - now)
-                from .queue.scheduler import error_key
-
                 last = errors.get(error_key(rcpt, channel))
                 if last:
                     line += "  last: %s" % last

@@ -56,3 +56,12 @@ def route(config: Config, recipient: str) -> Route:
     if prefix:
         return Route(LOCAL, addr, "%s-%s" % (prefix, local), domain)
     return Route(REMOTE, addr, local, domain)
+
+
+def error_key(recipient: str, channel: str) -> str:
+    """The key of `recipient`'s last temporary failure (the scheduler keeps
+    them for eqmail queue list): the address for a local one, ``@domain``
+    for a remote one (one SMTP transaction a domain)."""
+    if channel == REMOTE:
+        return "@" + recipient.rpartition("@")[2].lower()
+    return recipient.lower()

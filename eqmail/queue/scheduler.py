@@ -60,7 +60,7 @@ from .. import address, heap, log
 from ..control import ConfigHolder
 from ..delivery import DEFERRAL, FAILURE, SUCCESS, Result, deferred
 from ..delivery import lspawn
-from ..delivery.route import LOCAL, REMOTE, route
+from ..delivery.route import LOCAL, REMOTE, error_key, route
 from .store import Item, QueueError, Store, id_time
 from ..threads import run
 
@@ -121,14 +121,6 @@ def unpack_id(packed: int) -> str:
 
 #: Last temporary failures remembered at most (eqmail queue list).
 LAST_ERRORS = 1000
-
-
-def error_key(recipient: str, channel: str) -> str:
-    """The key of `recipient`'s last temporary failure: the address for a
-    local one, ``@domain`` for a remote one (one SMTP transaction a domain)."""
-    if channel == REMOTE:
-        return "@" + recipient.rpartition("@")[2].lower()
-    return recipient.lower()
 
 
 def next_retry(birth: float, now: float, channel: str) -> float:
