@@ -28,7 +28,8 @@ ENVIRONMENT
     verdict reaches qmail-spp plugins as RBLSMTPD too.
 
 DNS
-    Through dnspython in the threadpool (never on the hub), every zone at
+    Through dnspython in the checks' threadpool (threads.run_check; never
+    on the hub), every zone at
     once, each answer within TIMEOUT seconds; a zone that does not answer
     in time counts as not listing (a blocklist being down must not stop
     mail).  Answers are kept in a small cache (at most CACHE_SIZE names)
@@ -118,7 +119,7 @@ def verdict(config, ip: str) -> str:
         return ""
     import gevent
 
-    from ..threads import run
+    from ..threads import run_check as run
 
     jobs = []
     for zone, weight, allow in entries:

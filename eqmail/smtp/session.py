@@ -240,6 +240,7 @@ class Session:
         self.auth_failures = 0
         self._relay_from_auth = False
         self.helo_host: Optional[str] = None
+        self._helo_spf: Optional[tuple] = None   # (HELO name, its spfcheck.Verdict or None)
         self.esmtp = False
         self.errors = 0
         self.messages = 0
@@ -458,7 +459,7 @@ class Session:
         Authentication-Results field (the old one is aborted), a Reply
         when DMARC's reject is honoured (dmarcreject), or None (too big,
         libraries missing, or a failure: the message goes on unchanged)."""
-        from ..threads import run
+        from ..threads import run_check as run
         from . import authcheck
 
         data = draft.contents(self.config.authmaxsize)
@@ -494,14 +495,29 @@ class Session:
     _spf_missing_told = False
 
     def _spf(self, level: int, sender: str) -> Optional[Reply]:
-        """SPF for MAIL FROM (eqmail.smtp.spfcheck, in the threadpool): sets
+        """SPF for HELO, once per HELO name, and for MAIL FROM
+        (eqmail.smtp.spfcheck, in the threadpool): sets SPFHELORESULT,
         SPFRESULT and the Received-SPF field; the refusal `level` calls
-        for, or None."""
-        from ..threads import run
+        for, or None.  A HELO fail is refused from level 3 on; the null
+        sender's result is the HELO one (RFC 7208 section 2.4)."""
+        from ..threads import run_check as run
         from . import spfcheck
 
         try:
-            v = run(spfcheck.check, self.config, self.remote_ip, sender, self.helo_host)
+            if self._helo_spf is None or self._helo_spf[0] != self.helo_host:
+                self._helo_spf = (self.helo_host, run(spfcheck.check_helo, self.config,
+                                                      self.remote_ip, self.helo_host))
+            helo = self._helo_spf[1]
+            if helo is not None:
+                self.env["SPFHELORESULT"] = helo.result
+                if helo.result == "fail" and spfcheck.refuses(level, "fail"):
+                    log.line("smtpd: spf fail for HELO %s from %s refused (spfbehavior %d)"
+                             % (log.clean(self.helo_host), self.remote_ip, level))
+                    return reply.spf(helo.result, helo.explanation)
+            if sender == "" and helo is not None:
+                v = helo
+            else:
+                v = run(spfcheck.check, self.config, self.remote_ip, sender, self.helo_host)
         except spfcheck.Unavailable as e:
             if not Session._spf_missing_told:
                 Session._spf_missing_told = True

@@ -1,11 +1,13 @@
-"""smtp.spfcheck -- SPF (RFC 7208) for MAIL FROM, with qmail-spf's policy levels.
+"""smtp.spfcheck -- SPF (RFC 7208) for HELO and MAIL FROM, with qmail-spf's policy levels.
 
 SUMMARY
     `check(config, ip, sender, helo)` evaluates SPF with pyspf (Debian's
     python3-spf) and returns a `Verdict`: the result (pass, fail, softfail,
     neutral, none, temperror, permerror), its explanation and the
     ``Received-SPF:`` field.  The null sender is checked as
-    ``postmaster@HELO`` (RFC 7208 section 2.4).  pyspf enforces the limits
+    ``postmaster@HELO`` (RFC 7208 section 2.4).  `check_helo(config, ip,
+    helo)` checks the HELO identity on its own (section 2.3), when the
+    name is a domain that can have a record.  pyspf enforces the limits
     of section 4.6.4 (10 look-ups with DNS, 2 void look-ups; more is a
     permerror) and a 20 s limit for the whole evaluation.
 
@@ -18,7 +20,10 @@ POLICY (control/spfbehavior, SPFBEHAVIOR in smtprules; qmail-spf's levels)
     4  and refuse softfail
     5  and refuse neutral
     6  and refuse everything but pass (none and permerror too)
-    Authenticated and RELAYCLIENT sessions are never checked.
+    Authenticated and RELAYCLIENT sessions are never checked.  The HELO
+    identity is checked first, once per HELO name; its fail is refused at
+    level 3 and up whatever MAIL FROM says (as policyd-spf's HELO_reject),
+    its other results are only reported (SPFHELORESULT).
 
 DNS
     pyspf asks dnspython's default resolver; eqmail makes that its own
@@ -31,6 +36,7 @@ STANDARDS
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -67,13 +73,37 @@ def _spf():
     return spf
 
 
+#: A HELO name worth an SPF look-up: a domain of two labels or more, no
+#: address literal (RFC 7208 section 2.3: "a valid domain name").
+_DOMAIN = re.compile(r"(?i)^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)+"
+                     r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?\.?$")
+
+
+def helo_checkable(helo: Optional[str]) -> bool:
+    """Whether `helo` is a domain name that can have an SPF record."""
+    return bool(helo) and _DOMAIN.match(helo) is not None
+
+
+def check_helo(config, ip: str, helo: Optional[str]) -> Optional[Verdict]:
+    """SPF for the HELO identity (RFC 7208 section 2.3) of the client `ip`;
+    None when `helo` is not a domain name (an address literal, one word).
+    Blocking.  Raises Unavailable."""
+    if not helo_checkable(helo):
+        return None
+    return _evaluate(_spf(), config, ip, "", helo)
+
+
 def check(config, ip: str, sender: str, helo: Optional[str]) -> Verdict:
     """SPF for the envelope `sender` (``""``: the null sender, checked as
     postmaster@`helo`) from the client `ip`.  Blocking.  Raises Unavailable."""
-    spf = _spf()
     helo = helo or "unknown"
-    identity = sender or "postmaster@" + helo
-    q = spf.query(i=ip, s=identity, h=helo, receiver=config.me, querytime=QUERY_TIME)
+    return _evaluate(_spf(), config, ip, sender, helo)
+
+
+def _evaluate(spf, config, ip: str, sender: str, helo: str) -> Verdict:
+    """One pyspf evaluation: the MAIL FROM identity, or with `sender` ``""``
+    the HELO one (postmaster@`helo`, ``identity=helo`` in the field)."""
+    q = spf.query(i=ip, s=sender, h=helo, receiver=config.me, querytime=QUERY_TIME)
     try:
         result, _code, explanation = q.check()
     except Exception as e:  # pyspf on odd input: a permanent error, never a crash

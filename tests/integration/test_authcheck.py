@@ -54,6 +54,12 @@ def mx(home, dns, daemon_factory, key):
         '_dmarc.good.test. 300 IN TXT "v=DMARC1; p=reject"',
         '_dmarc.evil.test. 300 IN TXT "v=DMARC1; p=reject"',
         '_dmarc.soft.test. 300 IN TXT "v=DMARC1; p=quarantine"',
+        # malformed records and a huge key record: permerror or none, never a crash
+        '_dmarc.bad1.test. 300 IN TXT "v=DMARC1; p=bogus; pct=x"',
+        '_dmarc.bad2.test. 300 IN TXT "v=DMARC1 p reject ;;;="',
+        '_dmarc.bad2.test. 300 IN TXT "v=DMARC1; p=none"',
+        'sel._domainkey.huge.test. 300 IN TXT %s' % " ".join(
+            '"%s"' % ("k%03d" % i * 60) for i in range(30)),
     ])
     home.setup(authcheck="1\n", dmarcreject="1\n")
     d = daemon_factory(home, env={"EQMAIL_RESOLV_CONF": server.resolv_conf})
@@ -114,3 +120,90 @@ def test_forged_authentication_results_are_removed(home, mx):
     assert len(ours) == 1 and b"bank.test" not in ours[0], lines
     assert b"Authentication-Results: other.example;" in lines  # another host's stays
     assert b" spf=pass smtp.mailfrom=x" in lines
+
+
+def test_malformed_records_and_a_huge_key_are_reported_not_fatal(home, mx):
+    d, keyfile = mx
+    # signed for huge.test: the key record is 7 KB of nonsense
+    signed = opendkim_sign(keyfile, msg("a@huge.test", "huge-key"))
+    signed = signed.replace(b"d=good.test", b"d=huge.test", 1)
+    sent = [("a@bad1.test", "bad1", msg("a@bad1.test", "bad1")),
+            ("a@bad2.test", "bad2", msg("a@bad2.test", "bad2")),
+            ("a@huge.test", "huge-key", signed)]
+    for sender, _subject, data in sent:
+        code, text = send(d, data, sender=sender)
+        assert code == 250, (sender, code, text)
+    msgs = home.wait_messages(3)
+    for _sender, subject, _data in sent:
+        (m,) = [x for x in msgs if b"Subject: " + subject.encode() in x]
+        ar = head_lines(m)[2]
+        assert ar.startswith(b"Authentication-Results: mx.example.org;"), ar
+        assert b"dmarc=pass" not in ar, ar
+        if subject == "huge-key":
+            assert re.search(rb"dkim=(fail|neutral|permerror|temperror)", ar), ar
+    assert "Traceback" not in d.log()
+
+
+def test_a_50_mb_signed_message_is_taken_without_the_checks(home, mx):
+    d, keyfile = mx
+    body = (b"x" * 998 + b"\r\n") * (50 * 1024 * 1024 // 1000)
+    head = opendkim_sign(keyfile, msg("a@good.test", "big", body=b"small\r\n"))
+    head = head.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    code, text = send(d, head + body)
+    assert code == 250, text
+    (m,) = home.wait_messages(1, timeout=120)
+    assert b"Subject: big" in m and len(m) > 50 * 1000 * 1000
+    # bigger than authmaxsize (2 MB): not checked, so no field claims a result
+    assert not [l for l in head_lines(m) if l.startswith(b"Authentication-Results:")]
+    # the message was streamed, not held: no process of the tree grew by it
+    assert max(peak_rss_mb(p) for p in tree(d.proc.pid)) < 60, d.log()
+
+
+def tree(pid: int):
+    """`pid` and its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for t in os.listdir("/proc/%d/task" % p):
+                with open("/proc/%d/task/%s/children" % (p, t)) as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The peak resident set (VmHWM) of `pid`, in MB; 0 when it is gone."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def test_an_arc_sealed_forward_is_reported(home, mx, key):
+    """A forwarder (here dkimpy's arc_sign, the sealer mailing lists use)
+    seals the message; eqmail reports the chain: arc=pass, and arc=fail once
+    the body is changed after the seal."""
+    import dkim
+
+    d, keyfile = mx
+    with open(keyfile, "rb") as f:
+        private = f.read()
+    base = msg("a@plain.test", "arc", extra=b"Authentication-Results: relay.good.test; "
+               b"spf=pass smtp.mailfrom=a@plain.test\r\n")
+    sealed = b"".join(dkim.arc_sign(base, b"sel", b"good.test", private,
+                                    b"relay.good.test")) + base
+    assert send(d, sealed, sender="a@plain.test")[0] == 250
+    assert send(d, sealed.replace(b"Subject: arc", b"Subject: arc-broken")
+                .replace(b"hello", b"HELLO"), sender="a@plain.test")[0] == 250
+    msgs = home.wait_messages(2)
+    (good,) = [m for m in msgs if b"Subject: arc\r\n" in m or b"Subject: arc\n" in m]
+    (bad,) = [m for m in msgs if b"Subject: arc-broken" in m]
+    assert b"arc=pass" in head_lines(good)[2], head_lines(good)[2]
+    assert b"arc=fail" in head_lines(bad)[2], head_lines(bad)[2]

@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 import smtplib
+import socket
 import subprocess
+import time
 
 import pytest
 
@@ -35,6 +37,7 @@ ZONE = [
     'two.test. 300 IN TXT "v=spf1 -all"',
     'two.test. 300 IN TXT "v=spf1 +all"',
     'helo.test. 300 IN TXT "v=spf1 ip4:127.0.0.1 -all"',
+    'badhelo.test. 300 IN TXT "v=spf1 -all"',
     # 11 includes: more than 10 DNS-querying terms (RFC 7208 4.6.4): permerror
     'many.test. 300 IN TXT "v=spf1 include:l1.test include:l2.test include:l3.test '
     'include:l4.test include:l5.test include:l6.test include:l7.test include:l8.test '
@@ -139,3 +142,74 @@ def test_spfbehavior_levels_in_the_daemon(home, spfdns, daemon_factory):
     assert head[spf_at[0]].startswith(b"Received-SPF: Pass (mx.example.org: domain of "
                                       b"pass.test designates 127.0.0.1 as permitted sender)")
     assert b'envelope-from="a@pass.test"' in head[spf_at[0]]
+
+
+def test_the_helo_identity_is_checked_too(home, spfdns, daemon_factory):
+    home.setup(spfbehavior="3\n", rcpthosts=("mx.example.org", "localhost"))
+    d = daemon_factory(home, env={"EQMAIL_RESOLV_CONF": spfdns.resolv_conf})
+
+    def session(helo, sender):
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:
+            s.ehlo(helo)
+            return s.docmd("MAIL FROM:<%s>" % sender)
+
+    # a HELO name whose record says -all is refused, whatever MAIL FROM passes
+    code, text = session("badhelo.test", "a@pass.test")
+    assert code == 550 and text.startswith(b"5.7.23 SPF fail"), (code, text)
+    assert wait_log(d, "smtpd: spf fail for HELO badhelo.test from 127.0.0.1 refused")
+    # an address literal or a bare word has no record to check
+    assert session("[127.0.0.1]", "a@pass.test")[0] == 250
+    assert session("localhost", "a@pass.test")[0] == 250
+    # the null sender is the HELO identity: its field says so
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:
+        s.ehlo("helo.test")
+        s.sendmail("", ["postmaster@mx.example.org"], b"Subject: bounce\r\n\r\nx\r\n")
+    (msg,) = home.wait_messages(1)
+    (field,) = [l for l in head_lines(msg) if l.startswith(b"Received-SPF: ")]
+    assert field.startswith(b"Received-SPF: Pass") and b"identity=helo" in field, field
+    assert b'helo="helo.test"' in field or b"helo=helo.test" in field, field
+
+
+def test_a_dns_server_that_never_answers_stalls_no_other_session(home, daemon_factory):
+    """25 sessions wait on SPF look-ups that never come back (more than the
+    20 threads that commit messages): a client whose rule skips SPF still
+    gets its message in at once, and the waiting ones get 451 in bounded
+    time (spfbehavior 2)."""
+    if not ROOT:
+        pytest.skip("a DNS server on port 53 needs root")
+    hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    hole.bind(("127.0.0.157", 53))  # takes queries, answers none
+    resolv = os.path.join(home.path, "resolv-hole.conf")
+    with open(resolv, "w") as f:
+        f.write("nameserver 127.0.0.157\noptions timeout:30 attempts:1\n")
+    home.setup(spfbehavior="2\n", rcpthosts=("mx.example.org", "localhost"),
+               smtprules='127.0.0.2:allow,SPFBEHAVIOR="0"\n',
+               concurrencyincoming="100\n")
+    d = daemon_factory(home, env={"EQMAIL_RESOLV_CONF": resolv})
+    waiting = []
+    try:
+        for _ in range(25):
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=60)
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"220")
+            s.sendall(b"HELO [127.0.0.1]\r\n")
+            assert f.readline().startswith(b"250")
+            s.sendall(b"MAIL FROM:<a@slow.test>\r\n")
+            waiting.append((s, f))
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=30,
+                          source_address=("127.0.0.2", 0)) as c:
+            c.sendmail("b@slow.test", ["postmaster@mx.example.org"],
+                       b"Subject: not stalled\r\n\r\nx\r\n")
+        took = time.monotonic() - t0
+        assert took < 5, "a session without SPF waited %.1f s for the stuck look-ups" % took
+        t0 = time.monotonic()
+        first = waiting[0][1].readline()
+        assert first.startswith(b"451 ") and b"SPF: temporary error" in first, first
+        assert time.monotonic() - t0 < 30
+    finally:
+        for s, f in waiting:
+            f.close()
+            s.close()
+        hole.close()

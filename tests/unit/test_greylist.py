@@ -65,3 +65,42 @@ def test_a_damaged_store_lets_mail_through_and_is_made_again(tmp_path, caplog):
     assert greylist.check(c, "192.0.2.7", "a@x.org", "b@y.org", now=1.0) is None
     # made anew: greylisting works again
     assert greylist.check(c, "192.0.2.7", "a@x.org", "b@y.org", now=2.0) == 300
+
+
+def test_a_store_on_a_full_disk_lets_mail_through_with_an_alert(tmp_path, capfd):
+    import subprocess
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                   check=True, timeout=30)
+    try:
+        c = conf(mnt)
+        greylist._db.update(conn=None, path=None, told=False)
+        assert greylist.check(c, "192.0.2.7", "a@x.org", "b@y.org", now=1.0) == 300
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)  # the disk fills up
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        for i in range(300):  # new triplets: each would need room
+            assert greylist.check(c, "198.51.%d.1" % (i % 250), "a%d@x.org" % i, "b@y.org",
+                                  now=2.0) in (None, 300)
+            if greylist._db["told"]:
+                break
+        assert greylist._db["told"], "the full disk was never noticed"
+        assert "mail is let through" in capfd.readouterr().err
+        # a triplet that would be greylisted now passes: fail open
+        assert greylist.check(c, "203.0.113.9", "new@x.org", "b@y.org", now=3.0) is None
+        os.unlink(mnt / "filler")  # room again: greylisting works again
+        assert greylist.check(c, "203.0.113.10", "new@x.org", "b@y.org", now=4.0) == 300
+    finally:
+        greylist._db.update(conn=None, path=None, told=False)
+        subprocess.run(["umount", "-l", str(mnt)], timeout=30)
