@@ -489,20 +489,34 @@ class PostfixBench:
     inside it, so the master and every daemon it forks are born there."""
     name = "postfix"
 
-    def __init__(self, extra: Optional[Dict[str, str]] = None, cgroup=None):
+    def __init__(self, extra: Optional[Dict[str, str]] = None, cgroup=None,
+                 resolv_conf: Optional[str] = None):
         sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
         sys.dont_write_bytecode = True   # leave no __pycache__ in tests/
         import peers  # noqa: E402
         self.cgroup = cgroup
+        self.resolv_conf = resolv_conf
+        bench = self
 
         class _Peer(peers.PostfixPeer):
+            def master_cf(peer) -> str:
+                return bench.master_cf(super().master_cf())
+
             def _postfix(peer, *args, timeout: float = 60.0, check: bool = True):
-                if not (args and args[0] == "start" and cgroup is not None):
+                if not (args and args[0] == "start" and (cgroup is not None or resolv_conf)):
                     return super()._postfix(*args, timeout=timeout, check=check)
                 env = dict(os.environ, MAIL_CONFIG=peer.config_dir)
-                res = subprocess.run(cgroup.wrap([peers.POSTFIX, "-c", peer.config_dir]
-                                                 + list(args)),
-                                     capture_output=True, text=True, timeout=timeout, env=env)
+                cmd = [peers.POSTFIX, "-c", peer.config_dir] + list(args)
+                if resolv_conf:
+                    # the master and all it spawns in a mount namespace of their
+                    # own, where /etc/resolv.conf names the bench's DNS responder
+                    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+                           resolv_conf] + cmd
+                if cgroup is not None:
+                    cmd = cgroup.wrap(cmd)
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                     env=env)
                 if check and res.returncode != 0:
                     raise RuntimeError("postfix %s failed (%s):\n%s%s\n%s"
                                        % (" ".join(args), res.returncode, res.stdout,
@@ -518,6 +532,10 @@ class PostfixBench:
                           domain=DOMAIN, hostname="mx." + DOMAIN, user=MAIL_USER,
                           extra_config=config)
         _tempdirs.append(self.peer.dir)
+
+    def master_cf(self, base: str) -> str:
+        """master.cf: PostfixPeer's, unchanged here (see PostscreenBench)."""
+        return base
 
     @property
     def new(self) -> str:
@@ -558,6 +576,73 @@ class PostfixBench:
         for _, _, files in os.walk(os.path.join(self.peer.queue_dir, "deferred")):
             n += len(files)
         return n
+
+
+POLICYD_SPF = "/usr/bin/policyd-spf"
+
+
+class PostscreenBench(PostfixBench):
+    """Postfix as a public MX (issue 21): postscreen in front of smtpd
+    (DNSBL bl.bench.test enforced, the pregreet test enforced; the deep
+    protocol tests stay off: a client that passes them must reconnect) and
+    policyd-spf (Debian's postfix-policyd-spf-python) as the SPF policy
+    service at RCPT, which prepends Received-SPF.  policyd-spf reads its
+    own configuration (`spf_conf`): Debian's, but skip_addresses names
+    only 192.0.2.1 (Debian's skips 127.0.0.0/8, and every bench client is
+    127.0.0.1; an empty value crashes policyd-spf 2.0.2).  Postfix and policyd-spf resolve through /etc/resolv.conf:
+    `postfix start` runs in a mount namespace where `resolv_conf` is
+    mounted over it (the master and everything it spawns stay there).
+    postscreen's teaser banner is off and its greet wait is 1 s so that
+    PostfixPeer's start-up check (it wants "220 " in the first line, within
+    2 s) passes; they matter only for a client postscreen does not know."""
+    name = "postfix-postscreen"
+
+    def __init__(self, dnsbl: str, resolv_conf: str, workdir: str):
+        self.spf_conf = os.path.join(workdir, "policyd-spf.conf")
+        with open(self.spf_conf, "w") as f:
+            f.write("debugLevel = 1\nTestOnly = 1\nHELO_reject = Fail\n"
+                    "Mail_From_reject = Fail\nPermError_reject = False\n"
+                    "TempError_Defer = False\nskip_addresses = 192.0.2.1/32\n")
+        os.chmod(self.spf_conf, 0o644)
+        super().__init__(extra={
+            "postscreen_dnsbl_sites": dnsbl,
+            "postscreen_dnsbl_action": "enforce",
+            "postscreen_greet_action": "enforce",
+            "postscreen_greet_banner": "",
+            "postscreen_greet_wait": "1s",
+            "postscreen_pipelining_enable": "no",
+            "postscreen_non_smtp_command_enable": "no",
+            "postscreen_bare_newline_enable": "no",
+            "smtpd_recipient_restrictions": "reject_unauth_destination, "
+                                            "check_policy_service unix:private/policyd-spf",
+            "policyd-spf_time_limit": "3600"}, resolv_conf=resolv_conf)
+
+    def master_cf(self, base: str) -> str:
+        lines = base.splitlines()
+        assert lines[0].split()[1:2] == ["inet"] and lines[0].split()[-1] == "smtpd"
+        listener = lines[0].split()[0]
+        svc = [(listener, "inet", "n", "-", "n", "-", "1", "postscreen"),
+               ("smtpd", "pass", "-", "-", "n", "-", "-", "smtpd"),
+               ("dnsblog", "unix", "-", "-", "n", "-", "0", "dnsblog"),
+               ("tlsproxy", "unix", "-", "-", "n", "-", "0", "tlsproxy"),
+               ("policyd-spf", "unix", "-", "n", "n", "-", "0", "spawn",
+                "user=nobody", "argv=%s" % POLICYD_SPF, self.spf_conf)]
+        return "".join(" ".join(x) + "\n" for x in svc) + "\n".join(lines[1:]) + "\n"
+
+    def log_count(self, needle: str) -> int:
+        try:
+            with open(self.peer.logfile, "rb") as f:
+                return f.read().count(needle.encode())
+        except OSError:
+            return 0
+
+    def log_lines(self, needle: str, most: int) -> List[str]:
+        try:
+            with open(self.peer.logfile, "rb") as f:
+                lines = f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return []
+        return [x[:300] for x in lines if needle in x][:most]
 
 
 class EqmailPeer:
@@ -683,8 +768,10 @@ class EqmailPeer:
 # ---------------------------------------------------------------- measurements
 
 
-def load_run(peer, smtp_source: List[str], n: int, c: int, sample: bool) -> dict:
-    """One smtp-source run against `peer`; accept and delivery times."""
+def load_run(peer, smtp_source: List[str], n: int, c: int, sample: bool,
+             timeout: Optional[float] = None) -> dict:
+    """One smtp-source run against `peer`; accept and delivery times
+    (given up after `timeout` s, default 30 s + 50 ms a message)."""
     exe, libdir = smtp_source
     peer.clear()
     os.sync()
@@ -692,7 +779,7 @@ def load_run(peer, smtp_source: List[str], n: int, c: int, sample: bool) -> dict
     env = dict(os.environ, LD_LIBRARY_PATH=libdir)
     cmd = [exe, "-c", "-l", str(MSG_SIZE), "-m", str(n), "-s", str(c), "-f", SENDER,
            "-t", RCPT, "127.0.0.1:%d" % peer.port]
-    timeout = 30 + n / 20.0
+    timeout = timeout or 30 + n / 20.0
     sampler = PeakSampler(peer.pid()) if sample else None
     if sampler:
         sampler.__enter__()
@@ -1219,12 +1306,126 @@ DEFENCE_CONTROLS = {"rbls": "bl.bench.test", "spfbehavior": "1", "authcheck": "1
 DEFENCE_LIBS = ("pyspf", "dkimpy", "authheaders", "publicsuffix2")
 
 
+#: the plugins' configuration: eqmail's own checks off, except the two
+#: that are part of the SMTP dialogue and cannot be a plugin
+SPP_CONTROLS = {"strictpipelining": "1", "tarpitdelay": "0",
+                "smtpplugins": "[connection]\nplugins/rbl\n[mail]\nplugins/spf\n"
+                               "[rcpt]\nplugins/grey",
+                "smtprules": ':allow,QMAILQUEUE="plugins/dkim"'}
+#: the columns of the defences part, in the report's order
+DEFENCE_CONFIGS = ("off", "on", "plugins", "postscreen")
+DEFENCE_NAMES = {"off": "eqmail, checks off", "on": "eqmail, checks in-process",
+                 "plugins": "eqmail, the same checks as forked qmail-spp plugins",
+                 "postscreen": "Postfix + postscreen + policyd-spf"}
+
+
+def dns_counts(proc: subprocess.Popen) -> dict:
+    """The questions bench/dns_peer.py has answered so far (SIGUSR1)."""
+    import select
+
+    try:
+        proc.send_signal(signal.SIGUSR1)
+        if select.select([proc.stdout], [], [], 5.0)[0]:
+            return json.loads(proc.stdout.readline())
+    except (OSError, ValueError):
+        pass
+    return {}
+
+
+def dns_delta(after: dict, before: dict) -> dict:
+    out = {"queries": after.get("queries", 0) - before.get("queries", 0)}
+    for k in ("types", "suffixes"):
+        out[k] = {x: n - before.get(k, {}).get(x, 0) for x, n in after.get(k, {}).items()
+                  if n - before.get(k, {}).get(x, 0)}
+    return out
+
+
+def delivered_headers(new: str) -> dict:
+    """The trace fields the checks add, in one delivered message of `new`:
+    name -> the field's first 160 characters."""
+    out = {}
+    try:
+        name = sorted(os.listdir(new))[0]
+        with open(os.path.join(new, name), "rb") as f:
+            head = f.read(65536).split(b"\n\n", 1)[0].decode("utf-8", "replace")
+    except (OSError, IndexError):
+        return out
+    for line in head.replace("\n\t", " ").replace("\n ", " ").splitlines():
+        field = line.split(":", 1)[0]
+        if field.lower() in ("received-spf", "authentication-results") and field not in out:
+            out[field] = " ".join(line.split())[:160]
+    return out
+
+
+def spp_setup(peer: "EqmailPeer", py_e: str, resolv: str, pw) -> None:
+    """HOME/plugins: bench/spp_plugins.py and one small launcher a mode
+    (qmail-spp runs a plugin without arguments), owned by the daemon's
+    user (the module's .pyc is cached there after the first run)."""
+    d = os.path.join(peer.home, "plugins")
+    os.makedirs(d)
+    shutil.copy(os.path.join(BENCH, "spp_plugins.py"), d)
+    common = ["--resolv", resolv]
+    modes = {"rbl": ["--zone", DEFENCE_CONTROLS["rbls"]],
+             "spf": ["--authserv", DOMAIN],
+             "grey": ["--db", os.path.join(d, "grey.sqlite"),
+                      "--delay", DEFENCE_CONTROLS["greydelay"]],
+             "dkim": ["--authserv", DOMAIN, "--queue", py_e]}
+    for mode, extra in modes.items():
+        path = os.path.join(d, mode)
+        with open(path, "w") as f:
+            f.write("#!%s\nimport sys\nsys.path.insert(0, %r)\nfrom spp_plugins import main\n"
+                    "sys.exit(main(%r))\n" % (py_e, d, [mode] + common + extra))
+        os.chmod(path, 0o755)
+    for x in [d] + [os.path.join(d, f) for f in os.listdir(d)]:
+        os.chown(x, pw.pw_uid, pw.pw_gid)
+
+
+def warm_up(port: int, times: int) -> List[int]:
+    """`times` sessions up to RCPT, 1.3 s apart (the greylist delay is 1 s):
+    the RCPT reply codes.  The one triplet of the load is then known to a
+    greylist, and the client to postscreen's cache."""
+    import smtplib
+
+    codes = []
+    for attempt in range(times):
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+            c.ehlo("bench.test")
+            c.docmd("MAIL FROM:<%s>" % SENDER)
+            code, _ = c.docmd("RCPT TO:<%s>" % RCPT)
+        codes.append(code)
+        if attempt + 1 < times:
+            time.sleep(1.3)
+    return codes
+
+
+def defence_runs(peer, label: str, r: dict, smtp_source: List[str], n: int,
+                 runs: int) -> None:
+    """`runs` c=20 runs of `n` messages: delivered msg/s, CPU ms a session
+    (the whole tree, children reaped included), the tree's peak RSS."""
+    r.setdefault("runs", [])
+    for i in range(runs):
+        cpu0 = tree_cpu_seconds(peer.pid())
+        # forked plugins may manage only a few sessions a second: wait long
+        lr = load_run(peer, smtp_source, n, 20, sample=True, timeout=60 + n)
+        cpu = tree_cpu_seconds(peer.pid()) - cpu0
+        lr["cpu_ms_per_msg"] = 1000.0 * cpu / n
+        r["runs"].append(lr)
+        say("defences %s run %d: %s msg/s (%d/%d), %.2f CPU ms a session, peak RSS %s%s"
+            % (label, i + 1, fmt(lr["delivered_msgs_s"]), lr["delivered_count"], n,
+               lr["cpu_ms_per_msg"], _mbv(lr["peak"]["rss_kb"] / 1024.0),
+               "" if lr["smtp_source_rc"] == 0 else " smtp-source exit %s: %s" % (
+                   lr["smtp_source_rc"], lr.get("smtp_source_stderr", ""))))
+    r["headers"] = delivered_headers(peer.new)
+
+
 def defences_phase(py: Dict[str, str], pw, workdir: str, smtp_source: List[str], n: int,
-                   runs: int) -> dict:
-    """eqmail with every check of issue 21 off, then on: idle RSS (checks
-    configured, not yet used), delivered msg/s at c=20 (smtp-source sends
-    one message a session: sessions/s), CPU ms per session and the tree's
-    peak RSS."""
+                   runs: int, with_postfix: bool = False) -> dict:
+    """eqmail with every check of issue 21 off, on (in-process), and the
+    same checks as forked qmail-spp plugins (bench/spp_plugins.py); with
+    `with_postfix`, Postfix with postscreen and policyd-spf: idle RSS
+    (checks configured, not yet used), delivered msg/s at c=20
+    (smtp-source sends one message a session: sessions/s), CPU ms per
+    session and the tree's peak RSS; the DNS questions each asked."""
     py_e = py["eqmail"]
     if sh([py_e, "-c", "import spf, dkim, authheaders, publicsuffix2"], check=False,
           cwd="/").returncode:
@@ -1238,14 +1439,20 @@ def defences_phase(py: Dict[str, str], pw, workdir: str, smtp_source: List[str],
     dns_proc = subprocess.Popen([py["peers"], os.path.join(BENCH, "dns_peer.py"), DNS_ADDRESS,
                                  RELAY_NAME, "127.0.0.1"], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, cwd="/")
-    out: dict = {"controls": DEFENCE_CONTROLS, "messages": n}
+    out: dict = {"controls": DEFENCE_CONTROLS, "messages": n,
+                 "spp_controls": {k: v for k, v in SPP_CONTROLS.items()}}
     try:
         if dns_proc.stdout.readline().strip() != b"ready":
             out["error"] = "the DNS responder did not start"
             return out
-        for label, controls in (("off", {}), ("on", DEFENCE_CONTROLS)):
+        configs = [("off", {}), ("on", DEFENCE_CONTROLS), ("plugins", SPP_CONTROLS)]
+        for label, controls in configs:
+            dns0 = dns_counts(dns_proc)
             peer = EqmailPeer(py_e, workdir, pw, None, resolv, label="eqmail-def-" + label,
-                              controls=controls).start(wait=False)
+                              controls=controls)
+            if label == "plugins":
+                spp_setup(peer, py_e, resolv, pw)
+            peer.start(wait=False)
             try:
                 # idle before any connection: a greeting would run the DNSBL
                 # look-up (connect mode) and so "use" the checks
@@ -1254,28 +1461,49 @@ def defences_phase(py: Dict[str, str], pw, workdir: str, smtp_source: List[str],
                     time.sleep(0.1)
                 r = out[label] = {"idle": idle_memory(peer, settle=1.5), "runs": []}
                 wait_greeting(peer.port, 60, peer.proc, "eqmaild")
-                if controls.get("greydelay"):
+                if label != "off":
                     # the one triplet of the load: greylisted once, then known
-                    import smtplib
-                    for attempt in range(2):
-                        with smtplib.SMTP("127.0.0.1", peer.port, timeout=30) as c:
-                            c.ehlo("bench.test")
-                            c.docmd("MAIL FROM:<%s>" % SENDER)
-                            code, _ = c.docmd("RCPT TO:<%s>" % RCPT)
-                        r.setdefault("greylist_codes", []).append(code)
-                        time.sleep(1.3)
-                for i in range(runs):
-                    cpu0 = tree_cpu_seconds(peer.pid())
-                    lr = load_run(peer, smtp_source, n, 20, sample=True)
-                    cpu = tree_cpu_seconds(peer.pid()) - cpu0
-                    lr["cpu_ms_per_msg"] = 1000.0 * cpu / n
-                    r["runs"].append(lr)
-                    say("defences %s run %d: %s msg/s, %.2f CPU ms a session, peak RSS %s"
-                        % (label, i + 1, fmt(lr["delivered_msgs_s"]), lr["cpu_ms_per_msg"],
-                           _mbv(lr["peak"]["rss_kb"] / 1024.0)))
+                    r["greylist_codes"] = warm_up(peer.port, 2)
+                    say("defences %s: greylisting warm-up, RCPT replies %s"
+                        % (label, r["greylist_codes"]))
+                defence_runs(peer, label, r, smtp_source, n, runs)
                 r["log"] = peer.log_summary()
+                if label == "plugins":
+                    r["qmailqueue_said"] = peer.log_count("QMAILQUEUE")
             finally:
                 peer.stop()
+                r = out.get(label)
+                if r is not None:
+                    r["dns"] = dns_delta(dns_counts(dns_proc), dns0)
+                    say("defences %s: headers %s; DNS questions %s"
+                        % (label, r.get("headers"), r["dns"]))
+        if with_postfix:
+            if not os.access(POLICYD_SPF, os.X_OK):
+                apt_install(["postfix-policyd-spf-python"])
+            dns0 = dns_counts(dns_proc)
+            pf = PostscreenBench(DEFENCE_CONTROLS["rbls"], resolv, workdir)
+            r = out["postscreen"] = {"version": pf.version() or None}
+            try:
+                try:
+                    pf.start()
+                except Exception as e:  # the eqmail columns are still worth a report
+                    r["error"] = str(e)[-1500:]
+                    say("defences postscreen: %s" % r["error"])
+                    return out
+                r["idle"] = idle_memory(pf, settle=1.5)
+                r["warm_up_codes"] = warm_up(pf.port, 1)
+                defence_runs(pf, "postscreen", r, smtp_source, n, runs)
+                time.sleep(1.0)  # postlogd
+                r["log"] = {k: pf.log_count(k) for k in (
+                    "postscreen[", "CONNECT from", "PASS NEW", "PASS OLD", "DNSBL rank",
+                    "policyd-spf", "warning:", "fatal:", "reject:")}
+                r["log"]["first_warnings"] = pf.log_lines("warning:", 5)
+            finally:
+                pf.stop()
+                _started.remove(pf)
+                r["dns"] = dns_delta(dns_counts(dns_proc), dns0)
+                say("defences postscreen: headers %s; log %s; DNS questions %s"
+                    % (r.get("headers"), r.get("log"), r["dns"]))
     finally:
         stop_proc(dns_proc)
     return out
@@ -1739,34 +1967,7 @@ def extra_sections(res: dict) -> List[str]:
             fmt_spread(spread(e), 3), fmt_spread(spread(p), 3)))
     dfn = res.get("defences")
     if dfn and dfn.get("off") and dfn.get("on"):
-        lines += ["", "## Defences of a public MX (issue 21): eqmail with every check off, "
-                  "then on", "",
-                  "On: %s (control files). The DNS answers come from the bench's responder "
-                  "(NXDOMAIN: not listed, SPF none, no DMARC record), so the figures are "
-                  "eqmail's own cost plus a local DNS round trip each; the one triplet of "
-                  "the load is greylisted once before the runs. smtp-source sends one "
-                  "message a session: msg/s are sessions/s. %d × 4 KB at c=20, median "
-                  "(min–max) of the runs." % (", ".join("%s %s" % kv for kv in sorted(
-                      dfn["controls"].items())), dfn["messages"]), "",
-                  "| metric | checks off | checks on | on/off |", "|---|---|---|---|"]
-
-        def drow(label, f, digits=0, unit=""):
-            a = [f(r) for r in dfn["off"]["runs"] if f(r) is not None]
-            b = [f(r) for r in dfn["on"]["runs"] if f(r) is not None]
-            lines.append("| %s | %s | %s | %s |" % (
-                label, fmt_spread(spread(a), digits), fmt_spread(spread(b), digits),
-                fmt(ratio(_median(b), _median(a)), 2, "×")))
-
-        drow("delivered msg/s (= sessions/s) at c=20", lambda r: r["delivered_msgs_s"])
-        drow("CPU ms per session (the whole tree)", lambda r: r["cpu_ms_per_msg"], 2)
-        drow("peak tree RSS during the load (MB)", lambda r: r["peak"]["rss_kb"] / 1024.0, 1)
-        a = dfn["off"]["idle"]["rss_kb"] / 1024.0
-        b = dfn["on"]["idle"]["rss_kb"] / 1024.0
-        lines.append("| idle RSS after start (checks configured, not yet used) | %s | %s | "
-                     "+%s |" % (_mbv(a), _mbv(b), _mbv(b - a)))
-        if dfn["on"].get("greylist_codes"):
-            lines.append("| the greylisting warm-up: RCPT replies | – | %s | – |"
-                         % ", ".join(str(c) for c in dfn["on"]["greylist_codes"]))
+        lines += defences_section(dfn)
     q = res.get("queue")
     if q and (q.get("eqmail") or q.get("postfix")):
         e, p = q.get("eqmail") or {}, q.get("postfix") or {}
@@ -1835,6 +2036,103 @@ def extra_sections(res: dict) -> List[str]:
         qrow("… − idle RSS (not given back)", lambda d: _mbv(
             (g(d, "after_drain", "rss_kb") - g(d, "idle", "rss_kb")) / 1024.0)
             if d.get("after_drain") else "–")
+    return lines
+
+
+def defences_section(dfn: dict) -> List[str]:
+    """The table of issue 21: eqmail's checks off, in-process, as forked
+    qmail-spp plugins, and Postfix with postscreen and policyd-spf."""
+    cols = [c for c in DEFENCE_CONFIGS if (dfn.get(c) or {}).get("runs")]
+    pf = dfn.get("postscreen") or {}
+    lines = ["", "## Defences of a public MX (issue 21): eqmail's checks off, in-process, "
+             "as qmail-spp plugins; Postfix with postscreen and policyd-spf", "",
+             "In-process: %s (control files). Plugins: eqmail's own checks off except "
+             "strictpipelining 1 (part of the dialogue, no plugin can do it), and "
+             "bench/spp_plugins.py forked per command with the same libraries (dnspython, "
+             "pyspf, dkimpy, authheaders): `[connection]` DNSBL bl.bench.test, `[mail]` SPF "
+             "(`H` Received-SPF), `[rcpt]` greylisting (sqlite, 1 s), and a QMAILQUEUE "
+             "wrapper (control/smtprules) that verifies DKIM/DMARC, prepends "
+             "Authentication-Results and execs `eqmail queue`; with QMAILQUEUE set eqmaild "
+             "does not deliver during DATA (direct local delivery is off), every message "
+             "goes through the queue. Postfix: postscreen (DNSBL bl.bench.test and the "
+             "pregreet test enforced; pipelining, non-SMTP and bare-newline tests off, as "
+             "they make a client that passes reconnect; no teaser banner, greet wait 1 s) "
+             "and `check_policy_service` policyd-spf at RCPT (spawned as nobody, Debian's "
+             "settings but skip_addresses 192.0.2.1/32: Debian's skips 127.0.0.0/8); its DNS questions reach the same "
+             "responder through a resolv.conf mounted in Postfix's own mount namespace. "
+             "The DNS answers are NXDOMAIN (not listed, SPF none, no DMARC record), so the "
+             "figures are each MTA's own cost plus a local DNS round trip each. Warm-up "
+             "before the runs: the one greylist triplet of the load is greylisted once "
+             "(eqmail), and postscreen sees the client once and caches its pass (all load "
+             "comes from 127.0.0.1; a DNSBL result is kept postscreen_dnsbl_min_ttl, 60 s, "
+             "then looked up again). smtp-source sends one message a session: msg/s are "
+             "sessions/s. %d × 4 KB at c=20, median (min–max) of the runs."
+             % (", ".join("%s %s" % kv for kv in sorted(dfn["controls"].items())),
+                dfn["messages"]), ""]
+    if pf.get("error"):
+        lines += ["Postfix + postscreen did not run: %s" % pf["error"].splitlines()[0][:300], ""]
+    lines += ["| metric | %s | in-process/off | in-process/plugins | in-process/Postfix |"
+              % " | ".join(DEFENCE_NAMES[c] for c in cols),
+              "|---|%s---|---|---|" % ("---|" * len(cols))]
+
+    def vals(c, f):
+        return [f(r) for r in (dfn.get(c) or {}).get("runs", []) if f(r) is not None]
+
+    def med(c, f):
+        return _median(vals(c, f))
+
+    def drow(label, f, digits=0):
+        cells = [fmt_spread(spread(vals(c, f)), digits) for c in cols]
+        rs = [fmt(ratio(med("on", f), med(o, f)), 2, "×") if o in cols else "–"
+              for o in ("off", "plugins", "postscreen")]
+        lines.append("| %s | %s | %s |" % (label, " | ".join(cells), " | ".join(rs)))
+
+    def sessions(r):
+        return r["delivered_msgs_s"]
+
+    def cpu(r):
+        return r["cpu_ms_per_msg"]
+
+    def peak(r):
+        return r["peak"]["rss_kb"] / 1024.0
+
+    drow("delivered msg/s (= sessions/s) at c=20", sessions)
+    drow("CPU ms per session (the whole tree)", cpu, 2)
+    drow("peak tree RSS during the load (MB)", peak, 1)
+    idle = {c: dfn[c]["idle"]["rss_kb"] / 1024.0 for c in cols if dfn[c].get("idle")}
+    rs = [fmt(ratio(idle.get("on"), idle.get(o)), 2, "×") if o in idle else "–"
+          for o in ("plugins", "postscreen")]
+    off = "%+.1f MB" % (idle["on"] - idle["off"]) if "on" in idle and "off" in idle else "–"
+    lines.append("| idle RSS after start (eqmail: before any connection; Postfix: after its "
+                 "start-up check) (MB) | %s | %s | %s |" % (
+                     " | ".join(fmt(idle.get(c), 1) for c in cols), off, " | ".join(rs)))
+    lines.append("| warm-up: RCPT replies | %s | – | – | – |" % " | ".join(
+        ", ".join(str(x) for x in (dfn[c].get("greylist_codes") or
+                                   dfn[c].get("warm_up_codes") or [])) or "–" for c in cols))
+    lines.append("| DNS questions (all runs and the warm-up): total; to bl.bench.test | %s "
+                 "| – | – | – |" % " | ".join(
+                     "%s; %s" % (fmt(g.get("queries")), fmt(g.get("suffixes", {}).get(
+                         "bl.bench.test", 0))) if g else "–"
+                     for g in ((dfn[c].get("dns") or {}) for c in cols)))
+    lines.append("| trace fields in a delivered message | %s | – | – | – |" % " | ".join(
+        "–" if "headers" not in dfn[c] else ", ".join(sorted(dfn[c]["headers"])) or "none"
+        for c in cols))
+    said = []
+    for o, name in (("plugins", "the same checks as forked plugins"),
+                    ("postscreen", "Postfix with postscreen and policyd-spf")):
+        a, b = med("on", sessions), med(o, sessions)
+        ca, cb = med("on", cpu), med(o, cpu)
+        if a and b and ca and cb:
+            said.append("%s× the sessions/s of %s at %s× its CPU per session"
+                        % (fmt(a / b, 2), name, fmt(ca / cb, 2)))
+    if said:
+        lines += ["", "eqmail with its checks in-process: " + "; ".join(said) + "."]
+    lg = pf.get("log")
+    if lg:
+        lines += ["", "Postfix's log: %s postscreen lines (%s PASS NEW, %s PASS OLD, %s DNSBL "
+                  "rank); %s warnings, %s rejects." % (
+                      lg.get("postscreen["), lg.get("PASS NEW"), lg.get("PASS OLD"),
+                      lg.get("DNSBL rank"), lg.get("warning:"), lg.get("reject:"))]
     return lines
 
 
@@ -2179,7 +2477,8 @@ def main(argv=None) -> int:
                 q["postfix"] = queue_phase_postfix(smtp_source, qn, cpu_s)
         # --- issue 21: the defences of a public MX, off and on
         if "defences" in parts and "eqmail" in peers:
-            res["defences"] = defences_phase(py, pw, workdir, smtp_source, n, runs)
+            res["defences"] = defences_phase(py, pw, workdir, smtp_source, n, runs,
+                                             with_postfix="postfix" in peers)
     except (_Stopped, KeyboardInterrupt) as e:
         say("stopped: %s" % e)
         cleanup(args.keep)
