@@ -2099,6 +2099,8 @@ def defences_section(dfn: dict) -> List[str]:
     drow("delivered msg/s (= sessions/s) at c=20", sessions)
     drow("CPU ms per session (the whole tree)", cpu, 2)
     drow("peak tree RSS during the load (MB)", peak, 1)
+    drow("peak tree PSS during the load (MB; shared pages counted once)",
+         lambda r: r["peak"]["pss_kb"] / 1024.0 if r["peak"].get("pss_kb") else None, 1)
     idle = {c: dfn[c]["idle"]["rss_kb"] / 1024.0 for c in cols if dfn[c].get("idle")}
     rs = [fmt(ratio(idle.get("on"), idle.get(o)), 2, "×") if o in idle else "–"
           for o in ("plugins", "postscreen")]
@@ -2123,16 +2125,25 @@ def defences_section(dfn: dict) -> List[str]:
         a, b = med("on", sessions), med(o, sessions)
         ca, cb = med("on", cpu), med(o, cpu)
         if a and b and ca and cb:
-            said.append("%s× the sessions/s of %s at %s× its CPU per session"
-                        % (fmt(a / b, 2), name, fmt(ca / cb, 2)))
+            said.append("%s× the sessions/s of %s, with %s its CPU per session"
+                        % (fmt(a / b, 2), name, "%s×" % fmt(ca / cb, 2) if ca >= cb * 0.5
+                           else "1/%s of" % fmt(cb / ca)))
     if said:
         lines += ["", "eqmail with its checks in-process: " + "; ".join(said) + "."]
+    if "postscreen" in cols:
+        lines += ["", "The Postfix column does less than eqmail's: policyd-spf checks SPF "
+                  "(of the HELO name and of the sender) but there is no DKIM/DMARC check "
+                  "(that would be a milter such as OpenDKIM/OpenDMARC) and no greylisting "
+                  "(postgrey, another policy service); postscreen's DNSBL and pregreet tests "
+                  "stand for eqmail's rbls and strictpipelining."]
     lg = pf.get("log")
     if lg:
-        lines += ["", "Postfix's log: %s postscreen lines (%s PASS NEW, %s PASS OLD, %s DNSBL "
-                  "rank); %s warnings, %s rejects." % (
-                      lg.get("postscreen["), lg.get("PASS NEW"), lg.get("PASS OLD"),
-                      lg.get("DNSBL rank"), lg.get("warning:"), lg.get("reject:"))]
+        lines += ["", "Postfix's log: %s postscreen lines (%s CONNECT, %s PASS NEW, %s PASS "
+                  "OLD, %s DNSBL rank); %s warnings, %s rejects (postlogd's datagram socket "
+                  "may drop lines under load)." % (
+                      lg.get("postscreen["), lg.get("CONNECT from"), lg.get("PASS NEW"),
+                      lg.get("PASS OLD"), lg.get("DNSBL rank"), lg.get("warning:"),
+                      lg.get("reject:"))]
     return lines
 
 
