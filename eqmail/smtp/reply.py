@@ -71,6 +71,11 @@ HELP = R(214, "2.0.0", "eqmail: see RFC 5321; commands HELO EHLO MAIL RCPT DATA 
 GO_AHEAD = R(354, None, "go ahead")
 # 4xx
 TIMEOUT = R(451, "4.4.2", "timeout (#4.4.2)", close=True)
+def bdat_chunk(size: int) -> Reply:
+    """A chunk that is not the last one, taken (RFC 3030 section 2)."""
+    return R(250, "2.0.0", "%d octets received" % size)
+
+
 def rbl(text: str, permanent: bool, at_mail: bool) -> Reply:
     """A DNS blocklist's refusal (rblsmtpd's RBLSMTPD text): at the
     connection 554 or 421 and hang up, at MAIL 553 or 451."""
@@ -115,6 +120,11 @@ LINE_TOO_LONG = R(500, "5.5.2", "line too long (#5.5.2)")
 MAIL_FIRST = R(503, "5.5.1", "MAIL first (#5.5.1)")
 RCPT_FIRST = R(503, "5.5.1", "RCPT first (#5.5.1)")
 SYNTAX = R(555, "5.5.4", "syntax error (#5.5.4)")
+BDAT_SYNTAX = R(501, "5.5.4", "syntax error in BDAT: the chunk's size is unknown, "
+                "closing (#5.5.4)", close=True)
+BDAT_FAILED = R(503, "5.5.1", "this message has failed already: RSET and send it again "
+                "(#5.5.1)")
+DATA_IN_BDAT = R(503, "5.5.1", "BDAT already began this message: no DATA (#5.5.1)")
 BADMAILFROM = R(553, "5.7.1", "sorry, your envelope sender is in my badmailfrom list (#5.7.1)")
 NOGATEWAY = R(553, "5.7.1", "sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)")
 TOO_BIG = R(552, "5.3.4", "sorry, that message size exceeds my databytes limit (#5.3.4)")

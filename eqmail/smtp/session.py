@@ -50,7 +50,7 @@ from .. import address, log
 from ..control import Config, parse_size
 from ..queue.store import QueueError, Store
 from . import policy, reply
-from .authcheck import authserv_id as authcheck_id
+from .content import Chunks, HeaderScan
 from .reply import Reply
 
 MAX_LINE = 1000
@@ -58,6 +58,11 @@ MAX_RCPT = 1000
 MAX_ERRORS = 20
 MAX_HOPS = 100
 DATA_CHUNK = 8192
+#: Bytes of BDAT data read at a time.
+BDAT_PIECE = 65536
+#: The largest chunk read through only to be thrown away (its transaction
+#: failed, or there is none); a bigger one ends the connection.
+BDAT_DISCARD = 1 << 20
 #: Seconds a QMAILQUEUE program may stall reading the message, and may take
 #: to exit after the envelope (at most; timeoutsmtpd when shorter): RFC
 #: 5321 section 4.5.3.2.6 gives the client 10 minutes for the final reply.
@@ -178,6 +183,37 @@ class LineReader:
             buf += data
 
 
+    def read(self, limit: int) -> bytes:
+        """Up to `limit` bytes, lines or not: what is buffered, else what
+        one receive brings.  Returns b"" at EOF.  Raises Disconnect when
+        the connection breaks."""
+        buf = self._buf
+        if not buf:
+            try:
+                data = self._recv(max(self._bufsize, min(limit, 65536)))
+            except (ConnectionError, OSError) as e:
+                raise Disconnect(str(e))
+            if len(data) <= limit:
+                return data
+            buf += data
+        out = bytes(buf[:limit])
+        del buf[:limit]
+        return out
+
+
+class _Chunked:
+    """The message BDAT is building: its draft and its `Chunks`; or, with
+    no draft, a message that has failed (later chunks are read and
+    refused)."""
+
+    __slots__ = ("draft", "chunks", "failed")
+
+    def __init__(self, draft, chunks: Optional[Chunks]):
+        self.draft = draft          # None: the message has failed
+        self.chunks = chunks
+        self.failed = draft is None
+
+
 class Session:
     """One SMTP conversation.
 
@@ -248,6 +284,8 @@ class Session:
         self.rcpt_count_all = 0
         self.later: Dict[str, str] = {}   # LM/LR/LD texts from plugins
         self._timer = None
+        self._chunked: Optional[_Chunked] = None   # BDAT's message
+        self._extra_drafts: list = []
         self._reset()
 
     @property
@@ -272,6 +310,7 @@ class Session:
         self.later = {}
 
     def _new_transaction(self) -> None:
+        self._drop_chunks()
         self.spf_header: Optional[str] = None
         self.mailfrom: Optional[str] = None
         self.bad_mail = False
@@ -298,8 +337,13 @@ class Session:
             return min(self.timeout, self.stress_timeout)
         return self.timeout
 
-    def _read(self, limit: int) -> bytes:
-        if not self.reader.has_line():
+    def _read(self, limit: int, raw: bool = False) -> bytes:
+        """The next line, or piece of one, of at most `limit` bytes (with
+        `raw`: the next bytes, lines or not); flushes the replies first
+        when it has to wait.  Raises TimeoutError, Disconnect."""
+        if raw and self.reader._buf:
+            return self.reader.read(limit)
+        if raw or not self.reader.has_line():
             self.flush()
             # one timer per session, started and cancelled around each read
             # (a new one only when the timeout changes: stress mode)
@@ -312,7 +356,7 @@ class Session:
             self._reads += 1
             self._greenlet = gevent.getcurrent()
             try:
-                return self.reader.readline(limit)
+                return self.reader.read(limit) if raw else self.reader.readline(limit)
             except gevent.Timeout as t:
                 if t is not self._timer:
                     raise
@@ -396,6 +440,8 @@ class Session:
                 self.flush()
             except Exception:
                 pass
+        finally:
+            self._drop_chunks()  # a message BDAT left unfinished
 
     def _open(self) -> bool:
         """Load the plugins, run [connection], greet.  False: hang up."""
@@ -655,7 +701,8 @@ class Session:
         ext = []
         if self.starttls is not None and self.tls_cipher is None:
             ext.append("STARTTLS")
-        ext += ["PIPELINING", "8BITMIME", "SIZE %d" % self.databytes, "ENHANCEDSTATUSCODES"]
+        ext += ["PIPELINING", "8BITMIME", "SIZE %d" % self.databytes, "ENHANCEDSTATUSCODES",
+                "CHUNKING"]
         if self.checkpassword and self.auth_user is None:
             if self.tls_required and self.tls_cipher is None:
                 ext.append("AUTH CRAM-MD5")
@@ -913,6 +960,8 @@ class Session:
         return reply.greylisted(wait)
 
     def smtp_DATA(self, arg: str) -> Optional[Reply]:
+        if self._chunked is not None:
+            return reply.DATA_IN_BDAT
         if self.mailfrom is None:
             return reply.MAIL_FIRST
         if not self.rcpts:
@@ -938,6 +987,127 @@ class Session:
             for extra in self._extra_drafts:  # authcheck's copy
                 extra.abort()
             self._reset()
+
+    # -- CHUNKING (RFC 3030) ----------------------------------------------------------
+
+    def smtp_BDAT(self, arg: str) -> Optional[Reply]:
+        """One chunk: ``BDAT size [LAST]``, then exactly `size` bytes.  The
+        first chunk passes DATA's checks and opens the message; each chunk
+        gets its own reply; LAST ends the message as the final dot ends
+        DATA (the same checks, the fsync before the 250).  A chunk that
+        cannot be taken is still read to its end, so that its bytes are
+        never taken for commands, and the message has failed: its later
+        chunks are refused too, until LAST or RSET.  A chunk too big to
+        read through (BDAT_DISCARD when it would be thrown away; one that
+        would pass databytes) ends the connection."""
+        words = arg.split()
+        if not words or len(words) > 2 or not words[0].isdigit() or len(words[0]) > 18 or \
+                (len(words) == 2 and words[1].upper() != "LAST"):
+            # the size is unknown: the data cannot be told from commands
+            self._drop_chunks()
+            return reply.BDAT_SYNTAX
+        size, last = int(words[0]), len(words) == 2
+        chunked = self._chunked
+        refusal = None
+        if chunked is None:
+            refusal = self._bdat_open()
+            chunked = self._chunked
+        elif chunked.failed:
+            refusal = reply.BDAT_FAILED
+        if refusal is None:
+            chunks = chunked.chunks
+            if self.databytes and chunks.size + size // 2 > self.databytes:
+                # over databytes even if every line were empty: not worth reading
+                self._log("message too big")
+                self._drop_chunks()
+                return reply.TOO_BIG.closing()
+            got = self._bdat_read(size, chunks.feed)
+            if got is not None:  # a timeout
+                return got
+            if chunks.bare_lf:
+                self._log("bad newlines")
+                refusal = reply.BARE_LF
+            elif chunks.too_big:
+                self._log("message too big")
+                refusal = reply.TOO_BIG
+            elif not last:
+                return reply.bdat_chunk(size)
+            else:
+                chunks.finish()
+                try:
+                    return self._accept(chunked.draft, chunks.too_big, chunks.scan)
+                finally:
+                    self._drop_chunks()
+                    self._reset()
+        else:
+            if size > BDAT_DISCARD:
+                self._drop_chunks()
+                return refusal.closing()
+            got = self._bdat_read(size, None)
+            if got is not None:
+                return got
+        # the message has failed: its draft goes, later chunks are refused
+        self._drop_chunks()
+        if last:
+            self._reset()
+        else:
+            self._chunked = _Chunked(None, None)
+        return refusal
+
+    def _bdat_open(self) -> Optional[Reply]:
+        """DATA's checks for a first chunk; on success `_chunked` holds
+        the new message with eqmail's own lines above it."""
+        if not self.esmtp:
+            return reply.UNRECOGNISED
+        if self.mailfrom is None:
+            return reply.MAIL_FIRST
+        if not self.rcpts:
+            return reply.RCPT_FIRST
+        if "data" in self.later:
+            return reply.raw(self.later["data"])
+        refusal = self._spp_refusal(self._spp("data"))
+        if refusal is not None:
+            return refusal
+        try:
+            draft = self._draft()
+        except QueueError as e:
+            log.alert("smtpd: unable to open a queue file: %s" % e.text)
+            return reply.QQT_FAILURE
+        except OSError as e:
+            log.alert("smtpd: unable to start QMAILQUEUE: %s" % e)
+            return reply.QQT_FAILURE
+        self._extra_drafts = []
+        self._head(draft)
+        self._chunked = _Chunked(draft, Chunks(draft.write, self.databytes,
+                                               self._header_scan()))
+        return None
+
+    def _bdat_read(self, size: int, feed) -> Optional[Reply]:
+        """Read exactly `size` bytes of chunk data into `feed` (None: throw
+        them away).  None when all came; else the reply (timeout) or
+        Disconnect."""
+        left = size
+        while left:
+            try:
+                piece = self._read(min(left, BDAT_PIECE), raw=True)
+            except TimeoutError:
+                self._log("timeout")
+                return reply.TIMEOUT
+            if not piece:
+                raise Disconnect("EOF in BDAT")
+            left -= len(piece)
+            if feed is not None:
+                feed(piece)
+        return None
+
+    def _drop_chunks(self) -> None:
+        """Forget the message BDAT was building (its draft is aborted)."""
+        chunked, self._chunked = self._chunked, None
+        if chunked is not None and chunked.draft is not None:
+            chunked.draft.abort()
+            for extra in self._extra_drafts:
+                extra.abort()
+            self._extra_drafts = []
 
     def _deliver_direct(self, draft, rcpts):
         """Local mail written once (eqmail.delivery.direct): deliver what
@@ -985,21 +1155,11 @@ class Session:
         ends, so that a 4 KB body costs a few calls rather than one per line.
         """
         self.send(reply.GO_AHEAD)
-        if self.spf_header:  # above our Received line (RFC 7208 section 9.1)
-            draft.write(self.spf_header.encode("utf-8", "replace") + b"\n")
-        draft.write(received_line(self.remote_host, self.helo_host, self.remoteinfo,
-                                  self.remote_ip, self.local_host, self.proto()))
-        for header in self.spp_headers:  # plugins' H lines, under Received
-            draft.write(header.encode("utf-8", "surrogateescape") + b"\n")
+        self._head(draft)
         limit = self.databytes
         size = 0
         too_big = False
-        in_header = True
-        hops = 0
-        # Authentication-Results claiming this host, from outside: dropped
-        # (RFC 8601 section 5) when eqmail adds its own
-        strip_ar = self.config.me.lower().encode() if self._authcheck_on() else None
-        dropping = False
+        scan = self._header_scan()
         at_start = True   # the next chunk begins a line
         held_cr = False   # a CR ended the last piece; is LF next?
         write = draft.write
@@ -1015,7 +1175,7 @@ class Session:
                 write(out)
 
         while True:
-            if not in_header and at_start and not held_cr:
+            if not scan.in_header and at_start and not held_cr:
                 # The body, at a line start: take every whole line buffered
                 # at once when they all end in CRLF (else line by line).
                 block = reader.take_lines()
@@ -1063,17 +1223,8 @@ class Session:
                         break
                     if body.startswith(b"."):
                         body = body[1:]
-                    if in_header:
-                        if not body:
-                            in_header = False
-                        elif body[:8].lower() == b"received" or body[:9].lower() == b"delivered":
-                            hops += 1
-                        if strip_ar is not None and body:
-                            if body[:1] not in (b" ", b"\t"):
-                                dropping = body[:23].lower() == b"authentication-results:" \
-                                    and authcheck_id(body) == strip_ar
-                            if dropping:
-                                continue
+                    if scan.in_header and not scan.line(body):
+                        continue
                 out = body + b"\n"
                 at_start = True
             else:
@@ -1084,22 +1235,44 @@ class Session:
                 if at_start:
                     if chunk.startswith(b"."):
                         chunk = chunk[1:]
-                    if in_header and (chunk[:8].lower() == b"received"
-                                      or chunk[:9].lower() == b"delivered"):
-                        hops += 1
+                    if scan.in_header:
+                        scan.piece(chunk)
                 if chunk.endswith(b"\r"):
                     chunk = chunk[:-1]
                     held_cr = True
                 out = chunk
                 at_start = False
             keep(out)
+        return self._accept(draft, too_big, scan)
+
+    def _head(self, draft) -> None:
+        """eqmail's own lines at the top of a message: Received-SPF, the
+        Received line, the plugins' H lines."""
+        if self.spf_header:  # above our Received line (RFC 7208 section 9.1)
+            draft.write(self.spf_header.encode("utf-8", "replace") + b"\n")
+        draft.write(received_line(self.remote_host, self.helo_host, self.remoteinfo,
+                                  self.remote_ip, self.local_host, self.proto()))
+        for header in self.spp_headers:  # plugins' H lines, under Received
+            draft.write(header.encode("utf-8", "surrogateescape") + b"\n")
+
+    def _header_scan(self) -> HeaderScan:
+        """The header checks of one message: hops, and Authentication-Results
+        fields claiming this host dropped (RFC 8601 section 5) when eqmail
+        adds its own."""
+        return HeaderScan(self.config.me.lower().encode() if self._authcheck_on() else None)
+
+    def _accept(self, draft, too_big: bool, scan: HeaderScan) -> Reply:
+        """The end of DATA or of BDAT LAST: the message is in `draft`; check
+        its size and hops, run the authentication checks, deliver what
+        direct delivery may, commit the rest to the queue (fsync'd before
+        the 250).  Returns the reply."""
         if too_big:
             self._log("message too big")
             return reply.TOO_BIG
-        if hops >= MAX_HOPS:
+        if scan.hops >= MAX_HOPS:
             self._log("message looping")
             return reply.LOOPING
-        if strip_ar is not None:
+        if scan.strip is not None:
             got = self._authenticate(draft)
             if isinstance(got, Reply):
                 return got

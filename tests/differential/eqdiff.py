@@ -30,7 +30,8 @@ NORMALISATION (decided per field)
     replies   reply code and text must be equal.  Removed before comparing:
               eqmail's RFC 2034 status in front of the text (``553 5.7.1
               sorry...``: qmail's ``(#5.7.1)`` stays in the text and is
-              compared), the ``ENHANCEDSTATUSCODES`` EHLO line, and the
+              compared), the EHLO lines of extensions eQmail lacks
+              (``ENHANCEDSTATUSCODES``, ``CHUNKING``, ``SMTPUTF8``), and the
               time and queue id in ``250 ok <time> qp <id>``.
     received  the smtpd Received line, date replaced by ``<date>``.
     message   the queued bytes after that Received line: exactly equal.
@@ -342,6 +343,8 @@ def split_replies(data: bytes) -> List[List[str]]:
     return replies
 
 
+#: EHLO keywords eqmail offers and eQmail 1.09 does not.
+_EXTRA_EHLO = frozenset(["ENHANCEDSTATUSCODES", "CHUNKING", "SMTPUTF8"])
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
 _ACCEPTED = re.compile(r"^ok \d+ qp \S+$")
 
@@ -357,8 +360,8 @@ def normalise_reply(lines: List[str]) -> str:
         text = _ENHANCED.sub("", text, count=1)
         text = _ACCEPTED.sub("ok <time> qp <qp>", text)
         out.append((code, text))
-    if len(out) > 1:  # EHLO: eqmail's extra keyword
-        out = [x for x in out if x[1] != "ENHANCEDSTATUSCODES"]
+    if len(out) > 1:  # EHLO: eqmail's extra keywords
+        out = [x for x in out if x[1] not in _EXTRA_EHLO]
     rendered = []
     for i, (code, text) in enumerate(out):
         if code is None:

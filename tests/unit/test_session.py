@@ -150,6 +150,10 @@ def R(r, esmtp=False):
 
 
 GREETING = b"220 mx.example.org ESMTP"
+#: The EHLO keywords of a plain session (no TLS, no AUTH, no databytes).
+EHLO_EXT = [b"PIPELINING", b"8BITMIME", b"SIZE 0", b"ENHANCEDSTATUSCODES", b"CHUNKING"]
+#: Where the replies after an EHLO begin: the greeting, the EHLO lines.
+AFTER_EHLO = 2 + len(EHLO_EXT)
 ACCEPT_RE = rb"250 ok (\d+) qp (\S+)$"
 ACCEPT_RE_E = rb"250 2\.0\.0 ok (\d+) qp (\S+)$"
 
@@ -198,13 +202,14 @@ def test_helo_reply(env):
 def test_ehlo_lines(env):
     out = env.talk(b"EHLO x\r\n")
     assert out == [GREETING, b"250-mx.example.org", b"250-PIPELINING", b"250-8BITMIME",
-                   b"250-SIZE 0", b"250 ENHANCEDSTATUSCODES"]
+                   b"250-SIZE 0", b"250-ENHANCEDSTATUSCODES", b"250 CHUNKING"]
 
 
 def test_ehlo_bytewise(env):
     out = env.talk(b"ehlo x\r\nnoop\r\n", bytewise_=True)
     assert out[1:] == [b"250-mx.example.org", b"250-PIPELINING", b"250-8BITMIME",
-                       b"250-SIZE 0", b"250 ENHANCEDSTATUSCODES", b"250 2.0.0 ok"]
+                       b"250-SIZE 0", b"250-ENHANCEDSTATUSCODES", b"250 CHUNKING",
+                       b"250 2.0.0 ok"]
 
 
 def test_fixed_replies_helo_client_exact_qmail_text(env):
@@ -216,10 +221,10 @@ def test_fixed_replies_helo_client_exact_qmail_text(env):
 
 def test_fixed_replies_ehlo_client_enhanced(env):
     out = env.talk(b"EHLO x\r\nVRFY foo\r\nNOOP\r\nHELP\r\nEXPN bar\r\nRSET\r\n")
-    assert out[6:] == [b"252 2.1.5 send some mail, i'll try my best", b"250 2.0.0 ok",
+    assert out[AFTER_EHLO:] == [b"252 2.1.5 send some mail, i'll try my best", b"250 2.0.0 ok",
                        R(reply.HELP, True), b"500 5.5.2 unrecognised (#5.5.2)",
                        b"250 2.0.0 flushed"]
-    assert out[8].startswith(b"214 2.0.0 ")
+    assert out[AFTER_EHLO + 2].startswith(b"214 2.0.0 ")
 
 
 def test_fixed_replies_before_any_helo(env):
@@ -235,8 +240,8 @@ def test_verb_case_and_spaces(env):
 
 def test_ehlo_then_helo_switches_back_to_plain_replies(env):
     out = env.talk(b"EHLO x\r\nNOOP\r\nHELO x\r\nNOOP\r\n")
-    assert out[6] == b"250 2.0.0 ok"
-    assert out[7:] == [b"250 mx.example.org", b"250 ok"]
+    assert out[AFTER_EHLO] == b"250 2.0.0 ok"
+    assert out[AFTER_EHLO + 1:] == [b"250 mx.example.org", b"250 ok"]
 
 
 def test_nogateway_rendering_helo_and_ehlo(env):
@@ -266,7 +271,7 @@ def test_data_without_mail(env):
 
 def test_t4_sequence_errors_ehlo(env):
     out = env.talk(b"EHLO x\r\nRCPT TO:<a@example.org>\r\nMAIL FROM:<>\r\nDATA\r\n")
-    assert out[6:] == [b"503 5.5.1 MAIL first (#5.5.1)", b"250 2.1.0 ok",
+    assert out[AFTER_EHLO:] == [b"503 5.5.1 MAIL first (#5.5.1)", b"250 2.1.0 ok",
                        b"503 5.5.1 RCPT first (#5.5.1)"]
 
 
@@ -924,9 +929,10 @@ def test_pipelined_replies_all_sent(env):
     s = Session(env.config(), env.store, t.recv, t.send, dict(ENV))
     s.run()
     out = t.lines()
-    assert out[6:10] == [b"250 2.1.0 ok", b"250 2.1.5 ok", b"250 2.1.5 ok", b"354 go ahead"]
-    assert re.match(ACCEPT_RE_E, out[10])
-    assert out[11] == b"221 2.0.0 mx.example.org"
+    assert out[AFTER_EHLO:AFTER_EHLO + 4] == [b"250 2.1.0 ok", b"250 2.1.5 ok",
+                                              b"250 2.1.5 ok", b"354 go ahead"]
+    assert re.match(ACCEPT_RE_E, out[AFTER_EHLO + 4])
+    assert out[AFTER_EHLO + 5] == b"221 2.0.0 mx.example.org"
 
 
 # -- queue failures -----------------------------------------------------------------

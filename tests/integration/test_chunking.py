@@ -1,0 +1,77 @@
+"""CHUNKING (RFC 3030) against the real eqmaild over TCP, with Python's
+smtplib driving BDAT (smtplib has no BDAT of its own: the commands go out
+with send() and the replies come back through getreply()).  A message sent
+in chunks, pipelined or not, is stored exactly as the same message sent
+with DATA; a 10 MB message in 1 MB chunks goes through the queue."""
+from __future__ import annotations
+
+import smtplib
+
+from test_local_delivery import head_lines
+
+BODY = b"".join(b"line %05d .dot and \xc3\xa9\r\n" % i for i in range(3000))
+MESSAGE = (b"From: a@client.test\r\nTo: postmaster@mx.example.org\r\n"
+           b"Subject: chunked\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\n"
+           b"Content-Transfer-Encoding: 8bit\r\n\r\n.leading dot\r\n" + BODY)
+
+
+def _below_received(stored: bytes) -> bytes:
+    """The message below eqmail's own lines (Return-Path, Delivered-To,
+    Received)."""
+    lines = stored.split(b"\n")
+    i = 0
+    while not lines[i].startswith(b"From: "):
+        i += 1
+    return b"\n".join(lines[i:])
+
+
+def _bdat(s: smtplib.SMTP, chunks, pipelined: bool):
+    replies = []
+    wire = [b"BDAT %d%s\r\n" % (len(c), b" LAST" if i == len(chunks) - 1 else b"") + c
+            for i, c in enumerate(chunks)]
+    if pipelined:
+        s.send(b"".join(wire))
+        replies = [s.getreply() for _ in wire]
+    else:
+        for w in wire:
+            s.send(w)
+            replies.append(s.getreply())
+    return replies
+
+
+def test_bdat_stores_what_data_stores(daemon, home):
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as s:
+        s.ehlo("client.test")
+        assert s.has_extn("chunking") and s.has_extn("pipelining")
+        s.sendmail("a@client.test", ["postmaster@mx.example.org"], MESSAGE)
+        for pipelined in (False, True):
+            assert s.docmd("MAIL FROM:<a@client.test>")[0] == 250
+            assert s.docmd("RCPT TO:<postmaster@mx.example.org>")[0] == 250
+            chunks = [MESSAGE[:1000], MESSAGE[1000:1001], MESSAGE[1001:50000],
+                      MESSAGE[50000:]]
+            replies = _bdat(s, chunks, pipelined)
+            assert [r[0] for r in replies] == [250] * 4, replies
+            assert replies[0][1] == b"2.0.0 1000 octets received"
+            assert replies[-1][1].startswith(b"2.0.0 ok "), replies[-1]
+    msgs = home.wait_messages(3, timeout=30)
+    assert len(msgs) == 3
+    bodies = {_below_received(m) for m in msgs}
+    assert len(bodies) == 1, "BDAT stored something else than DATA"
+    assert bodies.pop().endswith(b"\n.leading dot\n" + BODY.replace(b"\r\n", b"\n"))
+    for m in msgs:
+        assert any(l.startswith(b"Received: from ") for l in head_lines(m))
+
+
+def test_a_10_mb_message_in_1_mb_chunks(daemon, home):
+    big = (b"From: a@client.test\r\nSubject: big\r\n\r\n"
+           + (b"x" * 998 + b"\r\n") * 10000)
+    chunks = [big[i:i + (1 << 20)] for i in range(0, len(big), 1 << 20)]
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=60) as s:
+        s.ehlo("client.test")
+        assert s.docmd("MAIL FROM:<a@client.test>")[0] == 250
+        assert s.docmd("RCPT TO:<postmaster@mx.example.org>")[0] == 250
+        replies = _bdat(s, chunks, pipelined=False)
+        assert [r[0] for r in replies] == [250] * len(chunks), replies
+    (m,) = home.wait_messages(1, timeout=60)
+    assert _below_received(m) == big.replace(b"\r\n", b"\n")
