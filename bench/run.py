@@ -73,7 +73,7 @@ DNS_ADDRESS = "127.0.0.154"     # the DNS responder for the remote delivery (por
 RELAY_NAME = "relay.bench.test"
 IDLE_CONNECTIONS = 200
 IDLE_RETURN_TIMEOUT = 90        # s: how long the return to idle is watched after the load
-PARTS = ("main", "fanout", "budget", "queue", "defences")
+PARTS = ("main", "fanout", "budget", "queue", "defences", "chunking")
 
 # Targets of issue 7
 TARGET_C20 = 1.2          # delivered msg/s at c=20 >= 1.2x Postfix
@@ -1655,7 +1655,7 @@ def targets(res: dict) -> List[dict]:
                     "met": met, "issue": issue})
 
     if "main" not in res.get("parts", PARTS):
-        return out + targets19(res) + targets21(res)
+        return out + targets19(res) + targets21(res) + targets22(res)
     for c, goal in ((20, TARGET_C20), (1, TARGET_C1)):
         r = s.get("ratio_postfix_c%d_delivered_msgs_s" % c, {}).get("median")
         add("delivered msg/s at c=%d vs Postfix" % c, r, "≥ %.1f×" % goal,
@@ -1678,7 +1678,7 @@ def targets(res: dict) -> List[dict]:
     fs = res.get("storage", {}).get("eqmail", {}).get("fsync_per_msg")
     add("every message fsync'd before 250", fs, "durable",
         None, "not checked here (tests); %s fsync/msg" % fmt(fs, 2))
-    return out + targets19(res) + targets21(res)
+    return out + targets19(res) + targets21(res) + targets22(res)
 
 
 def _median(values) -> Optional[float]:
@@ -1975,6 +1975,8 @@ def extra_sections(res: dict) -> List[str]:
     dfn = res.get("defences")
     if dfn and dfn.get("off") and dfn.get("on"):
         lines += defences_section(dfn)
+    if (res.get("chunking") or {}).get("eqmail"):
+        lines += chunking_section(res["chunking"])
     q = res.get("queue")
     if q and (q.get("eqmail") or q.get("postfix")):
         e, p = q.get("eqmail") or {}, q.get("postfix") or {}
@@ -2044,6 +2046,77 @@ def extra_sections(res: dict) -> List[str]:
             (g(d, "after_drain", "rss_kb") - g(d, "idle", "rss_kb")) / 1024.0)
             if d.get("after_drain") else "–")
     return lines
+
+
+def chunking_run(peer, py_peers: str, mode: str, n: int, c: int = 20) -> dict:
+    """`n` messages (4 KB, one a session) to `peer` by bench/bdat_client.py
+    with DATA or BDAT; accepted msg/s, and the seconds until all were
+    delivered."""
+    peer.clear()
+    os.sync()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    res = sh([py_peers, os.path.join(BENCH, "bdat_client.py"), "127.0.0.1", str(peer.port),
+              mode, str(n), str(c), str(MSG_SIZE), SENDER, RCPT], check=False, cwd="/")
+    try:
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"mode": mode, "error": (res.stderr or res.stdout)[-500:]}
+    out["delivered_s"] = wait_for(lambda: count_files(peer.new) >= out["accepted"],
+                                  30 + n / 20.0, 0.02)
+    if out["delivered_s"] is not None:
+        out["delivered_s"] = time.monotonic() - t0
+    return out
+
+
+def chunking_phase(objs: dict, py_peers: str, n: int, runs: int) -> dict:
+    """Issue 22: the same client sends the same messages with DATA and with
+    BDAT, alternating, to eqmail and to Postfix (both offer CHUNKING)."""
+    out: dict = {"messages": n, "c": 20}
+    for i in range(runs):
+        for name in ("eqmail", "postfix"):
+            peer = objs.get(name)
+            if peer is None:
+                continue
+            for mode in (("data", "bdat") if i % 2 == 0 else ("bdat", "data")):
+                r = chunking_run(peer, py_peers, mode, n)
+                out.setdefault(name, {}).setdefault(mode, []).append(r)
+                say("chunking %s %s run %d: %s msg/s accepted (%s/%d)%s"
+                    % (name, mode, i + 1, fmt(r.get("msgs_s")), r.get("accepted"), n,
+                       " " + r["error"] if r.get("error") else ""))
+    return out
+
+
+def chunking_section(ch: dict) -> List[str]:
+    lines = ["", "## DATA and BDAT (issue 22): the same messages, the same client", "",
+             "bench/bdat_client.py (asyncio, c=%d, %d × 4 KB a run, one message a "
+             "session): MAIL, RCPT and DATA pipelined with the message after the 354, or "
+             "MAIL, RCPT and `BDAT size LAST` with the message in one write. Accepted "
+             "msg/s, median (min–max) of the runs." % (ch.get("c", 20), ch["messages"]), "",
+             "| peer | DATA msg/s | BDAT msg/s | BDAT/DATA |", "|---|---|---|---|"]
+    for name in ("eqmail", "postfix"):
+        r = ch.get(name)
+        if not r:
+            continue
+        d = [x.get("msgs_s") for x in r.get("data", []) if x.get("msgs_s")]
+        b = [x.get("msgs_s") for x in r.get("bdat", []) if x.get("msgs_s")]
+        lines.append("| %s | %s | %s | %s |" % (name, fmt_spread(spread(d)),
+                                                  fmt_spread(spread(b)),
+                                                  fmt(ratio(_median(b), _median(d)), 2, "×")))
+    return lines
+
+
+def targets22(res: dict) -> List[dict]:
+    """Issue 22: BDAT accepts at DATA's rate or better (5 % for noise)."""
+    e = (res.get("chunking") or {}).get("eqmail") or {}
+    d = _median([x.get("msgs_s") for x in e.get("data", [])])
+    b = _median([x.get("msgs_s") for x in e.get("bdat", [])])
+    if not d or not b:
+        return []
+    r = b / d
+    return [{"target": "eqmail accepts with BDAT at DATA's rate or better (c=20, 4 KB)",
+             "goal": "≥ 0.95× DATA", "value": r, "shown": fmt(r, 2, "×"), "met": r >= 0.95,
+             "issue": 22}]
 
 
 def defences_section(dfn: dict) -> List[str]:
@@ -2460,10 +2533,13 @@ def main(argv=None) -> int:
 
         # --- peers for the main part and the fan-out
         objs = {}
-        if "main" in parts or "fanout" in parts:
+        if "main" in parts or "fanout" in parts or "chunking" in parts:
             objs = start_main_peers(res, py, pw, workdir, peers, "main" in parts)
         if "main" in parts:
             main_part(res, args, objs, smtp_source, n, runs, dev)
+        # --- issue 22: DATA and BDAT, the same client and messages
+        if "chunking" in parts:
+            res["chunking"] = chunking_phase(objs, py["peers"], n, runs)
 
         # --- fan-out: one message to FANOUT_RCPTS local recipients
         if "fanout" in parts:
