@@ -138,8 +138,15 @@ def _without_feature_probe() -> None:
     dns._features = stub
 
 
+#: Answers the resolver keeps for their TTL, shared by remote delivery and
+#: the checks of received mail (SPF, DKIM keys, DMARC records); the least
+#: recently used go first.
+DNS_CACHE_SIZE = 512
+
+
 def resolver():
-    """The dnspython resolver (system's, or EQMAIL_RESOLV_CONF's)."""
+    """The dnspython resolver (system's, or EQMAIL_RESOLV_CONF's), with a
+    small LRU cache of DNS_CACHE_SIZE answers kept for their TTL."""
     _without_feature_probe()
     import dns.resolver
 
@@ -148,6 +155,7 @@ def resolver():
     if r is None:
         r = dns.resolver.Resolver(filename=conf)
         r.lifetime = 30.0
+        r.cache = dns.resolver.LRUCache(DNS_CACHE_SIZE)
         _resolvers[conf] = r
     return r
 
