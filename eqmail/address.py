@@ -104,8 +104,74 @@ def split(address: str) -> Tuple[str, str]:
 
 
 def domain_of(address: str) -> str:
-    """The lower-cased part after the last ``@`` ("" when there is none)."""
-    return split(address)[1].lower()
+    """The part after the last ``@`` ("" when there is none) in the form
+    domains are compared in (`domain_key`)."""
+    return domain_key(split(address)[1])
+
+
+def domain_key(domain: str) -> str:
+    """The form in which eqmail compares domains: lower case (ASCII only,
+    as qmail's case_diffs), and a domain with non-ASCII labels as its
+    A-labels (IDNA, RFC 5891), so that ``bücher.example`` in a control
+    file matches ``xn--bcher-kva.example`` in an address and the other way
+    round.  A leading ``.`` (a suffix entry) is kept.  A name that is not a
+    valid IDN stays as it is, lower-cased."""
+    if domain.isascii():
+        return domain.lower()
+    ascii_ = to_ascii_domain(domain)
+    return ascii_ if ascii_ is not None else domain.lower()
+
+
+def to_ascii_domain(domain: str) -> Optional[str]:
+    """`domain` with its U-labels as A-labels (RFC 5891 section 4, with
+    UTS 46 mapping: the `idna` package, Debian's python3-idna; Python's
+    IDNA 2003 codec without it), lower case; None when it is not a valid
+    IDN (invalid UTF-8 included).  An ASCII domain comes back lower-cased."""
+    if domain.isascii():
+        return domain.lower()
+    lead = "." if domain.startswith(".") else ""
+    core = domain[len(lead):]
+    if not core or core.startswith("["):
+        return None
+    try:
+        import idna
+    except ImportError:  # Python's own IDNA 2003 codec
+        try:
+            return lead + core.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            return None
+    try:
+        return lead + idna.encode(core, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None
+
+
+def ascii_address(addr: str) -> Optional[str]:
+    """`addr` as it may go to a server without SMTPUTF8 (RFC 6531 section
+    3.2): unchanged when it is ASCII, else with its domain in A-labels;
+    None when its local part is not ASCII or its domain is not a valid
+    IDN."""
+    if addr.isascii():
+        return addr
+    local, at, domain = addr.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    d = to_ascii_domain(domain)
+    return None if d is None else local + "@" + d
+
+
+def address_key(addr: str) -> str:
+    """An address in the form eqmail compares addresses in: lower case,
+    its domain as `domain_key` gives it."""
+    local, at, domain = addr.rpartition("@")
+    if not at:
+        return addr.lower()
+    return local.lower() + "@" + domain_key(domain)
+
+
+def valid_utf8(text: str) -> bool:
+    """Whether `text` (decoded with surrogateescape) was valid UTF-8."""
+    return text.isascii() or not any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
 def dot_suffixes(domain: str):
@@ -147,7 +213,7 @@ def in_badmailfrom(address: str, badmailfrom: FrozenSet[str]) -> bool:
     """
     if not badmailfrom or not address:
         return False
-    addr = address.lower()
+    addr = address_key(address)
     if addr in badmailfrom:
         return True
     at = addr.rfind("@")
@@ -189,14 +255,16 @@ def quote_address(addr: str, utf8: bool = False) -> str:
     """`addr` with its local part (up to the last ``@``) quoted as an RFC
     5322 quoted-string unless it is a dot-atom, as qmail's quote2() does
     (quote.c: the Return-Path of qmail-local): ``a b@x.org`` gives
-    ``"a b"@x.org``; backslash and ``"`` are escaped; "" stays "".  Bytes
-    above 127 are quoted as in qmail, unless `utf8` (RFC 6532 allows them
-    in an atom)."""
+    ``"a b"@x.org``; backslash and ``"`` are escaped; "" stays "".  Valid
+    UTF-8 is atext (RFC 6532 section 3.2: an SMTPUTF8 address is written
+    as it is); other bytes above 127 are quoted as in qmail, unless
+    `utf8`."""
     if not addr:
         return addr
     local, at, domain = addr.rpartition("@")
     if not at:
         local, domain = addr, ""
+    utf8 = utf8 or (not local.isascii() and valid_utf8(local))
     atoms = local.split(".")
     if local and all(a and all(ch in ATEXT or (utf8 and ch >= "\x80") for ch in a)
                      for a in atoms):

@@ -103,7 +103,7 @@ from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from . import log
-from .address import dot_suffixes
+from .address import address_key, domain_key, dot_suffixes
 
 #: qmail's conf-spawn: the ceiling for concurrencylocal/concurrencyremote.
 CONF_SPAWN = 120
@@ -188,7 +188,7 @@ def parse_smtproute(path: str, lineno: int, text: str) -> SmtpRoute:
             else relay
         if ip_literal(lit) is None:
             raise ConfigError(path, lineno, "bad IP address %r" % relay)
-    return SmtpRoute(key.lower(), relay, port, user, password)
+    return SmtpRoute(domain_key(key), relay, port, user, password)
 
 
 @dataclass(frozen=True)
@@ -344,7 +344,7 @@ class Config:
         (qmail-send(8), behaviour reference section 5.4).
         """
         vmap = self._virtual_map
-        addr = address.lower()
+        addr = address_key(address)
         if addr in vmap:
             return vmap[addr]
         domain = addr.rpartition("@")[2]
@@ -366,7 +366,7 @@ class Config:
         """The smtproutes entry for `domain`: exact, then ``.suffix``
         entries longest first, then the empty key; None when none applies."""
         routes = self._route_map
-        domain = domain.lower()
+        domain = domain_key(domain)
         if domain in routes:
             return routes[domain]
         for key in dot_suffixes(domain):
@@ -480,7 +480,7 @@ def _domains(path: str, allow_dot_prefix: bool = True) -> Optional[FrozenSet[str
             raise ConfigError(path, n, "not a domain: %r" % text)
         if text.startswith(".") and not allow_dot_prefix:
             raise ConfigError(path, n, "not a domain: %r" % text)
-        out.add(text.lower())
+        out.add(domain_key(text))
     return frozenset(out)
 
 
@@ -516,7 +516,7 @@ def load(home: str) -> Config:
         if not sep or any(ch.isspace() for ch in text):
             raise ConfigError(c("virtualdomains"), n,
                               "expected 'domain:prefix', got %r" % text)
-        key = key.lower()
+        key = address_key(key) if "@" in key else domain_key(key)
         virtual.append((key, prefix))
         vmap.setdefault(key, prefix)  # first match wins
 
@@ -524,7 +524,8 @@ def load(home: str) -> Config:
     for n, text in bad:
         if any(ch.isspace() for ch in text):
             raise ConfigError(c("badmailfrom"), n, "white space in %r" % text)
-    badmailfrom = frozenset(text.lower() for _, text in bad)
+    badmailfrom = frozenset(address_key(text) if "@" in text else domain_key(text)
+                            for _, text in bad)
 
     timeoutsmtpd = read_int(c("timeoutsmtpd"), DEFAULT_TIMEOUTSMTPD)
     if timeoutsmtpd <= 0:

@@ -75,7 +75,7 @@ from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
 from . import Result, deferred, delivered, failed
-from ..address import ip_literal
+from ..address import ascii_address, ip_literal, to_ascii_domain
 from ..control import Config, SmtpRoute
 from ..threads import run
 
@@ -257,7 +257,11 @@ def plan(config: Config, domain: str) -> Tuple[List[Tuple[str, str, int]], Optio
     if route is not None and route.relay:
         hosts = [(route.relay, route.port)]
     else:
-        hosts = [(host, 25) for _, host in mx_hosts(domain)]
+        qname = to_ascii_domain(domain)  # U-labels are asked as A-labels (RFC 5891)
+        if qname is None:
+            raise PermError("Sorry, %s is not a valid domain name. (#5.1.2)" % domain,
+                            "5.1.2")
+        hosts = [(host, 25) for _, host in mx_hosts(qname)]
     out = []
     for host, port in hosts:
         if host.startswith("["):
@@ -511,14 +515,33 @@ class _Stale(Exception):
 
 
 def _transaction(conn: Connection, ip: str, body: _Body, sender: str,
-                 recipients: Sequence[str], reused: bool) -> Tuple[List[Result], bool]:
+                 recipients: Sequence[str], reused: bool,
+                 utf8: bool = False) -> Tuple[List[Result], bool]:
     """MAIL, RCPT, DATA on an open connection (RFC 5321 section 3.3).
-    Returns the results and whether the connection may carry another
-    transaction (it ended cleanly).  Raises _Stale (only when `reused`),
-    TempError, PermError, ConnectionError/OSError."""
+    `utf8`: the message came with SMTPUTF8.  A message that needs SMTPUTF8
+    (the flag, or an address that is not ASCII) goes with it to a server
+    that offers it; to one that does not, its addresses go with their
+    domains in A-labels, and one whose local part is not ASCII fails
+    (5.6.7, RFC 6531 section 3.2).  Returns the results and whether the
+    connection may carry another transaction (it ended cleanly).  Raises
+    _Stale (only when `reused`), TempError, PermError,
+    ConnectionError/OSError."""
+    needs = utf8 or not sender.isascii() or not all(r.isascii() for r in recipients)
+    out_rcpts: List[Optional[str]] = list(recipients)
+    mail_param = ""
+    if needs and "SMTPUTF8" in conn.extensions:
+        mail_param = " SMTPUTF8"
+    elif needs:
+        ascii_sender = ascii_address(sender)
+        if ascii_sender is None:
+            raise PermError("Sorry, the sender address %s needs SMTPUTF8, which %s does not "
+                            "offer. (#5.6.7)" % (sender, ip), "5.6.7")
+        sender = ascii_sender
+        out_rcpts = [ascii_address(r) for r in recipients]
     mail = "MAIL FROM:<%s>" % sender
     if "SIZE" in conn.extensions:
         mail += " SIZE=%d" % body.size
+    mail += mail_param
     try:
         r = conn.command(mail)
     except (OSError, ConnectionError):
@@ -533,7 +556,11 @@ def _transaction(conn: Connection, ip: str, body: _Body, sender: str,
     if r.code >= 400:
         raise TempError("Connected to %s but sender was rejected.\n%s" % (ip, r.said()))
     results: List[Optional[Result]] = []
-    for rcpt in recipients:
+    for rcpt, given in zip(out_rcpts, recipients):
+        if rcpt is None:
+            results.append(failed("Sorry, the address %s needs SMTPUTF8, which %s does not "
+                                  "offer. (#5.6.7)" % (given, ip), "5.6.7"))
+            continue
         r = conn.command("RCPT TO:<%s>" % rcpt)
         if r.code >= 500:
             results.append(failed("%s does not like recipient.\n%s" % (ip, r.said()),
@@ -665,11 +692,12 @@ def _quit(conn: Connection) -> None:
 
 
 def deliver(config: Config, msgpath: str, sender: str, recipients: Sequence[str],
-            domain: str, queued: bool = True) -> List[Result]:
+            domain: str, queued: bool = True, utf8: bool = False) -> List[Result]:
     """Deliver the message at `msgpath` (a queue file; with `queued` false,
-    a plain file holding only the data) to `recipients` (all at `domain`).
-    One Result per recipient, in order.  Cooperative (gevent sockets; DNS
-    in the threadpool); never raises for delivery problems."""
+    a plain file holding only the data) to `recipients` (all at `domain`);
+    `utf8`: it came with SMTPUTF8 (RFC 6531).  One Result per recipient,
+    in order.  Cooperative (gevent sockets; DNS in the threadpool); never
+    raises for delivery problems."""
     n = len(recipients)
     try:
         planned = static_plan(config, domain) or run(plan, config, domain)
@@ -683,13 +711,13 @@ def deliver(config: Config, msgpath: str, sender: str, recipients: Sequence[str]
         return [deferred("Unable to read the queued message: %s. (#4.3.0)"
                          % (getattr(e, "strerror", None) or e))] * n
     try:
-        return _deliver_to(config, targets, route, body, sender, recipients)
+        return _deliver_to(config, targets, route, body, sender, recipients, utf8)
     finally:
         body.close()
 
 
 def _deliver_to(config: Config, targets, route: Optional[SmtpRoute], body: _Body, sender: str,
-                recipients: Sequence[str]) -> List[Result]:
+                recipients: Sequence[str], utf8: bool = False) -> List[Result]:
     """Try `targets` in order, on cached or new connections."""
     n = len(recipients)
     tried = []
@@ -712,7 +740,7 @@ def _deliver_to(config: Config, targets, route: Optional[SmtpRoute], body: _Body
                 if cached is None:
                     _open(config, conn, host, ip, port, route)
                 results, keep = _transaction(conn, ip, body, sender, recipients,
-                                             cached is not None)
+                                             cached is not None, utf8)
                 done = True
                 return [_with_host(r, host) for r in results]
             except _Stale:

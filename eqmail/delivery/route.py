@@ -44,13 +44,13 @@ def route(config: Config, recipient: str) -> Route:
         addr = "%s@%s" % (addr, config.envnoathost)
     while True:
         local, domain = address.split(addr)
-        if domain.lower() in config.percenthack and "%" in local:
+        if address.domain_key(domain) in config.percenthack and "%" in local:
             i = local.rfind("%")
             addr = "%s@%s" % (local[:i], local[i + 1:])
             continue
         break
     local, domain = address.split(addr)
-    if domain.lower() in config.locals:
+    if address.domain_key(domain) in config.locals:
         return Route(LOCAL, addr, local, domain)
     prefix = config.virtual_prefix(addr)
     if prefix:

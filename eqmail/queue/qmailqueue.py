@@ -216,8 +216,10 @@ class ProgramDraft:
         if not self._send(self._msg, data):
             self.write_error = True
 
-    def commit(self, sender: str, recipients: Sequence[str]) -> Handed:
+    def commit(self, sender: str, recipients: Sequence[str], params=None) -> Handed:
         """End the message, send the envelope, wait for the program.
+        `params` (the message's ESMTP options) are dropped: qmail-queue's
+        envelope has no place for them.
 
         Returns a Handed with the program's pid.  Raises QueueRefused for
         a permanent refusal, QueueError for anything temporary."""

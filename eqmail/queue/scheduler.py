@@ -624,7 +624,8 @@ class Scheduler:
                                     domain, log.warning, config.timeoutbeforemote)
                 made += more
                 queued = False
-            return remote.deliver(config, msgpath, sender, recipients, domain, queued)
+            return remote.deliver(config, msgpath, sender, recipients, domain, queued,
+                                  utf8=bool(item.params and item.params.get("utf8")))
         finally:
             for path in made:
                 try:

@@ -144,7 +144,7 @@ import re
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .. import log
 from ..durable import fsync_dir, fsync_dir_soon, fsync_file_soon
@@ -297,6 +297,9 @@ class Item:
     size: int = 0
     uid: int = -1
     pid: int = -1
+    #: the message's ESMTP options kept with it (``X`` records), e.g.
+    #: {"utf8": "1"} for SMTPUTF8 (RFC 6531); None when it has none
+    params: Optional[Dict[str, str]] = None
 
     def pending(self) -> List[int]:
         """Indexes of the recipients not yet done."""
@@ -304,10 +307,15 @@ class Item:
 
 
 def encode_envelope(birth: int, uid: int, pid: int, sender: str,
-                    recipients: Sequence[str], version: bytes = ENVELOPE_VERSION):
-    """Return (bytes, offsets of each recipient's type byte in them)."""
+                    recipients: Sequence[str], version: bytes = ENVELOPE_VERSION,
+                    params: Optional[Dict[str, str]] = None):
+    """Return (bytes, offsets of each recipient's type byte in them).
+    `params`: the message's options, one ``Xkey=value`` record each (an
+    older eqmail skips records it does not know)."""
     parts = [version, b"B%d" % birth, b"u%d" % uid, b"p%d" % pid,
              b"F" + sender.encode("utf-8", "surrogateescape")]
+    for key, value in sorted((params or {}).items()):
+        parts.append(b"X" + ("%s=%s" % (key, value)).encode("utf-8", "surrogateescape"))
     data = bytearray(b"\0".join(parts) + b"\0")
     offsets = []
     for r in recipients:
@@ -342,6 +350,7 @@ def decode_envelope(msgid: str, data: bytes, base: int = 0,
         raise ValueError("not a version %s envelope" % version[1:].decode())
     birth, uid, pid, sender = None, -1, -1, None
     recipients, done, offsets = [], [], []
+    params: Optional[Dict[str, str]] = None
     pos = 0
     while pos < len(data):
         end = data.find(b"\0", pos)
@@ -361,10 +370,16 @@ def decode_envelope(msgid: str, data: bytes, base: int = 0,
             recipients.append(value)
             done.append(kind == b"D")
             offsets.append(base + pos)
+        elif kind == b"X":
+            key, _, val = value.partition("=")
+            if params is None:
+                params = {}
+            params[key] = val
         pos = end + 1
     if birth is None or sender is None:
         raise ValueError("no birth or sender record")
-    return Item(msgid, birth, sender, recipients, done, offsets, uid=uid, pid=pid)
+    return Item(msgid, birth, sender, recipients, done, offsets, uid=uid, pid=pid,
+                params=params)
 
 
 def data_size_of(fd: int) -> int:
@@ -704,7 +719,7 @@ class Store:
                 finally:
                     os.close(efd)
             env, offsets = encode_envelope(item.birth, item.uid, item.pid,
-                                           item.sender, item.recipients)
+                                           item.sender, item.recipients, params=item.params)
             mark = self._mark_of(name, fd, size, env) if self.marked(name) else b""
             env = bytearray(env)
             for off, was_done in zip(offsets, item.done):
@@ -1463,8 +1478,9 @@ class Draft:
         _write_all(self.fd, buf)
 
     def commit(self, sender: str, recipients: Sequence[str], uid: Optional[int] = None,
-               pid: Optional[int] = None) -> Item:
+               pid: Optional[int] = None, params: Optional[Dict[str, str]] = None) -> Item:
         """Make the message durable (states 2 -> 3) and return its Item.
+        `params`: the message's ESMTP options to keep (see Item.params).
 
         Raises QueueError (temporary) for any write, fsync or link error;
         the draft is then removed.
@@ -1474,7 +1490,8 @@ class Draft:
         birth = int(time.time())
         uid = os.getuid() if uid is None else uid
         pid = os.getpid() if pid is None else pid
-        env, offsets = encode_envelope(birth, uid, pid, sender, recipients)
+        params = dict(params) if params else None
+        env, offsets = encode_envelope(birth, uid, pid, sender, recipients, params=params)
         base = self.size
         offsets = [base + o for o in offsets]
         buf, self._buf = bytes(self._buf), bytearray()
@@ -1532,7 +1549,8 @@ class Draft:
         self._closed = True
         store.open_drafts.discard(self.id)
         item = Item(self.id, birth, sender, list(recipients),
-                    [False] * len(recipients), offsets, size=self.size, uid=uid, pid=pid)
+                    [False] * len(recipients), offsets, size=self.size, uid=uid, pid=pid,
+                    params=params)
         if store.on_commit is not None:  # in the daemon (or one of its workers)
             store.on_commit(item)
         else:  # a tool (sendmail, smtpd): stay quiet, wake the daemon

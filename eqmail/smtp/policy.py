@@ -93,7 +93,7 @@ def check_rcpt(config: Config, rcpt: str, bad_mail: bool,
         if not address.in_rcpthosts(check, config.rcpthosts, config.morercpthosts):
             return reply.NOGATEWAY, rcpt
         local, domain = address.split(check)
-        if domain.lower() in config.percenthack and "%" in local:
+        if address.domain_key(domain) in config.percenthack and "%" in local:
             i = local.rfind("%")
             check = "%s@%s" % (local[:i], local[i + 1:])
             continue

@@ -313,6 +313,7 @@ class Session:
         self._drop_chunks()
         self.spf_header: Optional[str] = None
         self.mailfrom: Optional[str] = None
+        self.smtputf8 = False    # MAIL FROM said SMTPUTF8 (RFC 6531)
         self.bad_mail = False
         self.rcpts: list = []
         self.last_rcpt: Optional[str] = None
@@ -702,7 +703,7 @@ class Session:
         if self.starttls is not None and self.tls_cipher is None:
             ext.append("STARTTLS")
         ext += ["PIPELINING", "8BITMIME", "SIZE %d" % self.databytes, "ENHANCEDSTATUSCODES",
-                "CHUNKING"]
+                "CHUNKING", "SMTPUTF8"]
         if self.checkpassword and self.auth_user is None:
             if self.tls_required and self.tls_cipher is None:
                 ext.append("AUTH CRAM-MD5")
@@ -711,7 +712,12 @@ class Session:
         return ext
 
     def proto(self) -> str:
-        """The ``with`` protocol of the Received line (RFC 3848)."""
+        """The ``with`` protocol of the Received line (RFC 3848; RFC 6531
+        section 3.7.3 for an SMTPUTF8 transaction)."""
+        if self.smtputf8:
+            name = "UTF8SMTP" + ("S" if self.tls_cipher else "") + \
+                ("A" if self.auth_user else "")
+            return "%s (%s encrypted)" % (name, self.tls_cipher) if self.tls_cipher else name
         if self.tls_cipher:
             return "%s (%s encrypted)" % ("ESMTPSA" if self.auth_user else "ESMTPS",
                                           self.tls_cipher)
@@ -867,6 +873,11 @@ class Session:
         refusal = policy.check_size(self.databytes, params)
         if refusal is not None:
             return refusal
+        if "SMTPUTF8" in params:  # RFC 6531 section 3.4
+            if params["SMTPUTF8"] is not None:
+                return reply.PARAM_SYNTAX
+            if not address.valid_utf8(sender):
+                return reply.BAD_UTF8_SENDER
         if "mail" in self.later:  # LM: every MAIL until RSET (qmail-spp)
             return reply.raw(self.later["mail"])
         if self.config.rblwhen == "mail":
@@ -892,6 +903,7 @@ class Session:
                 self.env["SMTPMAILFROM"] = sender
             override = out is not None and out.verdict == "override"
         self.mailfrom = sender
+        self.smtputf8 = "SMTPUTF8" in params
         # an O answer skips badmailfrom, never the relay check
         self.bad_mail = not override and policy.mail_is_bad(self.config, sender)
         return reply.OK_MAIL
@@ -907,6 +919,8 @@ class Session:
             return reply.SYNTAX
         if not rcpt:  # qmail takes RCPT TO:<>; RFC 5321 has no empty forward-path
             return reply.SYNTAX
+        if self.smtputf8 and not address.valid_utf8(rcpt):
+            return reply.BAD_UTF8_RCPT
         self.last_rcpt = rcpt
         if len(self.rcpts) >= MAX_RCPT:
             return reply.TOO_MANY_RCPT
@@ -1288,7 +1302,8 @@ class Session:
                 self._log("message accepted")
                 return reply.accepted(int(time.time()), draft.id)
         try:
-            item = draft.commit(self.mailfrom, rcpts)
+            item = draft.commit(self.mailfrom, rcpts,
+                                params={"utf8": "1"} if self.smtputf8 else None)
         except QueueError as e:
             permanent = getattr(e, "permanent", False)  # qmailqueue.QueueRefused
             self._log("message %s (%s)" % ("rejected" if permanent else "delayed", e.text))

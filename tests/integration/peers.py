@@ -796,6 +796,7 @@ class ScriptedSMTP:
                  auth: Optional[Tuple[str, str]] = None,
                  implicit_tls: bool = False,
                  hostname: str = "scripted.far.test",
+                 smtputf8: bool = True,
                  start: bool = True):
         self.host = host
         self.port = port or free_port(host)
@@ -807,6 +808,7 @@ class ScriptedSMTP:
         self.implicit_tls = implicit_tls
         self.auth = auth
         self.hostname = hostname
+        self.smtputf8 = smtputf8  # offer SMTPUTF8 (RFC 6531)
         self._own_ca = None
         if (starttls or implicit_tls) and ca is None:
             ca = self._own_ca = TestCA()
@@ -845,7 +847,7 @@ class ScriptedSMTP:
         if self.starttls or self.implicit_tls:
             context = self.ca.server_context(self.tls_names)
         smtp_kwargs = dict(ident="ESMTP scripted",
-                           enable_SMTPUTF8=True, timeout=60)
+                           enable_SMTPUTF8=self.smtputf8, timeout=60)
         if self.starttls and not self.implicit_tls:
             smtp_kwargs["tls_context"] = context
         if self.auth is not None:

@@ -523,7 +523,8 @@ def test_missing_closing_bracket_is_refused():
     ("a.b@x.org", "a.b@x.org"), (".a@x.org", '".a"@x.org'), ("a..b@x.org", '"a..b"@x.org'),
     ("a.@x.org", '"a."@x.org'), ('q"t@x.org', '"q\\"t"@x.org'), ("b\\s@x.org", '"b\\\\s"@x.org'),
     ("x@y@x.org", '"x@y"@x.org'), ("nodomain", "nodomain"), ("a(b)@x", '"a(b)"@x'),
-    ("j\u00f6@x.org", '"j\u00f6"@x.org'),
+    ("j\udcf6@x.org", '"j\udcf6"@x.org'),  # a byte that is not UTF-8: quoted
+    ("j\u00f6@x.org", "j\u00f6@x.org"),    # UTF-8 is atext (RFC 6532), unlike qmail
 ])
 def test_quote_address_as_qmails_quote2(addr, quoted):
     assert address.quote_address(addr) == quoted
