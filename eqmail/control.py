@@ -35,6 +35,9 @@ CONTROL FILES (default when missing)
     concurrencylocal    10, at most 120; 0 holds local deliveries
     concurrencyremote   20, at most 120
     queuelifetime       604800 seconds
+    delaywarningtime    0 (off), seconds: the sender hears once that a
+                        message has waited this long (Postfix's
+                        delay_warning_time)
     defaultdelivery     ./Maildir/  (eQmail's usual qmail-start argument); all
                         lines count, read like a .qmail file
     smtproutes          none; ``domain:relay[:port] [user password]`` lines
@@ -328,6 +331,7 @@ class Config:
     authmaxsize: int = 2097152
     aliases: str = "/etc/aliases"
     mailspool: str = ""
+    delaywarningtime: int = 0
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _route_map: Dict[str, SmtpRoute] = field(default_factory=dict, compare=False, repr=False)
 
@@ -644,6 +648,7 @@ def load(home: str) -> Config:
         greyallow=tuple(text.strip().lower() for _, text in (read_list(c("greyallow")) or [])),
         aliases=aliases,
         mailspool=mailspool,
+        delaywarningtime=max(0, read_int(c("delaywarningtime"), 0)),
         _virtual_map=vmap,
         _route_map={r.key: r for r in reversed(routes)},  # the first line wins
     )

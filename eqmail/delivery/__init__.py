@@ -23,6 +23,8 @@ class Result:
     text: str      # human-readable report, qmail style
     remote_mta: Optional[str] = None   # remote deliveries: the host that answered
     diagnostic: Optional[str] = None   # remote deliveries: "smtp; <its reply>"
+    #: remote deliveries: the next hop took the DSN request on (RFC 3461)
+    dsn_passed: bool = False
 
     @property
     def ok(self) -> bool:

@@ -516,7 +516,7 @@ class _Stale(Exception):
 
 def _transaction(conn: Connection, ip: str, body: _Body, sender: str,
                  recipients: Sequence[str], reused: bool,
-                 utf8: bool = False) -> Tuple[List[Result], bool]:
+                 utf8: bool = False, dsn: Optional[dict] = None) -> Tuple[List[Result], bool]:
     """MAIL, RCPT, DATA on an open connection (RFC 5321 section 3.3).
     `utf8`: the message came with SMTPUTF8.  A message that needs SMTPUTF8
     (the flag, or an address that is not ASCII) goes with it to a server
@@ -525,7 +525,10 @@ def _transaction(conn: Connection, ip: str, body: _Body, sender: str,
     (5.6.7, RFC 6531 section 3.2).  Returns the results and whether the
     connection may carry another transaction (it ended cleanly).  Raises
     _Stale (only when `reused`), TempError, PermError,
-    ConnectionError/OSError."""
+    ConnectionError/OSError.  `dsn`: the message's DSN request (RFC 3461:
+    "ret", "envid", and "notify" and "orcpt" lists aligned with
+    `recipients`), passed on to a server that offers DSN; its successes
+    then say dsn_passed."""
     needs = utf8 or not sender.isascii() or not all(r.isascii() for r in recipients)
     out_rcpts: List[Optional[str]] = list(recipients)
     mail_param = ""
@@ -542,6 +545,12 @@ def _transaction(conn: Connection, ip: str, body: _Body, sender: str,
     if "SIZE" in conn.extensions:
         mail += " SIZE=%d" % body.size
     mail += mail_param
+    passed = dsn is not None and "DSN" in conn.extensions
+    if passed:
+        if dsn.get("ret"):
+            mail += " RET=" + dsn["ret"]
+        if dsn.get("envid"):
+            mail += " ENVID=" + dsn["envid"]
     try:
         r = conn.command(mail)
     except (OSError, ConnectionError):
@@ -556,12 +565,18 @@ def _transaction(conn: Connection, ip: str, body: _Body, sender: str,
     if r.code >= 400:
         raise TempError("Connected to %s but sender was rejected.\n%s" % (ip, r.said()))
     results: List[Optional[Result]] = []
-    for rcpt, given in zip(out_rcpts, recipients):
+    for n, (rcpt, given) in enumerate(zip(out_rcpts, recipients)):
         if rcpt is None:
             results.append(failed("Sorry, the address %s needs SMTPUTF8, which %s does not "
                                   "offer. (#5.6.7)" % (given, ip), "5.6.7"))
             continue
-        r = conn.command("RCPT TO:<%s>" % rcpt)
+        line = "RCPT TO:<%s>" % rcpt
+        if passed:
+            if dsn["notify"][n]:
+                line += " NOTIFY=" + dsn["notify"][n]
+            if dsn["orcpt"][n]:
+                line += " ORCPT=" + dsn["orcpt"][n]
+        r = conn.command(line)
         if r.code >= 500:
             results.append(failed("%s does not like recipient.\n%s" % (ip, r.said()),
                                   _status(r, "5.1.1")))
@@ -591,7 +606,8 @@ def _transaction(conn: Connection, ip: str, body: _Body, sender: str,
         res = deferred("%s failed after I sent the message.\n%s" % (ip, r.said()),
                        _status(r, "4.0.0"))
     else:
-        res = delivered("%s accepted message.\n%s" % (ip, r.said()))
+        res = replace(delivered("%s accepted message.\n%s" % (ip, r.said())),
+                      dsn_passed=passed)
     return [x if x is not None else res for x in results], r.code != 421
 
 
@@ -692,12 +708,14 @@ def _quit(conn: Connection) -> None:
 
 
 def deliver(config: Config, msgpath: str, sender: str, recipients: Sequence[str],
-            domain: str, queued: bool = True, utf8: bool = False) -> List[Result]:
+            domain: str, queued: bool = True, utf8: bool = False,
+            dsn: Optional[dict] = None) -> List[Result]:
     """Deliver the message at `msgpath` (a queue file; with `queued` false,
     a plain file holding only the data) to `recipients` (all at `domain`);
     `utf8`: it came with SMTPUTF8 (RFC 6531).  One Result per recipient,
-    in order.  Cooperative (gevent sockets; DNS in the threadpool); never
-    raises for delivery problems."""
+    in order; `dsn`: its DSN request (see _transaction).  Cooperative
+    (gevent sockets; DNS in the threadpool); never raises for delivery
+    problems."""
     n = len(recipients)
     try:
         planned = static_plan(config, domain) or run(plan, config, domain)
@@ -711,13 +729,14 @@ def deliver(config: Config, msgpath: str, sender: str, recipients: Sequence[str]
         return [deferred("Unable to read the queued message: %s. (#4.3.0)"
                          % (getattr(e, "strerror", None) or e))] * n
     try:
-        return _deliver_to(config, targets, route, body, sender, recipients, utf8)
+        return _deliver_to(config, targets, route, body, sender, recipients, utf8, dsn)
     finally:
         body.close()
 
 
 def _deliver_to(config: Config, targets, route: Optional[SmtpRoute], body: _Body, sender: str,
-                recipients: Sequence[str], utf8: bool = False) -> List[Result]:
+                recipients: Sequence[str], utf8: bool = False,
+                dsn: Optional[dict] = None) -> List[Result]:
     """Try `targets` in order, on cached or new connections."""
     n = len(recipients)
     tried = []
@@ -740,7 +759,7 @@ def _deliver_to(config: Config, targets, route: Optional[SmtpRoute], body: _Body
                 if cached is None:
                     _open(config, conn, host, ip, port, route)
                 results, keep = _transaction(conn, ip, body, sender, recipients,
-                                             cached is not None, utf8)
+                                             cached is not None, utf8, dsn)
                 done = True
                 return [_with_host(r, host) for r in results]
             except _Stale:

@@ -131,7 +131,13 @@ _MAX_LINE = 998
 #: Generation policy: qmail's queue stores LF line ends.
 _POLICY = compat32.clone(linesep="\n")
 
-_STATUS = re.compile(r"[45]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
+_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
+_ACTIONS = ("failed", "delayed", "delivered", "relayed")
+_ORCPT = re.compile(r"[A-Za-z0-9-]{1,40};[\x21-\x7e]{1,500}\Z")
+
+#: Octets of a failed message returned whole under RET=FULL (Postfix's
+#: bounce_size_limit); a bigger one gets its header only.
+RETURN_LIMIT = 100000
 _DIAG_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9-]*;")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LINEBREAKS = re.compile(r"[ \t]*(?:\r\n|\r|\n)+[ \t]*")
@@ -146,6 +152,9 @@ class Failure:
     text: str                          # qmail-style report; may hold LF
     remote_mta: Optional[str] = None   # remote host name/IP for remote failures
     diagnostic: Optional[str] = None   # e.g. "smtp; 550 5.1.1 no such user"
+    #: RFC 3464 Action: failed, delayed, delivered or relayed (DSN, RFC 3461)
+    action: str = "failed"
+    orcpt: Optional[str] = None        # the ORCPT parameter, "rfc822;a@b" (xtext)
 
 
 def bounce_envelope(config, sender: str) -> Optional[Tuple[str, List[str]]]:
@@ -168,12 +177,22 @@ def bounce_envelope(config, sender: str) -> Optional[Tuple[str, List[str]]]:
 
 def build_bounce(config, sender: str, msgid: str, arrival: float,
                  failures: Sequence[Failure], msgpath: str,
-                 now: Optional[float] = None) -> bytes:
+                 now: Optional[float] = None, ret: Optional[str] = None,
+                 envid: Optional[str] = None,
+                 retry_until: Optional[float] = None) -> bytes:
     """The whole bounce message (see FORMAT), LF line ends, ready to commit.
 
     `sender` is the failed message's envelope sender, `msgid` its queue id,
     `arrival` when it was queued (Unix seconds), `msgpath` its queue file
     (only the header is read), `now` the bounce's date (default: now).
+
+    DSN (RFC 3461): each `Failure` has its Action (failed, delayed,
+    delivered, relayed; the Subject says which kind of notice it is) and
+    its ORCPT (Original-Recipient); `envid` is the ENVID
+    (Original-Envelope-Id); `ret` "FULL" returns the whole message of a
+    failure (message/rfc822, when it is at most RETURN_LIMIT octets, else
+    the header as without it); `retry_until` (Unix seconds) gives delayed
+    recipients their Will-Retry-Until.
 
     Raises ValueError when there is nothing to bounce (no failures) or the
     bounce must be discarded (`bounce_envelope()` returns None: a triple
@@ -195,16 +214,25 @@ def build_bounce(config, sender: str, msgid: str, arrival: float,
     msg["Date"] = formatdate(now, localtime=True)
     msg["From"] = "%s@%s" % (config.bouncefrom, config.bouncehost)
     msg["To"] = _quote(_address(to))
-    msg["Subject"] = "failure notice"
+    actions = {f.action for f in unique}
+    msg["Subject"] = ("failure notice" if "failed" in actions else
+                      "delay notice" if "delayed" in actions else "success notice")
     msg["Message-ID"] = make_msgid(domain=config.idhost)
     msg["Auto-Submitted"] = "auto-replied"
     msg["MIME-Version"] = "1.0"
     msg["Content-Type"] = content_type
     msg.preamble = "This is a delivery status notification (RFC 3464) in MIME format."
 
-    msg.attach(_text_part(_human_text(config, sender, unique), "plain"))
-    msg.attach(_status_part(config, msgid, arrival, unique))
-    msg.attach(_text_part(_read_header(msgpath), "rfc822-headers"))
+    msg.attach(_text_part(_human_text(config, sender, unique, retry_until), "plain"))
+    msg.attach(_status_part(config, msgid, arrival, unique, envid, retry_until))
+    whole = _read_whole(msgpath) if ret == "FULL" and "failed" in actions else None
+    if whole is not None:
+        returned = Message(policy=_POLICY)
+        returned["Content-Type"] = "message/rfc822"
+        returned.set_payload([_parsed(whole)])
+        msg.attach(returned)
+    else:
+        msg.attach(_text_part(_read_header(msgpath), "rfc822-headers"))
 
     out = io.BytesIO()
     BytesGenerator(out, mangle_from_=False, policy=_POLICY).flatten(msg)
@@ -213,17 +241,44 @@ def build_bounce(config, sender: str, msgid: str, arrival: float,
 
 # -- the parts ------------------------------------------------------------------------
 
-def _human_text(config, sender: str, failures: Sequence[Failure]) -> str:
+#: What the text part says before the recipients of each Action.
+_SAYS = {
+    "delayed": ["Your message has not been delivered yet to the following addresses.",
+                "This is a temporary problem; I'll keep trying until %s.",
+                "You do not need to send it again."],
+    "delivered": ["Your message was delivered to the following addresses."],
+    "relayed": ["Your message was passed on to the following addresses' mail servers,",
+                "which do not tell whether it reached them."],
+}
+
+
+def _human_text(config, sender: str, failures: Sequence[Failure],
+                retry_until: Optional[float] = None) -> str:
     lines = ["Hi. This is the eqmail program at %s." % config.bouncehost]
-    if sender == "":
+    failed = [f for f in failures if f.action == "failed"]
+    if failed and sender == "":
         lines.append("I tried to deliver a bounce message to this address, "
                      "but the bounce bounced!")
-    else:
+    elif failed:
         lines.append("I'm afraid I wasn't able to deliver your message to the "
                      "following addresses.")
         lines.append("This is a permanent error; I've given up. Sorry it didn't "
                      "work out.")
     lines.append("")
+    lines += _blocks(failed)
+    for action in ("delayed", "delivered", "relayed"):
+        group = [f for f in failures if f.action == action]
+        if not group:
+            continue
+        until = formatdate(retry_until, localtime=True) if retry_until else "it expires"
+        lines += [line.replace("%s", until) for line in _SAYS[action]] + [""]
+        lines += _blocks(group)
+    return "\n".join(lines) + "\n"
+
+
+def _blocks(failures: Sequence[Failure]) -> List[str]:
+    """One ``<recipient>:`` block each, with its report."""
+    lines: List[str] = []
     for f in failures:
         lines.append("<%s>:" % _address(f.recipient))
         report = _clean(f.text).replace("\r\n", "\n").replace("\r", "\n").strip("\n")
@@ -231,21 +286,29 @@ def _human_text(config, sender: str, failures: Sequence[Failure]) -> str:
             lines.extend(_CONTROL.sub("?", line.replace("\t", " ")) or "/"
                          for line in report.split("\n"))
         lines.append("")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def _status_part(config, msgid: str, arrival: float,
-                 failures: Sequence[Failure]) -> Message:
+def _status_part(config, msgid: str, arrival: float, failures: Sequence[Failure],
+                 envid: Optional[str] = None,
+                 retry_until: Optional[float] = None) -> Message:
     per_message = Message(policy=_POLICY)
+    if envid:
+        per_message["Original-Envelope-Id"] = _field(envid)
     per_message["Reporting-MTA"] = "dns; " + _field(config.me)
     per_message["Arrival-Date"] = formatdate(arrival, localtime=True)
     per_message["X-Eqmail-Queue-ID"] = _field(msgid)
     blocks = [per_message]
     for f in failures:
         block = Message(policy=_POLICY)
+        if f.orcpt and _ORCPT.match(f.orcpt):
+            block["Original-Recipient"] = _field(f.orcpt.replace(";", "; ", 1))
         block["Final-Recipient"] = _final_recipient(f.recipient)
-        block["Action"] = "failed"
-        block["Status"] = f.status if _STATUS.match(f.status or "") else "5.0.0"
+        block["Action"] = f.action if f.action in _ACTIONS else "failed"
+        default = {"failed": "5.0.0", "delayed": "4.0.0"}.get(block["Action"], "2.0.0")
+        block["Status"] = f.status if _STATUS.match(f.status or "") else default
+        if block["Action"] == "delayed" and retry_until:
+            block["Will-Retry-Until"] = formatdate(retry_until, localtime=True)
         if f.remote_mta:
             block["Remote-MTA"] = _bound("dns; " + _field(f.remote_mta))
         diagnostic = _field(f.diagnostic or "")
@@ -270,6 +333,25 @@ def _text_part(text: str, subtype: str) -> MIMEText:
     part = MIMEText(text, subtype, cs, policy=_POLICY)
     del part["MIME-Version"]
     return part
+
+
+def _read_whole(path: str) -> Optional[bytes]:
+    """The data of the queue file `path` when it is at most RETURN_LIMIT
+    octets (CR and NUL dropped), else None."""
+    from .store import open_message
+
+    with open_message(path) as f:
+        data = f.read(RETURN_LIMIT + 1)
+    if len(data) > RETURN_LIMIT:
+        return None
+    return data.replace(b"\r", b"").replace(b"\0", b"")
+
+
+def _parsed(data: bytes) -> Message:
+    """The returned message as an email Message (compat32, kept as given)."""
+    from email import message_from_bytes
+
+    return message_from_bytes(data, policy=_POLICY)
 
 
 def _read_header(path: str) -> str:

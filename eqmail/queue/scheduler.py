@@ -30,11 +30,16 @@ SIGNALS (wired by the daemon)
     flight, up to a bound.
 
 BOUNCES
-    A permanent failure is recorded durably (store.add_failure) before its
-    recipient is marked done.  When no recipient is left, one bounce (an
-    RFC 3464 report, queue.bounce) goes to the envelope sender; a failed
-    bounce (sender "") becomes a double bounce to doublebounceto; a failed
-    double bounce is discarded ("triple bounce").
+    A permanent failure -- and a success whose recipient asked for one
+    with NOTIFY=SUCCESS (RFC 3461) -- is recorded durably
+    (store.add_failure, `dsn_report`) before its recipient is marked done.
+    When no delivery of the message is in flight, the records go out as
+    one report (an RFC 3464 report, queue.bounce) to the envelope sender,
+    even while other recipients still wait for a retry; a failed bounce
+    (sender "") becomes a double bounce to doublebounceto; a failed double
+    bounce is discarded ("triple bounce").  NOTIFY without FAILURE keeps a
+    failure out of the report.  With control/delaywarningtime, a message
+    that has waited that long gets one delay notice (queue/warned/ID).
 
 CHANNELS
     Local deliveries are one per recipient (delivery.lspawn); remote ones
@@ -51,7 +56,7 @@ import math
 import os
 import time
 from dataclasses import replace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set, Tuple
 
 import gevent
 import gevent.event
@@ -127,6 +132,46 @@ def next_retry(birth: float, now: float, channel: str) -> float:
     """qmail-send's retry time for a delivery that starts at `now`."""
     age = max(0, int(now - birth))
     return birth + (math.isqrt(age) + RETRY_C[channel]) ** 2
+
+
+def notify_of(item: Item, i: int) -> Optional[Set[str]]:
+    """Recipient `i`'s NOTIFY words (RFC 3461 section 4.1), None without."""
+    value = (item.params or {}).get("notify.%d" % i) if item.params else None
+    return set(value.split(",")) if value else None
+
+
+def notify_has(item: Item, i: int, word: str) -> bool:
+    notify = notify_of(item, i)
+    return notify is not None and word in notify
+
+
+def dsn_report(item: Item, i: int, result: Result, channel: str) -> Optional[dict]:
+    """What the sender is told of recipient `i`'s `result`, as a record
+    for bounce/ID, or None: a failure unless NOTIFY leaves FAILURE out
+    (NEVER included), a success only under NOTIFY=SUCCESS -- "delivered"
+    here, "relayed" to a server that did not take the DSN request on
+    (RFC 3461 section 5.2)."""
+    notify = notify_of(item, i)
+    if result.kind == FAILURE:
+        if notify is not None and "FAILURE" not in notify:
+            return None
+        action = "failed"
+    elif result.kind == SUCCESS:
+        if notify is None or "SUCCESS" not in notify or result.dsn_passed:
+            return None
+        action = "delivered" if channel == LOCAL else "relayed"
+    else:
+        return None
+    record = {"recipient": item.recipients[i], "status": result.status,
+              "text": result.text, "action": action}
+    if result.remote_mta:
+        record["remote_mta"] = result.remote_mta
+    if result.diagnostic:
+        record["diagnostic"] = result.diagnostic
+    orcpt = (item.params or {}).get("orcpt.%d" % i)
+    if orcpt:
+        record["orcpt"] = orcpt
+    return record
 
 
 class _Entry:
@@ -528,7 +573,8 @@ class Scheduler:
                     # thread removes the message when it succeeds
                     solo = entry.failures is False and not any(
                         entry.inflight[j] or not item.done[j]
-                        for j in range(len(item.recipients)) if j != idxs[0])
+                        for j in range(len(item.recipients)) if j != idxs[0]) \
+                        and not notify_has(item, idxs[0], "SUCCESS")
                     results = [self._local(config, entry, item.recipients[idxs[0]], solo)]
                 else:
                     results = self._remote(config, item, idxs)
@@ -552,10 +598,15 @@ class Scheduler:
                 for j in range(len(item.recipients)) if j not in others)
             batch = len(idxs) > 1 and channel == LOCAL and not last
             for i, result in zip(idxs, final):
-                if result.kind == FAILURE:
+                report = dsn_report(item, i, result, channel)
+                if report is not None:
                     entry.failures = True
-                if not (batch and result.kind == SUCCESS):
-                    self._record(item, i, result, mark=not last)
+                if not (batch and result.kind == SUCCESS and report is None):
+                    self._record(item, i, result, mark=not last, report=report)
+            if config.delaywarningtime > 0 and not expired and \
+                    now - item.birth >= config.delaywarningtime:
+                self._warn_delay(config, item, [(i, r) for i, r in zip(idxs, final)
+                                                 if r.kind == DEFERRAL])
             texts = [(i, r.text) for i, r in zip(idxs, final) if r.kind == DEFERRAL]
             if texts:
                 self._note_deferrals(entry, texts)
@@ -574,19 +625,15 @@ class Scheduler:
             self.inflight[channel] -= 1
             self._after(entry)
 
-    def _record(self, item: Item, i: int, result: Result, mark: bool = True) -> None:
-        """Make one recipient's result durable: failures for the bounce first,
-        then the done mark (skipped with `mark` False: the message is about
-        to be removed, which says the same)."""
+    def _record(self, item: Item, i: int, result: Result, mark: bool = True,
+                report: Optional[dict] = None) -> None:
+        """Make one recipient's result durable: its `report` for the sender
+        (dsn_report: a failure, or a success the sender asked to hear of)
+        first, then the done mark (skipped with `mark` False: the message
+        is about to be removed, which says the same)."""
         try:
-            if result.kind == FAILURE:
-                record = {"recipient": item.recipients[i], "status": result.status,
-                          "text": result.text}
-                if result.remote_mta:
-                    record["remote_mta"] = result.remote_mta
-                if result.diagnostic:
-                    record["diagnostic"] = result.diagnostic
-                self.store.add_failure(item.id, record)
+            if report is not None:
+                self.store.add_failure(item.id, report)
             if result.kind in (SUCCESS, FAILURE):
                 if mark:
                     self.store.mark_done(item, i)
@@ -624,8 +671,15 @@ class Scheduler:
                                     domain, log.warning, config.timeoutbeforemote)
                 made += more
                 queued = False
+            params = item.params or {}
+            dsn = None
+            if any(k in params for k in ("ret", "envid")) or any(
+                    "notify.%d" % i in params or "orcpt.%d" % i in params for i in idxs):
+                dsn = {"ret": params.get("ret"), "envid": params.get("envid"),
+                       "notify": [params.get("notify.%d" % i) for i in idxs],
+                       "orcpt": [params.get("orcpt.%d" % i) for i in idxs]}
             return remote.deliver(config, msgpath, sender, recipients, domain, queued,
-                                  utf8=bool(item.params and item.params.get("utf8")))
+                                  utf8=bool(params.get("utf8")), dsn=dsn)
         finally:
             for path in made:
                 try:
@@ -687,6 +741,12 @@ class Scheduler:
             if not pending:
                 self._finish(entry)
             else:
+                if entry.failures and not entry.finishing:
+                    # some recipients failed (or were delivered, and the
+                    # sender asked to hear of it) while others wait: the
+                    # report goes now, not when the last one is done
+                    if self._bounce(item):
+                        entry.failures = False
                 when = min(entry.next[i] for i in pending)
                 self._remember_next(item, when)
                 packed = pack_id(item.id) if when > time.time() + PARK_AFTER else None
@@ -833,29 +893,71 @@ class Scheduler:
         self._maybe_give_back()
 
     def _bounce(self, item: Item) -> bool:
-        """Queue the bounce for the recorded failures of `item`.  True when
-        there is nothing (more) to do, False to try again later."""
+        """Queue the bounce (and the DSN success notices) for the records
+        of `item` in bounce/ID.  True when there is nothing (more) to do,
+        False to try again later."""
         failures = run(self.store.failures, item.id)
         if not failures:
             return True
+        if not self._report(item, failures):
+            return False
+        run(self.store.drop_failures, item.id)
+        return True
+
+    def _report(self, item: Item, records: List[dict],
+                retry_until: Optional[float] = None) -> bool:
+        """Queue one report (queue.bounce) of `records` to the sender of
+        `item`.  True when done (or nothing to send), False on trouble."""
         from . import bounce  # the email package, only when there is a bounce
         config = self.holder.current
         sender = address.verp_bounce_sender(item.sender)
+        reports = [bounce.Failure(f["recipient"], str(f.get("status") or "5.0.0"),
+                                  str(f.get("text") or ""), f.get("remote_mta"),
+                                  f.get("diagnostic"), str(f.get("action") or "failed"),
+                                  f.get("orcpt"))
+                   for f in records]
+        failed = any(r.action == "failed" for r in reports)
+        if not failed and sender in ("", bounce.DOUBLE_BOUNCE_SENDER):
+            return True  # notices of success or delay never go to a bounce
         envelope = bounce.bounce_envelope(config, sender)
         if envelope is None:
             log.line("triple bounce: discarding bounce/%s" % item.id)
-        else:
-            records = [bounce.Failure(f["recipient"], str(f.get("status") or "5.0.0"),
-                                      str(f.get("text") or ""), f.get("remote_mta"),
-                                      f.get("diagnostic"))
-                       for f in failures]
-            try:
-                data = run(bounce.build_bounce, config, sender, item.id, item.birth,
-                           records, self.store.message_path(item.id))
-                b = self.store.commit_bytes(data, envelope[0], envelope[1])
-            except (QueueError, OSError, ValueError) as e:
-                log.alert("unable to queue the bounce for msg %s: %s" % (item.id, e))
-                return False
-            log.line("bounce msg %s qp %s" % (item.id, b.id))
-        run(self.store.drop_failures, item.id)
+            return True
+        params = item.params or {}
+        try:
+            data = run(bounce.build_bounce, config, sender, item.id, item.birth, reports,
+                       self.store.message_path(item.id), None, params.get("ret"),
+                       params.get("envid"), retry_until)
+            b = self.store.commit_bytes(data, envelope[0], envelope[1])
+        except (QueueError, OSError, ValueError) as e:
+            log.alert("unable to queue the bounce for msg %s: %s" % (item.id, e))
+            return False
+        log.line("%s msg %s qp %s" % ("bounce" if failed else "notice", item.id, b.id))
         return True
+
+    def _warn_delay(self, config, item: Item, deferred_now: List[Tuple[int, Result]]) -> None:
+        """The delay notice (control/delaywarningtime, Postfix's
+        delay_warning_time): once per message, for the recipients deferred
+        now whose NOTIFY allows DELAY (no NOTIFY allows it)."""
+        records = []
+        for i, r in deferred_now:
+            notify = notify_of(item, i)
+            if notify is not None and "DELAY" not in notify:
+                continue
+            rec = {"recipient": item.recipients[i], "status": r.status, "text": r.text,
+                   "action": "delayed"}
+            if r.remote_mta:
+                rec["remote_mta"] = r.remote_mta
+            if r.diagnostic:
+                rec["diagnostic"] = r.diagnostic
+            orcpt = (item.params or {}).get("orcpt.%d" % i)
+            if orcpt:
+                rec["orcpt"] = orcpt
+            records.append(rec)
+        if not records or run(self.store.was_warned, item.id):
+            return
+        if self._report(item, records, item.birth + config.queuelifetime):
+            try:
+                run(self.store.set_warned, item.id)
+            except OSError as e:
+                log.alert("unable to note the delay notice of msg %s: %s" % (item.id, e))

@@ -526,6 +526,8 @@ class Store:
         self.spare = os.path.join(qdir, "spare")
         #: hold/ID: the admin held the message (eqmail queue hold)
         self.hold = os.path.join(qdir, "hold")
+        #: warned/ID: the sender was told the message is delayed (once)
+        self.warned = os.path.join(qdir, "warned")
         self.bad = os.path.join(qdir, "bad")
         #: msgid -> the last alert logged for it (one alert per problem)
         self._reported: dict = {}
@@ -1233,7 +1235,7 @@ class Store:
             except FileNotFoundError:
                 pass
         fsync_dir_soon(self.mess)  # see STATES
-        for d in (self.hold,):  # the admin's note
+        for d in (self.hold, self.warned):  # the admin's note, the delay notice's
             try:
                 os.unlink(os.path.join(d, msgid))
             except FileNotFoundError:
@@ -1326,6 +1328,16 @@ class Store:
             except FileNotFoundError:
                 pass
 
+    def was_warned(self, msgid: str) -> bool:
+        """Whether the delay notice of `msgid` went out (warned/ID)."""
+        return os.path.exists(os.path.join(self.warned, msgid))
+
+    def set_warned(self, msgid: str) -> None:
+        """Make warned/ID (no fsync: a crash may send the notice twice, never
+        lose it).  Raises OSError."""
+        os.makedirs(self.warned, mode=0o700, exist_ok=True)
+        os.close(os.open(os.path.join(self.warned, msgid), os.O_WRONLY | os.O_CREAT, 0o600))
+
     def drop_failures(self, msgid: str) -> None:
         try:
             os.unlink(os.path.join(self.bounce, msgid))
@@ -1347,7 +1359,7 @@ class Store:
         committed = set(os.listdir(self.mess))
         now = time.time()
         removed = 0
-        for d in (self.tmp, self.bounce, self.hold):
+        for d in (self.tmp, self.bounce, self.hold, self.warned):
             if not os.path.isdir(d):
                 continue
             for name in os.listdir(d):

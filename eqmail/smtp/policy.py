@@ -98,3 +98,65 @@ def check_rcpt(config: Config, rcpt: str, bad_mail: bool,
             check = "%s@%s" % (local[:i], local[i + 1:])
             continue
         return None, rcpt
+
+
+#: NOTIFY's words (RFC 3461 section 4.1); NEVER stands alone.
+_NOTIFY = frozenset(["SUCCESS", "FAILURE", "DELAY"])
+
+
+def _xtext(value: str, limit: int) -> bool:
+    """Whether `value` is RFC 3461 xtext of at most `limit` characters:
+    printable ASCII but ``+`` and ``=``, and ``+HH`` escapes."""
+    if not value or len(value) > limit or not value.isascii():
+        return False
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "+":
+            hexes = value[i + 1:i + 3]
+            if len(hexes) != 2 or any(c not in "0123456789ABCDEF" for c in hexes):
+                return False
+            i += 3
+            continue
+        if not ("!" <= ch <= "~") or ch == "=":
+            return False
+        i += 1
+    return True
+
+
+def mail_dsn(params: dict) -> Optional[dict]:
+    """MAIL's DSN parameters (RFC 3461 sections 4.3 and 4.4): {"ret":
+    "FULL" or "HDRS", "envid": xtext} as given; None when one is malformed
+    (the command gets 501)."""
+    out = {}
+    if "RET" in params:
+        ret = (params["RET"] or "").upper()
+        if ret not in ("FULL", "HDRS"):
+            return None
+        out["ret"] = ret
+    if "ENVID" in params:
+        if not _xtext(params["ENVID"] or "", 100):
+            return None
+        out["envid"] = params["ENVID"]
+    return out
+
+
+def rcpt_dsn(params: dict) -> Optional[dict]:
+    """RCPT's DSN parameters (RFC 3461 sections 4.1 and 4.2): {"notify":
+    "NEVER" or some of "SUCCESS,FAILURE,DELAY", "orcpt": "type;xtext"};
+    None when one is malformed (the command gets 501)."""
+    out = {}
+    if "NOTIFY" in params:
+        words = (params["NOTIFY"] or "").upper().split(",")
+        if words != ["NEVER"] and not (words and set(words) <= _NOTIFY
+                                       and len(set(words)) == len(words)):
+            return None
+        out["notify"] = ",".join(words)
+    if "ORCPT" in params:
+        kind, sep, value = (params["ORCPT"] or "").partition(";")
+        if not sep or not kind or len(kind) > 40 or not all(
+                c.isalnum() or c == "-" for c in kind) or not kind.isascii() \
+                or not _xtext(value, 500):
+            return None
+        out["orcpt"] = kind.lower() + ";" + value
+    return out

@@ -42,7 +42,7 @@ from __future__ import annotations
 import base64
 import os
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import gevent
 
@@ -314,6 +314,8 @@ class Session:
         self.spf_header: Optional[str] = None
         self.mailfrom: Optional[str] = None
         self.smtputf8 = False    # MAIL FROM said SMTPUTF8 (RFC 6531)
+        self.dsn: dict = {}      # MAIL's RET and ENVID (RFC 3461), as "ret", "envid"
+        self.rcpt_dsn: list = []  # each recipient's NOTIFY and ORCPT, as "notify", "orcpt"
         self.bad_mail = False
         self.rcpts: list = []
         self.last_rcpt: Optional[str] = None
@@ -703,7 +705,7 @@ class Session:
         if self.starttls is not None and self.tls_cipher is None:
             ext.append("STARTTLS")
         ext += ["PIPELINING", "8BITMIME", "SIZE %d" % self.databytes, "ENHANCEDSTATUSCODES",
-                "CHUNKING", "SMTPUTF8"]
+                "CHUNKING", "SMTPUTF8", "DSN"]
         if self.checkpassword and self.auth_user is None:
             if self.tls_required and self.tls_cipher is None:
                 ext.append("AUTH CRAM-MD5")
@@ -878,6 +880,9 @@ class Session:
                 return reply.PARAM_SYNTAX
             if not address.valid_utf8(sender):
                 return reply.BAD_UTF8_SENDER
+        dsn = policy.mail_dsn(params)  # RFC 3461 section 4.3 and 4.4
+        if dsn is None:
+            return reply.PARAM_SYNTAX
         if "mail" in self.later:  # LM: every MAIL until RSET (qmail-spp)
             return reply.raw(self.later["mail"])
         if self.config.rblwhen == "mail":
@@ -904,6 +909,7 @@ class Session:
             override = out is not None and out.verdict == "override"
         self.mailfrom = sender
         self.smtputf8 = "SMTPUTF8" in params
+        self.dsn = dsn
         # an O answer skips badmailfrom, never the relay check
         self.bad_mail = not override and policy.mail_is_bad(self.config, sender)
         return reply.OK_MAIL
@@ -914,11 +920,14 @@ class Session:
         if "rcpt" in self.later:
             return reply.raw(self.later["rcpt"])
         try:
-            rcpt, _ = address.parse_path(arg)
+            rcpt, rest = address.parse_path(arg)
         except address.AddressError:
             return reply.SYNTAX
         if not rcpt:  # qmail takes RCPT TO:<>; RFC 5321 has no empty forward-path
             return reply.SYNTAX
+        rcpt_dsn = policy.rcpt_dsn(address.parse_params(rest))  # RFC 3461 4.1, 4.2
+        if rcpt_dsn is None:
+            return reply.PARAM_SYNTAX
         if self.smtputf8 and not address.valid_utf8(rcpt):
             return reply.BAD_UTF8_RCPT
         self.last_rcpt = rcpt
@@ -951,6 +960,7 @@ class Session:
             if refusal is not None:
                 return refusal
         self.rcpts.append(rcpt)
+        self.rcpt_dsn.append(rcpt_dsn)
         return reply.OK_RCPT
 
     def _greylist(self, rcpt: str) -> Optional[Reply]:
@@ -1123,29 +1133,44 @@ class Session:
                 extra.abort()
             self._extra_drafts = []
 
-    def _deliver_direct(self, draft, rcpts):
+    def _deliver_direct(self, draft, rcpts) -> List[int]:
         """Local mail written once (eqmail.delivery.direct): deliver what
-        may be delivered now; return the recipients the queue must take."""
+        may be delivered now; return the indexes of the recipients the
+        queue must take."""
         from ..delivery import direct
         from ..threads import run
 
+        everyone = list(range(len(rcpts)))
         if not direct.candidates(self.config, rcpts):
-            return rcpts
+            return everyone
         data = draft.held()
         if data is None:
-            return rcpts
+            return everyone
         try:
             reports = run(direct.deliver, self.config, data, self.mailfrom, rcpts)
         except Exception as e:  # a bug: the queue takes every recipient
             log.alert("smtpd: direct delivery failed: %s: %s" % (type(e).__name__, e))
-            return rcpts
+            return everyone
         rest = []
-        for rcpt, report in zip(rcpts, reports):
+        for i, (rcpt, report) in enumerate(zip(rcpts, reports)):
             if report is None:
-                rest.append(rcpt)
+                rest.append(i)
             else:
                 log.direct_delivery(draft.id, len(data), self.mailfrom, rcpt, report)
         return rest
+
+    def _params(self, keep: List[int]) -> Optional[Dict[str, str]]:
+        """The options the queue keeps with the message (Item.params): the
+        SMTPUTF8 flag, RET and ENVID, and NOTIFY and ORCPT of the
+        recipients `keep` (indexes into self.rcpts) as ``notify.N`` and
+        ``orcpt.N`` for their places in the queued list."""
+        params: Dict[str, str] = dict(self.dsn)
+        if self.smtputf8:
+            params["utf8"] = "1"
+        for n, i in enumerate(keep):
+            for key, value in self.rcpt_dsn[i].items():
+                params["%s.%d" % (key, n)] = value
+        return params or None
 
     def _draft(self):
         """Where the message goes: the queue, or the program named by
@@ -1292,18 +1317,19 @@ class Session:
                 return got
             if got is not None:
                 draft = got
-        rcpts = self.rcpts
+        keep = list(range(len(self.rcpts)))
+        wants_success = any("SUCCESS" in d.get("notify", "") for d in self.rcpt_dsn)
         if self.direct and self.config.directlocal and self.config.concurrencylocal \
-                and not self.env.get("QMAILQUEUE"):
-            rcpts = self._deliver_direct(draft, rcpts)
-            if not rcpts:
+                and not self.env.get("QMAILQUEUE") and not wants_success:
+            keep = self._deliver_direct(draft, self.rcpts)
+            if not keep:
                 draft.abort()
                 self.messages += 1
                 self._log("message accepted")
                 return reply.accepted(int(time.time()), draft.id)
+        rcpts = [self.rcpts[i] for i in keep]
         try:
-            item = draft.commit(self.mailfrom, rcpts,
-                                params={"utf8": "1"} if self.smtputf8 else None)
+            item = draft.commit(self.mailfrom, rcpts, params=self._params(keep))
         except QueueError as e:
             permanent = getattr(e, "permanent", False)  # qmailqueue.QueueRefused
             self._log("message %s (%s)" % ("rejected" if permanent else "delayed", e.text))

@@ -31,7 +31,8 @@ NORMALISATION (decided per field)
               eqmail's RFC 2034 status in front of the text (``553 5.7.1
               sorry...``: qmail's ``(#5.7.1)`` stays in the text and is
               compared), the EHLO lines of extensions eQmail lacks
-              (``ENHANCEDSTATUSCODES``, ``CHUNKING``, ``SMTPUTF8``), and the
+              (``ENHANCEDSTATUSCODES``, ``CHUNKING``, ``SMTPUTF8``, ``DSN``),
+              and the
               time and queue id in ``250 ok <time> qp <id>``.
     received  the smtpd Received line, date replaced by ``<date>``.
     message   the queued bytes after that Received line: exactly equal.
@@ -344,7 +345,7 @@ def split_replies(data: bytes) -> List[List[str]]:
 
 
 #: EHLO keywords eqmail offers and eQmail 1.09 does not.
-_EXTRA_EHLO = frozenset(["ENHANCEDSTATUSCODES", "CHUNKING", "SMTPUTF8"])
+_EXTRA_EHLO = frozenset(["ENHANCEDSTATUSCODES", "CHUNKING", "SMTPUTF8", "DSN"])
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
 _ACCEPTED = re.compile(r"^ok \d+ qp \S+$")
 

@@ -152,7 +152,7 @@ def R(r, esmtp=False):
 GREETING = b"220 mx.example.org ESMTP"
 #: The EHLO keywords of a plain session (no TLS, no AUTH, no databytes).
 EHLO_EXT = [b"PIPELINING", b"8BITMIME", b"SIZE 0", b"ENHANCEDSTATUSCODES", b"CHUNKING",
-            b"SMTPUTF8"]
+            b"SMTPUTF8", b"DSN"]
 #: Where the replies after an EHLO begin: the greeting, the EHLO lines.
 AFTER_EHLO = 2 + len(EHLO_EXT)
 ACCEPT_RE = rb"250 ok (\d+) qp (\S+)$"
@@ -204,14 +204,14 @@ def test_ehlo_lines(env):
     out = env.talk(b"EHLO x\r\n")
     assert out == [GREETING, b"250-mx.example.org", b"250-PIPELINING", b"250-8BITMIME",
                    b"250-SIZE 0", b"250-ENHANCEDSTATUSCODES", b"250-CHUNKING",
-                   b"250 SMTPUTF8"]
+                   b"250-SMTPUTF8", b"250 DSN"]
 
 
 def test_ehlo_bytewise(env):
     out = env.talk(b"ehlo x\r\nnoop\r\n", bytewise_=True)
     assert out[1:] == [b"250-mx.example.org", b"250-PIPELINING", b"250-8BITMIME",
                        b"250-SIZE 0", b"250-ENHANCEDSTATUSCODES", b"250-CHUNKING",
-                       b"250 SMTPUTF8", b"250 2.0.0 ok"]
+                       b"250-SMTPUTF8", b"250 DSN", b"250 2.0.0 ok"]
 
 
 def test_fixed_replies_helo_client_exact_qmail_text(env):
