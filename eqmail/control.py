@@ -44,6 +44,7 @@ CONTROL FILES (default when missing)
                         (see SmtpRoute)
     timeoutconnect      60 seconds for a remote connect()
     timeoutremote       1200 seconds per remote read or write
+    tlsdestinations     none; ``domain:level[:argument]`` lines (TlsPolicy)
     tlsclientciphers    OpenSSL cipher list, lines joined with ``:``; default
                         the library's
     beforemote          none; one filter command line per line
@@ -147,6 +148,68 @@ class SmtpRoute:
     @property
     def has_credentials(self) -> bool:
         return bool(self.user)
+
+
+#: control/tlsdestinations' levels, weakest first.
+TLS_LEVELS = ("none", "may", "encrypt", "verify", "fingerprint")
+
+
+@dataclass(frozen=True)
+class TlsPolicy:
+    """One control/tlsdestinations entry (qmail-tls's idea, Postfix's
+    levels): ``domain:level[:argument]``, the domain matched as in
+    smtproutes (exact, ``.suffix``, empty for every other).
+
+    none         never STARTTLS
+    may          STARTTLS when offered, the certificate not checked (the
+                 default: what eqmail always did)
+    encrypt      STARTTLS required, the certificate not checked
+    verify       STARTTLS required; the certificate chain verified against
+                 the system's CA store, or the CA file given as argument,
+                 and its name against the MX host's (the relay's) name
+    fingerprint  STARTTLS required; the server certificate's SHA-256
+                 (``sha256:AB:CD:...``, several separated by ``,``) must
+                 be one of those given
+    """
+
+    key: str
+    level: str = "may"
+    cafile: str = ""
+    fingerprints: Tuple[str, ...] = ()
+
+    @property
+    def required(self) -> bool:
+        return self.level in ("encrypt", "verify", "fingerprint")
+
+
+DEFAULT_TLS = TlsPolicy("", "may")
+
+
+def parse_tlsdestination(path: str, lineno: int, text: str) -> TlsPolicy:
+    """Parse one tlsdestinations line.  Raises ConfigError naming the line."""
+    key, sep, rest = text.partition(":")
+    if not sep or any(ch.isspace() for ch in text):
+        raise ConfigError(path, lineno, "expected 'domain:level[:argument]', got %r" % text)
+    level, _, arg = rest.partition(":")
+    level = level.lower()
+    if level not in TLS_LEVELS:
+        raise ConfigError(path, lineno, "unknown level %r (%s)" % (level, ", ".join(TLS_LEVELS)))
+    if level == "fingerprint":
+        prints = []
+        for one in arg.split(","):
+            algo, _, digest = one.partition(":")
+            digest = digest.replace(":", "").lower()
+            if algo.lower() != "sha256" or len(digest) != 64 or \
+                    any(c not in "0123456789abcdef" for c in digest):
+                raise ConfigError(path, lineno, "expected 'sha256:' and 32 hex bytes, got %r"
+                                  % one)
+            prints.append(digest)
+        return TlsPolicy(domain_key(key), level, "", tuple(prints))
+    if arg and level != "verify":
+        raise ConfigError(path, lineno, "%s takes no argument" % level)
+    if arg and not os.path.isabs(arg):
+        raise ConfigError(path, lineno, "the CA file must be an absolute path: %r" % arg)
+    return TlsPolicy(domain_key(key), level, arg)
 
 
 def parse_smtproute(path: str, lineno: int, text: str) -> SmtpRoute:
@@ -302,6 +365,7 @@ class Config:
     defaultdelivery: str
     break_char: str
     smtproutes: Tuple[SmtpRoute, ...] = ()
+    tlsdestinations: Tuple[TlsPolicy, ...] = ()
     timeoutconnect: int = 60
     timeoutremote: int = 1200
     tlsclientciphers: str = ""
@@ -365,6 +429,20 @@ class Config:
             if rule.matches(ip):
                 return rule
         return None
+
+    def tls_policy(self, domain: str) -> TlsPolicy:
+        """The tlsdestinations entry for `domain` (exact, then ``.suffix``
+        entries longest first, then the empty key), else DEFAULT_TLS."""
+        if not self.tlsdestinations:
+            return DEFAULT_TLS
+        policies = {p.key: p for p in reversed(self.tlsdestinations)}  # the first wins
+        domain = domain_key(domain)
+        if domain in policies:
+            return policies[domain]
+        for key in dot_suffixes(domain):
+            if key in policies:
+                return policies[key]
+        return policies.get("", DEFAULT_TLS)
 
     def smtproute(self, domain: str) -> Optional[SmtpRoute]:
         """The smtproutes entry for `domain`: exact, then ``.suffix``
@@ -555,6 +633,8 @@ def load(home: str) -> Config:
         defaultdelivery = "./Maildir/"
     routes = tuple(parse_smtproute(c("smtproutes"), n, text)
                    for n, text in (read_list(c("smtproutes")) or []))
+    tlsdest = tuple(parse_tlsdestination(c("tlsdestinations"), n, text)
+                    for n, text in (read_list(c("tlsdestinations")) or []))
     ciphers = ":".join(text for _, text in (read_list(c("tlsclientciphers")) or []))
     beforemote = tuple(text for _, text in (read_list(c("beforemote")) or []))
     timeoutconnect = max(1, read_int(c("timeoutconnect"), 60))
@@ -619,6 +699,7 @@ def load(home: str) -> Config:
         defaultdelivery=defaultdelivery,
         break_char=break_char,
         smtproutes=routes,
+        tlsdestinations=tlsdest,
         timeoutconnect=timeoutconnect,
         timeoutremote=timeoutremote,
         tlsclientciphers=ciphers,

@@ -74,9 +74,10 @@ import socket
 from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
+from .. import log
 from . import Result, deferred, delivered, failed
 from ..address import ascii_address, ip_literal, to_ascii_domain
-from ..control import Config, SmtpRoute
+from ..control import DEFAULT_TLS, Config, SmtpRoute, TlsPolicy
 from ..threads import run
 
 #: Longest reply line and most lines of one reply read from a server.
@@ -409,18 +410,79 @@ class Connection:
             pass
 
 
-def _tls_context(config: Config):
+#: (policy level, CA file, ciphers, client cert, its mtime) -> SSLContext:
+#: loading the system's CA store costs milliseconds and memory, once.
+_contexts: dict = {}
+
+
+def _tls_context(config: Config, policy: TlsPolicy = DEFAULT_TLS, named: bool = True):
+    """The client context for `policy`: no verification, except for
+    ``verify`` (the CA file, else the system's store; the server's name
+    checked when `named`, i.e. it is a host name, not an address)."""
     import gevent.ssl as ssl
 
+    verify = policy.level == "verify"
+    cert = config.path("control", "clientcert.pem")
+    try:
+        stamp = os.stat(cert).st_mtime
+    except OSError:
+        stamp = None
+    key = (verify, policy.cafile if verify else "", named and verify,
+           config.tlsclientciphers, stamp)
+    ctx = _contexts.get(key)
+    if ctx is not None:
+        return ctx
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    if verify:
+        ctx.check_hostname = named
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if policy.cafile:
+            ctx.load_verify_locations(cafile=policy.cafile)
+        else:
+            ctx.load_default_certs()
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
     if config.tlsclientciphers:
         ctx.set_ciphers(config.tlsclientciphers)
-    cert = config.path("control", "clientcert.pem")
-    if os.path.exists(cert):
+    if stamp is not None:
         ctx.load_cert_chain(cert)
+    if len(_contexts) >= 16:
+        _contexts.clear()
+    _contexts[key] = ctx
     return ctx
+
+
+def _start_tls(config: Config, sock, host: str, ip: str, policy: TlsPolicy):
+    """The TLS side of `sock` under `policy`, after the handshake and the
+    checks; logs one line with the TLS version, cipher and what was
+    verified.  Raises Retry (handshake, certificate or fingerprint)."""
+    import hashlib
+
+    named = not host.startswith("[") and dotted_quad(host) is None
+    try:
+        tls = _tls_context(config, policy, named).wrap_socket(
+            sock, server_hostname=host if named else None)
+    except OSError as e:
+        raise Retry("TLS connect to %s failed: %s%s" % (
+            ip, e, " (tlsdestinations: %s)" % policy.level if policy.required else ""))
+    checked = "not verified"
+    if policy.level == "verify":
+        checked = "verified" if named else "chain verified, no name to check"
+    elif policy.level == "fingerprint":
+        der = tls.getpeercert(binary_form=True) or b""
+        digest = hashlib.sha256(der).hexdigest()
+        if digest not in policy.fingerprints:
+            log.line("tls: %s [%s] certificate sha256:%s is not pinned: disconnecting"
+                     % (host, ip, digest))
+            tls.close()
+            raise Retry("TLS to %s: the certificate's fingerprint sha256:%s is not the one "
+                        "in tlsdestinations (#4.7.5)" % (ip, digest))
+        checked = "fingerprint matched"
+    cipher = tls.cipher() or ("", "", 0)
+    log.line("tls: %s [%s] %s %s %s (tlsdestinations %s)"
+             % (host, ip, tls.version() or "?", cipher[0], checked, policy.level))
+    return tls
 
 
 def _auth(conn: Connection, route: SmtpRoute, ip: str) -> None:
@@ -448,7 +510,8 @@ def _notls(config: Config, host: str) -> bool:
     return "/" not in name and os.path.exists(config.path("control", "notlshosts", name))
 
 
-def _connect(config: Config, host: str, ip: str, port: int):
+def _connect(config: Config, host: str, ip: str, port: int,
+             policy: TlsPolicy = DEFAULT_TLS):
     import gevent.socket
 
     try:
@@ -464,16 +527,15 @@ def _connect(config: Config, host: str, ip: str, port: int):
         pass
     if port == 465:
         try:
-            sock = _tls_context(config).wrap_socket(
-                sock, server_hostname=None if host.startswith("[") else host)
-        except OSError as e:
+            sock = _start_tls(config, sock, host, ip, policy)
+        except Retry:
             sock.close()
-            raise Retry("TLS connect to %s failed: %s" % (ip, e))
+            raise
     return Connection(sock, config.timeoutremote)
 
 
 def _open(config: Config, conn: Connection, host: str, ip: str, port: int,
-          route: Optional[SmtpRoute]) -> None:
+          route: Optional[SmtpRoute], policy: TlsPolicy = DEFAULT_TLS) -> None:
     """Greeting, EHLO, STARTTLS, AUTH on a new connection.  Raises Retry,
     TempError, PermError, ConnectionError/OSError."""
     greeting = conn.reply()
@@ -488,20 +550,20 @@ def _open(config: Config, conn: Connection, host: str, ip: str, port: int,
     if r.code != 250:
         raise TempError("Connected to %s but my name was rejected.\n%s" % (ip, r.said()))
     tls = port == 465
-    if not tls and "STARTTLS" in conn.extensions and not _notls(config, host):
+    wanted = policy.level != "none" and (policy.required or not _notls(config, host))
+    if not tls and wanted and "STARTTLS" in conn.extensions:
         r = conn.command("STARTTLS")
         if r.code == 220:
-            try:
-                conn.sock = _tls_context(config).wrap_socket(
-                    conn.sock, server_hostname=None if host.startswith("[") else host)
-            except OSError as e:
-                raise Retry("TLS connect to %s failed: %s" % (ip, e))
+            conn.sock = _start_tls(config, conn.sock, host, ip, policy)
             conn.buf.clear()
             tls = True
             r = conn.ehlo(config.helohost)
             if r.code != 250:
                 raise TempError("Connected to %s but my name was rejected after "
                                 "STARTTLS.\n%s" % (ip, r.said()))
+    if not tls and policy.required:
+        raise Retry("%s offers no STARTTLS, which tlsdestinations requires (%s) (#4.7.4)"
+                    % (ip, policy.level))
     if route is not None and route.has_credentials:
         if not tls:
             raise TempError("Connected to %s but it offers no STARTTLS; relay credentials "
@@ -729,27 +791,29 @@ def deliver(config: Config, msgpath: str, sender: str, recipients: Sequence[str]
         return [deferred("Unable to read the queued message: %s. (#4.3.0)"
                          % (getattr(e, "strerror", None) or e))] * n
     try:
-        return _deliver_to(config, targets, route, body, sender, recipients, utf8, dsn)
+        return _deliver_to(config, targets, route, body, sender, recipients, utf8, dsn,
+                           domain)
     finally:
         body.close()
 
 
 def _deliver_to(config: Config, targets, route: Optional[SmtpRoute], body: _Body, sender: str,
                 recipients: Sequence[str], utf8: bool = False,
-                dsn: Optional[dict] = None) -> List[Result]:
+                dsn: Optional[dict] = None, domain: str = "") -> List[Result]:
     """Try `targets` in order, on cached or new connections."""
     n = len(recipients)
     tried = []
     user = route.user if route is not None and route.has_credentials else None
+    policy = config.tls_policy(domain) if domain else DEFAULT_TLS
     for host, ip, port in targets:
-        key = (host, ip, port, user)
+        key = (host, ip, port, user, policy)
         while True:
             cached = _take(key)
             if cached is not None:
                 conn, uses = cached
             else:
                 try:
-                    conn = _connect(config, host, ip, port)
+                    conn = _connect(config, host, ip, port, policy)
                 except Retry as e:
                     tried.append(str(e))
                     break
@@ -757,7 +821,7 @@ def _deliver_to(config: Config, targets, route: Optional[SmtpRoute], body: _Body
             keep = done = False
             try:
                 if cached is None:
-                    _open(config, conn, host, ip, port, route)
+                    _open(config, conn, host, ip, port, route, policy)
                 results, keep = _transaction(conn, ip, body, sender, recipients,
                                              cached is not None, utf8, dsn)
                 done = True

@@ -104,7 +104,12 @@ class TestCA:
         self.ca_file = _write(os.path.join(self.dir, "ca.pem"), self.ca.cert_pem.bytes())
         self._n = 0
 
-    def leaf(self, names: Sequence[str]):
+    def leaf(self, names: Sequence[str], expired: bool = False):
+        if expired:  # valid for a day, a week ago
+            import datetime
+            past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=7)
+            return self.ca.issue_cert(*names, not_before=past,
+                                      not_after=past + datetime.timedelta(days=1))
         return self.ca.issue_cert(*names)
 
     def issue(self, names: Sequence[str], directory: Optional[str] = None,
@@ -121,9 +126,9 @@ class TestCA:
         _write(key_file, cert.private_key_pem.bytes(), key_mode)
         return cert_file, key_file
 
-    def server_context(self, names: Sequence[str]) -> ssl.SSLContext:
+    def server_context(self, names: Sequence[str], expired: bool = False) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.leaf(names).configure_cert(ctx)
+        self.leaf(names, expired).configure_cert(ctx)
         return ctx
 
     def client_context(self) -> ssl.SSLContext:
@@ -797,6 +802,7 @@ class ScriptedSMTP:
                  implicit_tls: bool = False,
                  hostname: str = "scripted.far.test",
                  smtputf8: bool = True,
+                 tls_expired: bool = False,
                  start: bool = True):
         self.host = host
         self.port = port or free_port(host)
@@ -809,6 +815,7 @@ class ScriptedSMTP:
         self.auth = auth
         self.hostname = hostname
         self.smtputf8 = smtputf8  # offer SMTPUTF8 (RFC 6531)
+        self.tls_expired = tls_expired  # a certificate that expired a week ago
         self._own_ca = None
         if (starttls or implicit_tls) and ca is None:
             ca = self._own_ca = TestCA()
@@ -845,7 +852,7 @@ class ScriptedSMTP:
         owner = self
         context = None
         if self.starttls or self.implicit_tls:
-            context = self.ca.server_context(self.tls_names)
+            context = self.ca.server_context(self.tls_names, self.tls_expired)
         smtp_kwargs = dict(ident="ESMTP scripted",
                            enable_SMTPUTF8=self.smtputf8, timeout=60)
         if self.starttls and not self.implicit_tls:
