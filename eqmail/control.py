@@ -45,6 +45,7 @@ CONTROL FILES (default when missing)
     timeoutconnect      60 seconds for a remote connect()
     timeoutremote       1200 seconds per remote read or write
     tlsdestinations     none; ``domain:level[:argument]`` lines (TlsPolicy)
+    mtasts              0; 1: honour MTA-STS policies (delivery.mtasts)
     tlsclientciphers    OpenSSL cipher list, lines joined with ``:``; default
                         the library's
     beforemote          none; one filter command line per line
@@ -176,6 +177,8 @@ class TlsPolicy:
     level: str = "may"
     cafile: str = ""
     fingerprints: Tuple[str, ...] = ()
+    #: where the policy comes from, for the log: tlsdestinations, mta-sts
+    source: str = "tlsdestinations"
 
     @property
     def required(self) -> bool:
@@ -396,6 +399,7 @@ class Config:
     aliases: str = "/etc/aliases"
     mailspool: str = ""
     delaywarningtime: int = 0
+    mtasts: bool = False
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _route_map: Dict[str, SmtpRoute] = field(default_factory=dict, compare=False, repr=False)
 
@@ -730,6 +734,7 @@ def load(home: str) -> Config:
         aliases=aliases,
         mailspool=mailspool,
         delaywarningtime=max(0, read_int(c("delaywarningtime"), 0)),
+        mtasts=read_int(c("mtasts"), 0) != 0,
         _virtual_map=vmap,
         _route_map={r.key: r for r in reversed(routes)},  # the first line wins
     )

@@ -465,7 +465,7 @@ def _start_tls(config: Config, sock, host: str, ip: str, policy: TlsPolicy):
             sock, server_hostname=host if named else None)
     except OSError as e:
         raise Retry("TLS connect to %s failed: %s%s" % (
-            ip, e, " (tlsdestinations: %s)" % policy.level if policy.required else ""))
+            ip, e, " (%s: %s)" % (policy.source, policy.level) if policy.required else ""))
     checked = "not verified"
     if policy.level == "verify":
         checked = "verified" if named else "chain verified, no name to check"
@@ -480,8 +480,9 @@ def _start_tls(config: Config, sock, host: str, ip: str, policy: TlsPolicy):
                         "in tlsdestinations (#4.7.5)" % (ip, digest))
         checked = "fingerprint matched"
     cipher = tls.cipher() or ("", "", 0)
-    log.line("tls: %s [%s] %s %s %s (tlsdestinations %s)"
-             % (host, ip, tls.version() or "?", cipher[0], checked, policy.level))
+    log.line("tls: %s [%s] %s %s %s (%s %s)"
+             % (host, ip, tls.version() or "?", cipher[0], checked, policy.source,
+                policy.level))
     return tls
 
 
@@ -562,8 +563,8 @@ def _open(config: Config, conn: Connection, host: str, ip: str, port: int,
                 raise TempError("Connected to %s but my name was rejected after "
                                 "STARTTLS.\n%s" % (ip, r.said()))
     if not tls and policy.required:
-        raise Retry("%s offers no STARTTLS, which tlsdestinations requires (%s) (#4.7.4)"
-                    % (ip, policy.level))
+        raise Retry("%s offers no STARTTLS, which %s requires (%s) (#4.7.4)"
+                    % (ip, policy.source, policy.level))
     if route is not None and route.has_credentials:
         if not tls:
             raise TempError("Connected to %s but it offers no STARTTLS; relay credentials "
@@ -790,21 +791,61 @@ def deliver(config: Config, msgpath: str, sender: str, recipients: Sequence[str]
     except (OSError, ValueError) as e:
         return [deferred("Unable to read the queued message: %s. (#4.3.0)"
                          % (getattr(e, "strerror", None) or e))] * n
+    policy = config.tls_policy(domain)
+    if config.mtasts and not policy.key and not (route is not None and route.relay) \
+            and not domain.startswith("["):
+        targets, policy, refusal = _mta_sts(config, domain, targets, policy)
+        if refusal is not None:
+            body.close()
+            return [refusal] * n
     try:
         return _deliver_to(config, targets, route, body, sender, recipients, utf8, dsn,
-                           domain)
+                           policy)
     finally:
         body.close()
 
 
+def _mta_sts(config: Config, domain: str, targets, policy: TlsPolicy):
+    """MTA-STS (RFC 8461 section 4) for a delivery by MX to `domain`:
+    (targets, TLS policy, a deferral or None).  ``enforce`` keeps the MX
+    hosts the policy names and requires a verified certificate; ``testing``
+    logs the MX hosts it would refuse."""
+    from . import mtasts
+
+    qdomain = to_ascii_domain(domain) or domain
+    try:
+        sts = run(mtasts.lookup, config, qdomain)
+    except Exception as e:  # a bug there must not stop mail
+        log.alert("mta-sts: %s: %s: %s" % (qdomain, type(e).__name__, e))
+        return targets, policy, None
+    if sts is None or sts.mode == "none":
+        return targets, policy, None
+    if mtasts.needs_refresh(sts):
+        import gevent
+
+        gevent.spawn(run, mtasts.lookup, config, qdomain, True)
+    outside = sorted({host for host, _, _ in targets if not sts.matches(host)})
+    if sts.mode == "testing":
+        if outside:
+            log.line("mta-sts: %s testing: MX %s not in the policy (sent anyway)"
+                     % (qdomain, ", ".join(outside)))
+        return targets, policy, None
+    kept = [t for t in targets if sts.matches(t[0])]
+    if not kept:
+        return targets, policy, deferred(
+            "None of the MX hosts of %s (%s) is in its MTA-STS policy. (#4.7.5)"
+            % (qdomain, ", ".join(outside)), "4.7.5")
+    return kept, TlsPolicy(qdomain, "verify", source="mta-sts"), None
+
+
 def _deliver_to(config: Config, targets, route: Optional[SmtpRoute], body: _Body, sender: str,
                 recipients: Sequence[str], utf8: bool = False,
-                dsn: Optional[dict] = None, domain: str = "") -> List[Result]:
+                dsn: Optional[dict] = None,
+                policy: TlsPolicy = DEFAULT_TLS) -> List[Result]:
     """Try `targets` in order, on cached or new connections."""
     n = len(recipients)
     tried = []
     user = route.user if route is not None and route.has_credentials else None
-    policy = config.tls_policy(domain) if domain else DEFAULT_TLS
     for host, ip, port in targets:
         key = (host, ip, port, user, policy)
         while True:
