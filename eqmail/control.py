@@ -46,6 +46,8 @@ CONTROL FILES (default when missing)
     timeoutremote       1200 seconds per remote read or write
     tlsdestinations     none; ``domain:level[:argument]`` lines (TlsPolicy)
     mtasts              0; 1: honour MTA-STS policies (delivery.mtasts)
+    dane                0; 1: honour DANE TLSA records (delivery.dane; needs
+                        a validating resolver)
     tlsclientciphers    OpenSSL cipher list, lines joined with ``:``; default
                         the library's
     beforemote          none; one filter command line per line
@@ -177,12 +179,14 @@ class TlsPolicy:
     level: str = "may"
     cafile: str = ""
     fingerprints: Tuple[str, ...] = ()
-    #: where the policy comes from, for the log: tlsdestinations, mta-sts
+    #: where the policy comes from, for the log: tlsdestinations, mta-sts, dane
     source: str = "tlsdestinations"
+    #: level "dane": the host's TLSA records, (usage, selector, type, data)
+    tlsa: Tuple[Tuple[int, int, int, bytes], ...] = ()
 
     @property
     def required(self) -> bool:
-        return self.level in ("encrypt", "verify", "fingerprint")
+        return self.level in ("encrypt", "verify", "fingerprint", "dane")
 
 
 DEFAULT_TLS = TlsPolicy("", "may")
@@ -400,6 +404,7 @@ class Config:
     mailspool: str = ""
     delaywarningtime: int = 0
     mtasts: bool = False
+    dane: bool = False
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _route_map: Dict[str, SmtpRoute] = field(default_factory=dict, compare=False, repr=False)
 
@@ -735,6 +740,7 @@ def load(home: str) -> Config:
         mailspool=mailspool,
         delaywarningtime=max(0, read_int(c("delaywarningtime"), 0)),
         mtasts=read_int(c("mtasts"), 0) != 0,
+        dane=read_int(c("dane"), 0) != 0,
         _virtual_map=vmap,
         _route_map={r.key: r for r in reversed(routes)},  # the first line wins
     )

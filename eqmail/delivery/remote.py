@@ -469,6 +469,19 @@ def _start_tls(config: Config, sock, host: str, ip: str, policy: TlsPolicy):
     checked = "not verified"
     if policy.level == "verify":
         checked = "verified" if named else "chain verified, no name to check"
+    elif policy.level == "dane":
+        from . import dane
+
+        if dane.usable(policy.tlsa):
+            if not dane.matches(policy.tlsa, dane.peer_chain(tls)):
+                log.line("tls: %s [%s] the certificate matches no TLSA record: disconnecting"
+                         % (host, ip))
+                tls.close()
+                raise Retry("TLS to %s: the certificate matches none of the DANE TLSA "
+                            "records of %s (#4.7.5)" % (ip, host))
+            checked = "TLSA matched"
+        else:
+            checked = "no usable TLSA record, not verified"
     elif policy.level == "fingerprint":
         der = tls.getpeercert(binary_form=True) or b""
         digest = hashlib.sha256(der).hexdigest()
@@ -792,17 +805,49 @@ def deliver(config: Config, msgpath: str, sender: str, recipients: Sequence[str]
         return [deferred("Unable to read the queued message: %s. (#4.3.0)"
                          % (getattr(e, "strerror", None) or e))] * n
     policy = config.tls_policy(domain)
-    if config.mtasts and not policy.key and not (route is not None and route.relay) \
-            and not domain.startswith("["):
+    per_host: dict = {}
+    by_mx = not policy.key and not (route is not None and route.relay) \
+        and not domain.startswith("[")
+    refusal = None
+    if by_mx and config.dane:
+        targets, per_host, refusal = _dane(domain, targets)
+    if by_mx and config.mtasts and not per_host and refusal is None:
         targets, policy, refusal = _mta_sts(config, domain, targets, policy)
-        if refusal is not None:
-            body.close()
-            return [refusal] * n
+    if refusal is not None:
+        body.close()
+        return [refusal] * n
     try:
         return _deliver_to(config, targets, route, body, sender, recipients, utf8, dsn,
-                           policy)
+                           policy, per_host)
     finally:
         body.close()
+
+
+def _dane(domain: str, targets):
+    """DANE (RFC 7672) for a delivery by MX to `domain`: (targets without
+    the hosts whose TLSA look-up failed, {host: its TlsPolicy}, a deferral
+    or None)."""
+    from . import dane
+
+    qdomain = to_ascii_domain(domain) or domain
+    try:
+        found = run(dane.policies, qdomain, [host for host, _, _ in targets])
+    except Exception as e:  # a bug there must not stop mail
+        log.alert("dane: %s: %s: %s" % (qdomain, type(e).__name__, e))
+        return targets, {}, None
+    if not found:
+        return targets, {}, None
+    bad = sorted(h for h, recs in found.items() if recs == dane.INDETERMINATE)
+    if bad:
+        log.line("dane: %s: the TLSA records of %s could not be looked up (bogus or "
+                 "SERVFAIL): skipped" % (qdomain, ", ".join(bad)))
+    kept = [t for t in targets if found.get(t[0]) != dane.INDETERMINATE]
+    if not kept:
+        return targets, {}, deferred("The TLSA records of the MX hosts of %s could not be "
+                                     "looked up (DNSSEC). (#4.7.5)" % qdomain, "4.7.5")
+    per_host = {h: TlsPolicy(qdomain, "dane", source="dane", tlsa=tuple(recs))
+                for h, recs in found.items() if recs != dane.INDETERMINATE}
+    return kept, per_host, None
 
 
 def _mta_sts(config: Config, domain: str, targets, policy: TlsPolicy):
@@ -841,12 +886,15 @@ def _mta_sts(config: Config, domain: str, targets, policy: TlsPolicy):
 def _deliver_to(config: Config, targets, route: Optional[SmtpRoute], body: _Body, sender: str,
                 recipients: Sequence[str], utf8: bool = False,
                 dsn: Optional[dict] = None,
-                policy: TlsPolicy = DEFAULT_TLS) -> List[Result]:
+                policy: TlsPolicy = DEFAULT_TLS,
+                per_host: Optional[dict] = None) -> List[Result]:
     """Try `targets` in order, on cached or new connections."""
     n = len(recipients)
     tried = []
     user = route.user if route is not None and route.has_credentials else None
+    base = policy
     for host, ip, port in targets:
+        policy = (per_host or {}).get(host, base)
         key = (host, ip, port, user, policy)
         while True:
             cached = _take(key)
