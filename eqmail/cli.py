@@ -644,6 +644,71 @@ def cmd_verify(argv: List[str]) -> int:
     return worst
 
 
+@tool("tlsrpt", "write (and mail) the day's SMTP TLS reports (RFC 8460)")
+def cmd_tlsrpt(argv: List[str]) -> int:
+    p = _parser("tlsrpt", "Turn one day's TLS sessions under MTA-STS and DANE policies "
+                "(HOME/queue/tlsrpt/DAY, counted by eqmaild) into one RFC 8460 JSON "
+                "report per policy domain, written to HOME/queue/tlsrpt/reports/DAY/"
+                "DOMAIN.json; one line per report on stdout: the domain, the file and "
+                "the mailto: addresses of its _smtp._tls record. With --send, each "
+                "report is mailed there (multipart/report, report-type tlsrpt, the JSON "
+                "gzip'd) through the queue. Day files older than 7 days are removed. "
+                "Run it daily from cron, as the queue's owner or root: "
+                "`5 0 * * * eqmail tlsrpt --send`. Exit 0, 66 when the day has no "
+                "sessions, 75 when a report cannot be queued.")
+    p.add_argument("--date", metavar="YYYY-MM-DD",
+                   help="the day (UTC) to report on (default: yesterday)")
+    p.add_argument("--send", action="store_true", help="mail each report to its rua")
+    args = p.parse_args(argv)
+    import json
+    import re
+
+    from .control import ConfigError, load
+    from .delivery import tlsrpt
+
+    home = resolve_home(args.home)
+    try:
+        config = load(home)
+    except ConfigError as e:
+        return _fatal("tlsrpt", EX_CONFIG, "%s: %s" % (_home_text(args.home), e))
+    except OSError as e:
+        return _fatal("tlsrpt", EX_NOINPUT, "%s: unable to read the control files: %s"
+                      % (_home_text(args.home), e.strerror or e))
+    day = args.date or time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+    if not re.match(r"^\d{4}-\d\d-\d\d$", day):
+        return _fatal("tlsrpt", EX_USAGE, "--date wants YYYY-MM-DD, not %r" % day)
+    tlsrpt.prune(config)
+    try:
+        reports = tlsrpt.build(config, day)
+    except FileNotFoundError:
+        print("eqmail tlsrpt: no TLS sessions under a policy on %s" % day, file=sys.stderr)
+        return EX_NOINPUT
+    except OSError as e:
+        return _fatal("tlsrpt", EX_NOINPUT, "%s: %s" % (day, e.strerror or e))
+    outdir = config.path("queue", "tlsrpt", "reports", day)
+    os.makedirs(outdir, mode=0o700, exist_ok=True)
+    failed = 0
+    for domain, report in sorted(reports.items()):
+        path = os.path.join(outdir, domain + ".json")
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1, sort_keys=True)
+        to = tlsrpt.rua(domain)
+        print("%s %s %s" % (domain, path, ",".join(to) or "-"))
+        if args.send and to:
+            import io
+
+            from .queue import pickup
+
+            data = tlsrpt.message(config, domain, report, to)
+            try:
+                pickup.submit(home, "postmaster@%s" % config.me, to, b"", io.BytesIO(data))
+            except pickup.SubmitError as e:
+                failed += 1
+                print("eqmail tlsrpt: %s: unable to queue the report: %s"
+                      % (domain, e.text), file=sys.stderr)
+    return 75 if failed else 0
+
+
 @tool("status", "one screen on eqmaild: pid, uptime, listeners, queue, deliveries, "
       "memory, certificate, alerts")
 def cmd_status(argv: List[str]) -> int:

@@ -183,6 +183,8 @@ class TlsPolicy:
     source: str = "tlsdestinations"
     #: level "dane": the host's TLSA records, (usage, selector, type, data)
     tlsa: Tuple[Tuple[int, int, int, bytes], ...] = ()
+    #: the policy as TLS reports name it (RFC 8460 policy-string)
+    strings: Tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:

@@ -453,6 +453,17 @@ def _tls_context(config: Config, policy: TlsPolicy = DEFAULT_TLS, named: bool = 
     return ctx
 
 
+def _tls_report(config: Config, policy: TlsPolicy, host: str, ip: str,
+                result: Optional[str]) -> None:
+    """Count a TLS session under an MTA-STS or DANE policy for the TLS
+    reports (delivery.tlsrpt); `result` None for a success."""
+    if policy.source in ("mta-sts", "dane"):
+        from . import tlsrpt
+
+        tlsrpt.record(config, policy.key, "sts" if policy.source == "mta-sts" else "tlsa",
+                      policy.strings, host.strip("[]"), ip, result)
+
+
 def _start_tls(config: Config, sock, host: str, ip: str, policy: TlsPolicy):
     """The TLS side of `sock` under `policy`, after the handshake and the
     checks; logs one line with the TLS version, cipher and what was
@@ -464,6 +475,9 @@ def _start_tls(config: Config, sock, host: str, ip: str, policy: TlsPolicy):
         tls = _tls_context(config, policy, named).wrap_socket(
             sock, server_hostname=host if named else None)
     except OSError as e:
+        from .tlsrpt import result_of
+
+        _tls_report(config, policy, host, ip, result_of(e))
         raise Retry("TLS connect to %s failed: %s%s" % (
             ip, e, " (%s: %s)" % (policy.source, policy.level) if policy.required else ""))
     checked = "not verified"
@@ -474,6 +488,7 @@ def _start_tls(config: Config, sock, host: str, ip: str, policy: TlsPolicy):
 
         if dane.usable(policy.tlsa):
             if not dane.matches(policy.tlsa, dane.peer_chain(tls)):
+                _tls_report(config, policy, host, ip, "validation-failure")
                 log.line("tls: %s [%s] the certificate matches no TLSA record: disconnecting"
                          % (host, ip))
                 tls.close()
@@ -492,6 +507,7 @@ def _start_tls(config: Config, sock, host: str, ip: str, policy: TlsPolicy):
             raise Retry("TLS to %s: the certificate's fingerprint sha256:%s is not the one "
                         "in tlsdestinations (#4.7.5)" % (ip, digest))
         checked = "fingerprint matched"
+    _tls_report(config, policy, host, ip, None)
     cipher = tls.cipher() or ("", "", 0)
     log.line("tls: %s [%s] %s %s %s (%s %s)"
              % (host, ip, tls.version() or "?", cipher[0], checked, policy.source,
@@ -576,6 +592,7 @@ def _open(config: Config, conn: Connection, host: str, ip: str, port: int,
                 raise TempError("Connected to %s but my name was rejected after "
                                 "STARTTLS.\n%s" % (ip, r.said()))
     if not tls and policy.required:
+        _tls_report(config, policy, host, ip, "starttls-not-supported")
         raise Retry("%s offers no STARTTLS, which %s requires (%s) (#4.7.4)"
                     % (ip, policy.source, policy.level))
     if route is not None and route.has_credentials:
@@ -845,7 +862,9 @@ def _dane(domain: str, targets):
     if not kept:
         return targets, {}, deferred("The TLSA records of the MX hosts of %s could not be "
                                      "looked up (DNSSEC). (#4.7.5)" % qdomain, "4.7.5")
-    per_host = {h: TlsPolicy(qdomain, "dane", source="dane", tlsa=tuple(recs))
+    per_host = {h: TlsPolicy(qdomain, "dane", source="dane", tlsa=tuple(recs),
+                             strings=tuple("%d %d %d %s" % (u, s, m, d.hex())
+                                           for u, s, m, d in recs))
                 for h, recs in found.items() if recs != dane.INDETERMINATE}
     return kept, per_host, None
 
@@ -880,7 +899,9 @@ def _mta_sts(config: Config, domain: str, targets, policy: TlsPolicy):
         return targets, policy, deferred(
             "None of the MX hosts of %s (%s) is in its MTA-STS policy. (#4.7.5)"
             % (qdomain, ", ".join(outside)), "4.7.5")
-    return kept, TlsPolicy(qdomain, "verify", source="mta-sts"), None
+    strings = ("version: STSv1", "mode: %s" % sts.mode) + tuple(
+        "mx: %s" % m for m in sts.mx) + ("max_age: %d" % sts.max_age,)
+    return kept, TlsPolicy(qdomain, "verify", source="mta-sts", strings=strings), None
 
 
 def _deliver_to(config: Config, targets, route: Optional[SmtpRoute], body: _Body, sender: str,

@@ -155,3 +155,48 @@ def test_a_bad_policy_falls_back_to_opportunistic_tls(home, daemon_factory, dns,
     assert "mta-sts: sts.test: no new policy (" in log and logged in log, log
     assert "not verified (tlsdestinations may)" in log
     assert "Traceback" not in log
+
+
+def test_tls_reports_count_the_sessions_and_are_mailed(home, daemon_factory, dns, sts,
+                                                       scripted_smtp, test_ca):
+    """RFC 8460: the failed session (a certificate for another name) is
+    counted, `eqmail tlsrpt --send` writes the JSON report and mails it to
+    the rua of _smtp._tls.sts.test (here the local postmaster)."""
+    import email
+    import gzip
+    import json
+    import subprocess
+    import sys
+
+    sts()
+    scripted_smtp("127.0.0.26", 25, starttls=True, ca=test_ca, tls_names=["wrong.sts.test"])
+    server = dns(ZONE + ['_smtp._tls.sts.test. 300 IN TXT '
+                         '"v=TLSRPTv1; rua=mailto:postmaster@mx.example.org"'])
+    home.setup(me="mx.example.org", locals_=("mx.example.org", "localhost"),
+               rcpthosts=("mx.example.org", "localhost"), timeoutconnect="2\n",
+               timeoutremote="20\n", mtasts="1\n")
+    env = {"EQMAIL_RESOLV_CONF": server.resolv_conf, "SSL_CERT_FILE": test_ca.ca_file}
+    d = daemon_factory(home, env=env)
+    inject(home, ["a@sts.test"], simple("reported"))
+    assert wait_log(d, "deferral: "), d.log()
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    out = subprocess.run([sys.executable, "-m", "eqmail", "tlsrpt", "--home", home.path,
+                          "--date", day, "--send"], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, **env))
+    assert out.returncode == 0, out.stderr
+    domain, path, rua = out.stdout.split()
+    assert (domain, rua) == ("sts.test", "postmaster@mx.example.org")
+    with open(path) as f:
+        report = json.load(f)
+    (pol,) = report["policies"]
+    assert pol["policy"]["policy-type"] == "sts" and "mode: enforce" in \
+        pol["policy"]["policy-string"]
+    assert pol["summary"]["total-failure-session-count"] >= 1
+    assert pol["failure-details"][0]["result-type"] == "certificate-host-mismatch"
+    assert pol["failure-details"][0]["receiving-mx-hostname"] == "mx1.sts.test"
+    (m,) = [x for x in home.wait_messages(1, 20) if b"tlsrpt" in x]
+    msg = email.message_from_bytes(m)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "tlsrpt"
+    (gz,) = [p for p in msg.walk() if p.get_content_type() == "application/tlsrpt+gzip"]
+    assert json.loads(gzip.decompress(gz.get_payload(decode=True))) == report
