@@ -680,6 +680,22 @@ def _transaction(conn: Connection, ip: str, body: _Body, sender: str,
             results.append(None)
     if all(x is not None for x in results):
         return results, conn.command("RSET").code == 250  # nobody accepted: "Giving up"
+    whole = body.first if body.first is not None and len(body.first) == body.size else None
+    if whole is not None and "CHUNKING" in conn.extensions:
+        # RFC 3030: the message in one BDAT LAST, no 354 to wait for
+        # (only when it is all in memory: a bigger one goes with DATA,
+        # which needs no size in advance)
+        data = _BARE_LF.sub(b"\r\n", whole)
+        if not data.endswith(b"\n"):
+            data += b"\r\n"
+        try:
+            conn.sock.sendall(b"BDAT %d LAST\r\n" % len(data) + data)
+            r = conn.reply()
+        except (OSError, ConnectionError):
+            res = deferred("Connected to %s but connection died. Possible duplicate! (#4.4.2)"
+                           % ip, "4.4.2")
+            return [x if x is not None else res for x in results], False
+        return _after_data(ip, r, results, passed)
     r = conn.command("DATA")
     if r.code != 354:
         res = (failed if r.code >= 500 else deferred)(
@@ -692,6 +708,12 @@ def _transaction(conn: Connection, ip: str, body: _Body, sender: str,
         res = deferred("Connected to %s but connection died. Possible duplicate! (#4.4.2)"
                        % ip, "4.4.2")
         return [x if x is not None else res for x in results], False
+    return _after_data(ip, r, results, passed)
+
+
+def _after_data(ip: str, r: Reply, results: list, passed: bool) -> Tuple[List[Result], bool]:
+    """The results of a transaction from the reply to the message (after
+    DATA's dot or BDAT LAST), and whether the connection may go on."""
     if r.code >= 500:
         res = failed("%s failed after I sent the message.\n%s" % (ip, r.said()),
                      _status(r, "5.0.0"))

@@ -75,3 +75,73 @@ def test_a_10_mb_message_in_1_mb_chunks(daemon, home):
         assert [r[0] for r in replies] == [250] * len(chunks), replies
     (m,) = home.wait_messages(1, timeout=60)
     assert _below_received(m) == big.replace(b"\r\n", b"\n")
+
+
+class ChunkingServer:
+    """A small SMTP server (raw sockets, a thread) that offers CHUNKING and
+    records every command and the BDAT data, to watch eqmail's client."""
+
+    def __init__(self, host="127.0.0.26", port=25):
+        import socket
+        import threading
+
+        self.commands = []
+        self.data = b""
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(5)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                f = conn.makefile("rb")
+                conn.sendall(b"220 chunky ESMTP\r\n")
+                while True:
+                    line = f.readline()
+                    if not line:
+                        break
+                    cmd = line.rstrip(b"\r\n").decode()
+                    self.commands.append(cmd)
+                    verb = cmd.split()[0].upper() if cmd else ""
+                    if verb == "EHLO":
+                        conn.sendall(b"250-chunky\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+                    elif verb == "BDAT":
+                        self.data += f.read(int(cmd.split()[1]))
+                        conn.sendall(b"250 2.0.0 chunk taken\r\n")
+                    elif verb == "QUIT":
+                        conn.sendall(b"221 bye\r\n")
+                        break
+                    else:
+                        conn.sendall(b"250 ok\r\n")
+
+    def stop(self):
+        self.sock.close()
+
+
+def test_remote_delivery_sends_a_small_message_with_bdat(home, daemon_factory):
+    from test_remote import inject, start
+
+    srv = ChunkingServer()
+    try:
+        d = start(home, daemon_factory, routes="chunky.test:[127.0.0.26]\n")
+        message = b"From: a\nSubject: bdat out\n\n.dot\nline\n"
+        inject(home, ["x@chunky.test"], message)
+        deadline = __import__("time").time() + 15
+        while "QUIT" not in srv.commands and __import__("time").time() < deadline:
+            __import__("time").sleep(0.05)
+        bdat = [c for c in srv.commands if c.startswith("BDAT")]
+        assert len(bdat) == 1 and bdat[0].endswith(" LAST"), srv.commands
+        assert "DATA" not in srv.commands
+        # CRLF line ends, no dot-stuffing, the queue's Received line first
+        assert srv.data.endswith(b"Subject: bdat out\r\n\r\n.dot\r\nline\r\n"), srv.data
+        assert int(bdat[0].split()[1]) == len(srv.data)
+        assert "accepted message" in d.log()
+    finally:
+        srv.stop()
