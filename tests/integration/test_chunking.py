@@ -122,7 +122,15 @@ class ChunkingServer:
                         conn.sendall(b"250 ok\r\n")
 
     def stop(self):
+        import socket
+
+        try:  # wakes the accept() of the thread (close alone would not)
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
+        self.thread.join(5)
+        assert not self.thread.is_alive(), "the server thread still holds its port"
 
 
 def test_remote_delivery_sends_a_small_message_with_bdat(home, daemon_factory):
