@@ -48,7 +48,7 @@ import os
 import re
 import socket
 import struct
-from typing import BinaryIO, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 from .store import QueueError, Store
 
@@ -98,21 +98,44 @@ class SubmitError(Exception):
         return 11 <= self.code <= 40
 
 
-def encode_envelope(sender: str, recipients: Sequence[str]) -> bytes:
+def encode_envelope(sender: str, recipients: Sequence[str],
+                    params: Optional[Dict[str, str]] = None) -> bytes:
+    """qmail-queue's envelope; the pickup socket's also carries the
+    message's ESMTP options (Item.params) as ``Xkey=value`` fields after
+    the recipients."""
     out = [b"F" + sender.encode("utf-8", "surrogateescape") + b"\0"]
     out += [b"T" + r.encode("utf-8", "surrogateescape") + b"\0" for r in recipients]
+    out += [b"X" + ("%s=%s" % kv).encode("utf-8", "surrogateescape") + b"\0"
+            for kv in sorted((params or {}).items())]
     return b"".join(out) + b"\0"
 
 
 def parse_envelope(data: bytes) -> Tuple[str, List[str]]:
     """qmail-queue's envelope -> (sender, recipients).  Raises SubmitError."""
+    sender, recipients, params = parse_envelope_params(data)
+    if params:
+        raise SubmitError(91)
+    return sender, recipients
+
+
+def parse_envelope_params(data: bytes) -> Tuple[str, List[str], Optional[Dict[str, str]]]:
+    """The pickup socket's envelope -> (sender, recipients, the message's
+    options or None).  Raises SubmitError."""
     if not data.startswith(b"F") or not data.endswith(b"\0\0"):
         raise SubmitError(91)
     fields = data[:-2].split(b"\0")
     sender = fields[0][1:]
     recipients = []
+    params: Optional[Dict[str, str]] = None
     for f in fields[1:]:
-        if not f.startswith(b"T"):
+        if f.startswith(b"X") and recipients:
+            key, _, value = f[1:].decode("utf-8", "surrogateescape").partition("=")
+            if not key or len(params or {}) >= 1000:
+                raise SubmitError(91)
+            params = params or {}
+            params[key] = value
+            continue
+        if not f.startswith(b"T") or params is not None:
             raise SubmitError(91)
         recipients.append(f[1:])
     if not recipients:
@@ -123,7 +146,7 @@ def parse_envelope(data: bytes) -> Tuple[str, List[str]]:
         if any(b < 32 for b in a):
             raise SubmitError(91, "control characters in an envelope address (#5.1.3)")
     dec = lambda b: b.decode("utf-8", "surrogateescape")  # noqa: E731
-    return dec(sender), [dec(r) for r in recipients]
+    return dec(sender), [dec(r) for r in recipients], params
 
 
 def received_line(pid: int, uid: int, when: Optional[float] = None) -> bytes:
@@ -441,8 +464,9 @@ def serve_client(sock, store: Store, flush=None, admin=None, status=None,
                 if not chunk:
                     break
                 draft.write(chunk)
-            sender, recipients = parse_envelope(reader.netstring(MAX_ENVELOPE))
-            item = draft.commit(sender, recipients, uid=uid, pid=pid)
+            sender, recipients, params = parse_envelope_params(
+                reader.netstring(MAX_ENVELOPE))
+            item = draft.commit(sender, recipients, uid=uid, pid=pid, params=params)
             answer = "0 %s\n" % item.id
         except QueueError as e:
             answer = "%d %s\n" % (53 if "disk full" in e.text else 62, e.text)
@@ -505,13 +529,15 @@ class RemoteDraft:
                 self.error = QueueError("qq write error or disk full (#4.3.0)", e.errno)
                 return
 
-    def commit(self, sender: str, recipients: Sequence[str]) -> "_Committed":
-        """Hand the message over; raises QueueError with eqmaild's text."""
+    def commit(self, sender: str, recipients: Sequence[str],
+               params: Optional[Dict[str, str]] = None) -> "_Committed":
+        """Hand the message over, with its ESMTP options `params`; raises
+        QueueError with eqmaild's text."""
         self._flush()
         if self.error is not None:
             self.abort()
             raise self.error
-        env = encode_envelope(sender, recipients)
+        env = encode_envelope(sender, recipients, params)
         try:
             self.sock.sendall(b"0:," + b"%d:%s," % (len(env), env))
             answer = b""

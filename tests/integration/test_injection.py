@@ -138,3 +138,24 @@ def test_smtpd_as_a_user_who_cannot_write_the_queue_uses_the_pickup_socket(daemo
         assert b"invoked by uid %d)" % uid in head  # it came through the socket
     assert b"Received: from unknown (HELO xinetd.example) (192.0.2.9)" in head
     assert msgs[0].endswith(b"Subject: pickup\n\nbody\n")
+
+
+def test_smtputf8_and_dsn_options_cross_the_pickup_socket(daemon, home):
+    """The same path keeps the message's SMTPUTF8 flag and DSN options
+    (Item.params): the Received line says UTF8SMTP, and eqmaild's queue
+    file had them (a NOTIFY=SUCCESS recipient gets its success notice)."""
+    uid, _, _ = other_user()
+    dialogue = ("EHLO xinetd.example\r\nMAIL FROM:<postmaster@localhost> SMTPUTF8 ENVID=e1\r\n"
+                "RCPT TO:<jösé@localhost> NOTIFY=SUCCESS\r\nDATA\r\nSubject: ü\r\n\r\n"
+                "body\r\n.\r\nQUIT\r\n").encode()
+    out = run_as_other([sys.executable, "-m", "eqmail", "smtpd", "--home", home.path],
+                       dialogue, env={"TCPREMOTEIP": "192.0.2.9"})
+    assert b"\r\n250 2.0.0 ok " in out.stdout, out
+    msgs = home.wait_messages(2)
+    assert len(msgs) == 2, daemon.log()
+    (mail,) = [m for m in msgs if "Subject: ü".encode() in m]
+    (notice,) = [m for m in msgs if b"multipart/report" in m]
+    if ROOT:
+        assert b"invoked by uid %d)" % uid in mail  # it came through the socket
+    assert b"with UTF8SMTP" in mail
+    assert b"Action: delivered" in notice and b"Original-Envelope-Id: e1" in notice
