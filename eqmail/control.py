@@ -185,6 +185,9 @@ class TlsPolicy:
     tlsa: Tuple[Tuple[int, int, int, bytes], ...] = ()
     #: the policy as TLS reports name it (RFC 8460 policy-string)
     strings: Tuple[str, ...] = ()
+    #: level "dane" with DANE-TA records: the trust anchors (DER) found in
+    #: the server's chain, the only ones its certificate may chain up to
+    anchors: Tuple[bytes, ...] = ()
 
     @property
     def required(self) -> bool:

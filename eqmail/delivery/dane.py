@@ -11,13 +11,15 @@ SUMMARY
     INDETERMINATE: it must not be used (RFC 7672 section 2.2).
 
     `matches(records, chain)` checks a server's certificate against the
-    records: usage 3 (DANE-EE) with selector 0 (the certificate) or 1
-    (its SubjectPublicKeyInfo) and matching type 0 (exact), 1 (SHA-256) or
-    2 (SHA-512); no name or date checks (section 3.1.1).  Usage 2
-    (DANE-TA) needs the server's chain, which Python's ssl module gives
-    from 3.13 on (get_unverified_chain); on an older Python such records
-    are unusable, and a host with only unusable records still requires
-    TLS, unauthenticated (section 2.2 / 3.1.3).
+    usage 3 (DANE-EE) records, selector 0 (the certificate) or 1 (its
+    SubjectPublicKeyInfo), matching type 0 (exact), 1 (SHA-256) or 2
+    (SHA-512); no name or date checks (section 3.1.1).  For usage 2
+    (DANE-TA), `trust_anchors(records, chain)` finds the certificates of
+    the server's chain that the records name; remote delivery then makes
+    its real connection with those as the only trust anchors, so that
+    the handshake verifies the chain up to one and the MX host's name
+    (section 3.1.2).  A host with no usable record still requires TLS,
+    unauthenticated (section 3.1.3).
 
 DNS
     A resolver of its own: the same resolv.conf as the rest of eqmail,
@@ -118,31 +120,44 @@ def policies(domain: str, hosts: Sequence[str]) -> Optional[Dict[str, object]]:
     return out
 
 
-def usable(records) -> list:
-    """The records eqmail can check: usage 3, and usage 2 when the chain
-    is available (Python 3.13+); selectors 0/1, matching types 0/1/2."""
-    import ssl
+def usable(records, usage: Optional[int] = None) -> list:
+    """The records eqmail can check (of `usage` only, when given): usage 3
+    (DANE-EE) and 2 (DANE-TA), selectors 0/1, matching types 0/1/2."""
+    return [r for r in records if r[0] in (2, 3) and r[1] in (0, 1) and r[2] in (0, 1, 2)
+            and (usage is None or r[0] == usage)]
 
-    chain = hasattr(ssl.SSLSocket, "get_unverified_chain")
-    return [r for r in records if r[1] in (0, 1) and r[2] in (0, 1, 2)
-            and (r[0] == 3 or (r[0] == 2 and chain))]
+
+def _matches(record, der: bytes) -> bool:
+    _usage, selector, mtype, data = record
+    try:
+        blob = der if selector == 0 else spki(der)
+    except ValueError:
+        return False
+    digest = blob if mtype == 0 else (hashlib.sha256(blob).digest() if mtype == 1
+                                       else hashlib.sha512(blob).digest())
+    return digest == data
 
 
 def matches(records, chain: Sequence[bytes]) -> bool:
-    """Whether the server's certificate chain (DER, leaf first) matches
-    a usable record (see the module's SUMMARY)."""
-    for usage, selector, mtype, data in usable(records):
-        certs = chain[:1] if usage == 3 else chain[1:]
-        for der in certs:
-            try:
-                blob = der if selector == 0 else spki(der)
-            except ValueError:
-                continue
-            digest = blob if mtype == 0 else (hashlib.sha256(blob).digest() if mtype == 1
-                                               else hashlib.sha512(blob).digest())
-            if digest == data:
-                return True
-    return False
+    """Whether the server's certificate (DER, the first of `chain`)
+    matches a usable DANE-EE record (section 3.1.1: no other check)."""
+    return bool(chain) and any(_matches(r, chain[0]) for r in usable(records, 3))
+
+
+def trust_anchors(records, chain: Sequence[bytes]) -> List[bytes]:
+    """The DANE-TA trust anchors (DER) for a server whose chain is
+    `chain`: the certificates of the chain (past the leaf) that match a
+    usage 2 record, and the certificates a ``2 0 0`` record holds whole.
+    The handshake then verifies the chain up to one of them and the name
+    (section 3.1.2)."""
+    out = []
+    for r in usable(records, 2):
+        if r[1] == 0 and r[2] == 0 and r[3] not in out:
+            out.append(r[3])
+        for der in chain[1:]:
+            if der not in out and _matches(r, der):
+                out.append(der)
+    return out
 
 
 def _tlv(der: bytes, pos: int) -> Tuple[int, int, int]:
@@ -188,20 +203,17 @@ def spki(der: bytes) -> bytes:
 
 
 def peer_chain(tls) -> List[bytes]:
-    """The server's certificates (DER, leaf first): the whole chain with
-    Python 3.13+, else the leaf only."""
+    """The certificates the server sent (DER, leaf first): the ssl
+    module's get_unverified_chain (public from Python 3.13, in _ssl since
+    3.10), else the leaf only."""
     obj = getattr(tls, "_sslobj", None)
     get = getattr(obj, "get_unverified_chain", None)
     if get is not None:
         try:
-            return [c.public_bytes(_der()) for c in get()]
+            import _ssl
+
+            return [c.public_bytes(_ssl.ENCODING_DER) for c in (get() or [])]
         except Exception:
             pass
     leaf = tls.getpeercert(binary_form=True)
     return [leaf] if leaf else []
-
-
-def _der():
-    import ssl
-
-    return getattr(ssl, "ENCODING_DER", 2)

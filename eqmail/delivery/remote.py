@@ -422,18 +422,25 @@ def _tls_context(config: Config, policy: TlsPolicy = DEFAULT_TLS, named: bool = 
     import gevent.ssl as ssl
 
     verify = policy.level == "verify"
+    anchors = policy.anchors if policy.level == "dane" else ()
     cert = config.path("control", "clientcert.pem")
     try:
         stamp = os.stat(cert).st_mtime
     except OSError:
         stamp = None
-    key = (verify, policy.cafile if verify else "", named and verify,
-           config.tlsclientciphers, stamp)
+    key = (verify, policy.cafile if verify else "", named and (verify or bool(anchors)),
+           anchors, config.tlsclientciphers, stamp)
     ctx = _contexts.get(key)
     if ctx is not None:
         return ctx
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if verify:
+    if anchors:  # DANE-TA: these are the only trust anchors, not roots
+        ctx.check_hostname = named
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        for der in anchors:
+            ctx.load_verify_locations(cadata=der)
+    elif verify:
         ctx.check_hostname = named
         ctx.verify_mode = ssl.CERT_REQUIRED
         if policy.cafile:
@@ -483,10 +490,12 @@ def _start_tls(config: Config, sock, host: str, ip: str, policy: TlsPolicy):
     checked = "not verified"
     if policy.level == "verify":
         checked = "verified" if named else "chain verified, no name to check"
+    elif policy.level == "dane" and policy.anchors:
+        checked = "TLSA matched (DANE-TA)"  # the handshake verified chain and name
     elif policy.level == "dane":
         from . import dane
 
-        if dane.usable(policy.tlsa):
+        if dane.usable(policy.tlsa, 3):
             if not dane.matches(policy.tlsa, dane.peer_chain(tls)):
                 _tls_report(config, policy, host, ip, "validation-failure")
                 log.line("tls: %s [%s] the certificate matches no TLSA record: disconnecting"
@@ -862,6 +871,65 @@ def deliver(config: Config, msgpath: str, sender: str, recipients: Sequence[str]
         body.close()
 
 
+#: host -> (time, trust anchors) found by _dane_ta, a few minutes at most
+_anchors: dict = {}
+ANCHORS_TTL = 300
+
+
+def _dane_ta(config: Config, policy: TlsPolicy, host: str, ip: str, port: int) -> TlsPolicy:
+    """`policy` with the DANE-TA trust anchors of `host` when it has only
+    usage 2 records: the certificates of its chain that the records name,
+    learnt from one probe handshake (the real one then verifies up to
+    them).  Raises Retry when the chain holds none."""
+    import time as _time
+    from dataclasses import replace as _replace
+
+    from . import dane
+
+    if dane.usable(policy.tlsa, 3) or not dane.usable(policy.tlsa, 2):
+        return policy
+    hit = _anchors.get((host, policy.tlsa))
+    if hit is not None and _time.monotonic() - hit[0] < ANCHORS_TTL:
+        return _replace(policy, anchors=hit[1])
+    anchors = dane.trust_anchors(policy.tlsa, [])  # 2 0 0: the anchor is in DNS
+    if not anchors:
+        anchors = dane.trust_anchors(policy.tlsa, _probe_chain(config, host, ip, port))
+    if not anchors:
+        _tls_report(config, policy, host, ip, "validation-failure")
+        raise Retry("TLS to %s: no certificate of its chain matches the DANE-TA records "
+                    "of %s (#4.7.5)" % (ip, host))
+    if len(_anchors) >= 64:
+        _anchors.clear()
+    _anchors[(host, policy.tlsa)] = (_time.monotonic(), tuple(anchors))
+    return _replace(policy, anchors=tuple(anchors))
+
+
+def _probe_chain(config: Config, host: str, ip: str, port: int) -> List[bytes]:
+    """The certificate chain `host` sends after STARTTLS (DER, leaf
+    first), from a connection made for that alone.  Raises Retry."""
+    from . import dane
+
+    conn = _connect(config, host, ip, port)
+    try:
+        if conn.reply().code != 220 or conn.ehlo(config.helohost).code != 250 \
+                or "STARTTLS" not in conn.extensions or conn.command("STARTTLS").code != 220:
+            raise Retry("%s offers no STARTTLS, which dane requires (#4.7.4)" % ip)
+        import gevent.ssl as ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        conn.sock = ctx.wrap_socket(conn.sock, server_hostname=host)
+        chain = dane.peer_chain(conn.sock)
+        conn.buf.clear()
+        _quit(conn)
+        return chain
+    except (OSError, ConnectionError) as e:
+        raise Retry("TLS probe of %s failed: %s" % (ip, e))
+    finally:
+        conn.close()
+
+
 def _dane(domain: str, targets):
     """DANE (RFC 7672) for a delivery by MX to `domain`: (targets without
     the hosts whose TLSA look-up failed, {host: its TlsPolicy}, a deferral
@@ -938,6 +1006,12 @@ def _deliver_to(config: Config, targets, route: Optional[SmtpRoute], body: _Body
     base = policy
     for host, ip, port in targets:
         policy = (per_host or {}).get(host, base)
+        if policy.level == "dane" and not policy.anchors:
+            try:
+                policy = _dane_ta(config, policy, host, ip, port)
+            except Retry as e:
+                tried.append(str(e))
+                continue
         key = (host, ip, port, user, policy)
         while True:
             cached = _take(key)

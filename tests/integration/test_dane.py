@@ -228,3 +228,58 @@ def test_tlsa_without_starttls_defers(home, daemon_factory, zone, scripted_smtp)
     assert "offers no STARTTLS, which dane requires" in deliveries(d, "deferral")[0]
     assert mx.messages == []
     assert glob.glob(os.path.join(home.path, "queue", "mess", "*"))
+
+
+def intermediate_ca():
+    """A TestCA that issues from an intermediate: the server then sends
+    leaf + intermediate, and the intermediate is the DANE-TA anchor."""
+    from peers import TestCA
+
+    ca = TestCA()
+    ca.ca = ca.ca.create_child_ca()
+    return ca
+
+
+@pytest.mark.parametrize("selector,mtype,names,delivered", [
+    (0, 1, ["mx1.dane.test"], True),
+    (1, 1, ["mx1.dane.test"], True),
+    (0, 0, ["mx1.dane.test"], True),          # the anchor whole in DNS
+    (0, 1, ["other.dane.test"], False),       # DANE-TA checks the name
+])
+def test_dane_ta(home, daemon_factory, zone, scripted_smtp, selector, mtype, names,
+                 delivered):
+    import ssl
+
+    ca = intermediate_ca()
+    try:
+        mx = scripted_smtp("127.0.0.26", 25, starttls=True, ca=ca, tls_names=names)
+        anchor = ssl.PEM_cert_to_DER_cert(ca.ca.cert_pem.bytes().decode())
+        z = zone(BASE + ["_25._tcp.mx1 IN TLSA 2 %d %d %s"
+                         % (selector, mtype, tlsa_data(anchor, selector, mtype))])
+        d = dane_daemon(home, daemon_factory, z)
+        inject(home, ["a@dane.test"], simple("dane-ta"))
+        if delivered:
+            assert mx.wait_messages(1), d.log()
+            assert wait_log(d, "TLSA matched (DANE-TA) (dane dane)"), d.log()
+        else:
+            assert wait_log(d, "deferral: "), d.log()
+            assert "hostname mismatch" in deliveries(d, "deferral")[0].lower() or \
+                "certificate" in deliveries(d, "deferral")[0].lower(), deliveries(d, "deferral")
+            assert mx.messages == []
+    finally:
+        ca.remove()
+
+
+def test_dane_ta_naming_no_certificate_of_the_chain(home, daemon_factory, zone,
+                                                   scripted_smtp):
+    ca = intermediate_ca()
+    try:
+        mx = scripted_smtp("127.0.0.26", 25, starttls=True, ca=ca, tls_names=["mx1.dane.test"])
+        z = zone(BASE + ["_25._tcp.mx1 IN TLSA 2 0 1 " + "00" * 32])
+        d = dane_daemon(home, daemon_factory, z)
+        inject(home, ["a@dane.test"], simple("no anchor"))
+        assert wait_log(d, "deferral: "), d.log()
+        assert "matches the DANE-TA records" in deliveries(d, "deferral")[0]
+        assert mx.messages == []
+    finally:
+        ca.remove()
