@@ -188,6 +188,8 @@ class TlsPolicy:
     #: level "dane" with DANE-TA records: the trust anchors (DER) found in
     #: the server's chain, the only ones its certificate may chain up to
     anchors: Tuple[bytes, ...] = ()
+    #: MTA-STS mode testing: a failure is logged and the message sent anyway
+    testing: bool = False
 
     @property
     def required(self) -> bool:

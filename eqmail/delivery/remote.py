@@ -103,6 +103,11 @@ class Retry(Exception):
     """This address did not work out; try the next one."""
 
 
+class TlsRetry(Retry):
+    """TLS did not meet the destination's policy (no STARTTLS, a failed
+    handshake or certificate check)."""
+
+
 # -- DNS ---------------------------------------------------------------------------------
 
 _resolvers: dict = {}
@@ -485,7 +490,7 @@ def _start_tls(config: Config, sock, host: str, ip: str, policy: TlsPolicy):
         from .tlsrpt import result_of
 
         _tls_report(config, policy, host, ip, result_of(e))
-        raise Retry("TLS connect to %s failed: %s%s" % (
+        raise TlsRetry("TLS connect to %s failed: %s%s" % (
             ip, e, " (%s: %s)" % (policy.source, policy.level) if policy.required else ""))
     checked = "not verified"
     if policy.level == "verify":
@@ -501,7 +506,7 @@ def _start_tls(config: Config, sock, host: str, ip: str, policy: TlsPolicy):
                 log.line("tls: %s [%s] the certificate matches no TLSA record: disconnecting"
                          % (host, ip))
                 tls.close()
-                raise Retry("TLS to %s: the certificate matches none of the DANE TLSA "
+                raise TlsRetry("TLS to %s: the certificate matches none of the DANE TLSA "
                             "records of %s (#4.7.5)" % (ip, host))
             checked = "TLSA matched"
         else:
@@ -513,7 +518,7 @@ def _start_tls(config: Config, sock, host: str, ip: str, policy: TlsPolicy):
             log.line("tls: %s [%s] certificate sha256:%s is not pinned: disconnecting"
                      % (host, ip, digest))
             tls.close()
-            raise Retry("TLS to %s: the certificate's fingerprint sha256:%s is not the one "
+            raise TlsRetry("TLS to %s: the certificate's fingerprint sha256:%s is not the one "
                         "in tlsdestinations (#4.7.5)" % (ip, digest))
         checked = "fingerprint matched"
     _tls_report(config, policy, host, ip, None)
@@ -602,7 +607,7 @@ def _open(config: Config, conn: Connection, host: str, ip: str, port: int,
                                 "STARTTLS.\n%s" % (ip, r.said()))
     if not tls and policy.required:
         _tls_report(config, policy, host, ip, "starttls-not-supported")
-        raise Retry("%s offers no STARTTLS, which %s requires (%s) (#4.7.4)"
+        raise TlsRetry("%s offers no STARTTLS, which %s requires (%s) (#4.7.4)"
                     % (ip, policy.source, policy.level))
     if route is not None and route.has_credentials:
         if not tls:
@@ -979,18 +984,19 @@ def _mta_sts(config: Config, domain: str, targets, policy: TlsPolicy):
 
         gevent.spawn(run, mtasts.lookup, config, qdomain, True)
     outside = sorted({host for host, _, _ in targets if not sts.matches(host)})
+    strings = ("version: STSv1", "mode: %s" % sts.mode) + tuple(
+        "mx: %s" % m for m in sts.mx) + ("max_age: %d" % sts.max_age,)
     if sts.mode == "testing":
         if outside:
             log.line("mta-sts: %s testing: MX %s not in the policy (sent anyway)"
                      % (qdomain, ", ".join(outside)))
-        return targets, policy, None
+        return targets, TlsPolicy(qdomain, "verify", source="mta-sts", strings=strings,
+                                  testing=True), None
     kept = [t for t in targets if sts.matches(t[0])]
     if not kept:
         return targets, policy, deferred(
             "None of the MX hosts of %s (%s) is in its MTA-STS policy. (#4.7.5)"
             % (qdomain, ", ".join(outside)), "4.7.5")
-    strings = ("version: STSv1", "mode: %s" % sts.mode) + tuple(
-        "mx: %s" % m for m in sts.mx) + ("max_age: %d" % sts.max_age,)
     return kept, TlsPolicy(qdomain, "verify", source="mta-sts", strings=strings), None
 
 
@@ -1034,6 +1040,15 @@ def _deliver_to(config: Config, targets, route: Optional[SmtpRoute], body: _Body
                 return [_with_host(r, host) for r in results]
             except _Stale:
                 continue  # the far end closed the idle connection: a new one
+            except TlsRetry as e:
+                if policy.testing:  # MTA-STS testing: say it, send it anyway
+                    log.line("mta-sts: %s testing: %s would fail: %s (sent anyway)"
+                             % (policy.key, host, e))
+                    policy = DEFAULT_TLS
+                    key = (host, ip, port, user, policy)
+                    continue
+                tried.append(str(e))
+                break
             except Retry as e:
                 tried.append(str(e))
                 break

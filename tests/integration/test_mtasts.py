@@ -132,6 +132,9 @@ def test_testing_mode_logs_and_delivers(home, daemon_factory, dns, sts, scripted
     inject(home, ["a@sts.test"], simple("testing"))
     assert mx.wait_messages(1), d.log()
     assert wait_log(d, "mta-sts: sts.test testing: MX mx1.sts.test not in the policy"), d.log()
+    # the certificate (for x.test) would fail verification: logged, sent anyway
+    assert "mta-sts: sts.test testing: mx1.sts.test would fail: TLS connect" in d.log(), d.log()
+    assert "not verified (tlsdestinations may)" in d.log()
 
 
 @pytest.mark.parametrize("answer,names,logged", [
