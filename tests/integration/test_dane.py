@@ -283,3 +283,30 @@ def test_dane_ta_naming_no_certificate_of_the_chain(home, daemon_factory, zone,
         assert mx.messages == []
     finally:
         ca.remove()
+
+
+def test_dane_comes_before_mta_sts(home, daemon_factory, zone, scripted_smtp, test_ca):
+    """RFC 8461 section 2: a domain with DANE hosts skips MTA-STS.  The
+    domain also publishes an MTA-STS policy in enforce mode naming no
+    MX host of it: applied, it would defer the message."""
+    from test_mtasts import PolicyServer
+
+    web = PolicyServer(test_ca, names=("mta-sts.dane.test",))
+    try:
+        web.answer = (200, "text/plain", "version: STSv1\nmode: enforce\n"
+                      "mx: *.elsewhere.test\nmax_age: 86400\n", 0)
+        mx = scripted_smtp("127.0.0.26", 25, starttls=True, ca=test_ca)
+        data = tlsa_data(server_der("127.0.0.26", 25), 1, 1)
+        z = zone(BASE + ["_25._tcp.mx1 IN TLSA 3 1 1 %s" % data,
+                         '_mta-sts IN TXT "v=STSv1; id=1"', "mta-sts IN A 127.0.0.27"])
+        home.setup(me="mx.example.org", locals_=("mx.example.org", "localhost"),
+                   rcpthosts=("mx.example.org", "localhost"), timeoutconnect="2\n",
+                   timeoutremote="20\n", dane="1\n", mtasts="1\n")
+        d = daemon_factory(home, env={"EQMAIL_RESOLV_CONF": z.resolv_conf,
+                                      "SSL_CERT_FILE": test_ca.ca_file})
+        inject(home, ["a@dane.test"], simple("both"))
+        assert mx.wait_messages(1), d.log()
+        assert wait_log(d, "TLSA matched (dane dane)"), d.log()
+        assert web.requests == 0 and "mta-sts" not in d.log()
+    finally:
+        web.stop()
