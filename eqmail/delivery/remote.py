@@ -658,24 +658,10 @@ def _transaction(conn: Connection, ip: str, body: _Body, sender: str,
             mail += " RET=" + dsn["ret"]
         if dsn.get("envid"):
             mail += " ENVID=" + dsn["envid"]
-    try:
-        r = conn.command(mail)
-    except (OSError, ConnectionError):
-        if reused:
-            raise _Stale()
-        raise
-    if reused and r.code == 421:
-        raise _Stale()
-    if r.code >= 500:
-        raise PermError("Connected to %s but sender was rejected.\n%s" % (ip, r.said()),
-                        _status(r, "5.1.7"))
-    if r.code >= 400:
-        raise TempError("Connected to %s but sender was rejected.\n%s" % (ip, r.said()))
-    results: List[Optional[Result]] = []
-    for n, (rcpt, given) in enumerate(zip(out_rcpts, recipients)):
+    lines: List[Optional[str]] = []  # each recipient's RCPT, None: it cannot go
+    for n, rcpt in enumerate(out_rcpts):
         if rcpt is None:
-            results.append(failed("Sorry, the address %s needs SMTPUTF8, which %s does not "
-                                  "offer. (#5.6.7)" % (given, ip), "5.6.7"))
+            lines.append(None)
             continue
         line = "RCPT TO:<%s>" % rcpt
         if passed:
@@ -683,27 +669,32 @@ def _transaction(conn: Connection, ip: str, body: _Body, sender: str,
                 line += " NOTIFY=" + dsn["notify"][n]
             if dsn["orcpt"][n]:
                 line += " ORCPT=" + dsn["orcpt"][n]
-        r = conn.command(line)
-        if r.code >= 500:
-            results.append(failed("%s does not like recipient.\n%s" % (ip, r.said()),
-                                  _status(r, "5.1.1")))
-        elif r.code >= 400:
-            results.append(deferred("%s does not like recipient.\n%s" % (ip, r.said()),
-                                    _status(r, "4.0.0")))
-        else:
-            results.append(None)
+        lines.append(line)
+    # RFC 3030: a message all in memory goes in one BDAT LAST, no 354 to
+    # wait for (a bigger one goes with DATA, which needs no size ahead)
+    whole = body.first if body.first is not None and len(body.first) == body.size else None
+    chunk = None
+    if whole is not None and "CHUNKING" in conn.extensions:
+        chunk = _BARE_LF.sub(b"\r\n", whole)
+        if not chunk.endswith(b"\n"):
+            chunk += b"\r\n"
+    if "PIPELINING" in conn.extensions:
+        return _pipelined(conn, ip, body, mail, lines, recipients, reused, passed, chunk)
+    try:
+        r = conn.command(mail)
+    except (OSError, ConnectionError):
+        if reused:
+            raise _Stale()
+        raise
+    _mail_reply(r, ip, reused)
+    results: List[Optional[Result]] = []
+    for line, given in zip(lines, recipients):
+        results.append(_rcpt_result(ip, given, None if line is None else conn.command(line)))
     if all(x is not None for x in results):
         return results, conn.command("RSET").code == 250  # nobody accepted: "Giving up"
-    whole = body.first if body.first is not None and len(body.first) == body.size else None
-    if whole is not None and "CHUNKING" in conn.extensions:
-        # RFC 3030: the message in one BDAT LAST, no 354 to wait for
-        # (only when it is all in memory: a bigger one goes with DATA,
-        # which needs no size in advance)
-        data = _BARE_LF.sub(b"\r\n", whole)
-        if not data.endswith(b"\n"):
-            data += b"\r\n"
+    if chunk is not None:
         try:
-            conn.sock.sendall(b"BDAT %d LAST\r\n" % len(data) + data)
+            conn.sock.sendall(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
             r = conn.reply()
         except (OSError, ConnectionError):
             res = deferred("Connected to %s but connection died. Possible duplicate! (#4.4.2)"
@@ -711,6 +702,79 @@ def _transaction(conn: Connection, ip: str, body: _Body, sender: str,
             return [x if x is not None else res for x in results], False
         return _after_data(ip, r, results, passed)
     r = conn.command("DATA")
+    if r.code != 354:
+        res = (failed if r.code >= 500 else deferred)(
+            "Connected to %s but it refused DATA.\n%s" % (ip, r.said()), _status(r, "4.0.0"))
+        return [x if x is not None else res for x in results], False
+    try:
+        conn.send_body(body)
+        r = conn.reply()
+    except (OSError, ConnectionError):
+        res = deferred("Connected to %s but connection died. Possible duplicate! (#4.4.2)"
+                       % ip, "4.4.2")
+        return [x if x is not None else res for x in results], False
+    return _after_data(ip, r, results, passed)
+
+
+def _mail_reply(r: Reply, ip: str, reused: bool) -> None:
+    """Raise for a MAIL that was not accepted (_Stale for a cached
+    connection the far end is closing)."""
+    if reused and r.code == 421:
+        raise _Stale()
+    if r.code >= 500:
+        raise PermError("Connected to %s but sender was rejected.\n%s" % (ip, r.said()),
+                        _status(r, "5.1.7"))
+    if r.code >= 400:
+        raise TempError("Connected to %s but sender was rejected.\n%s" % (ip, r.said()))
+
+
+def _rcpt_result(ip: str, given: str, r: Optional[Reply]) -> Optional[Result]:
+    """A recipient's result from its RCPT reply (None: accepted, so far);
+    `r` None: it could not be sent (SMTPUTF8)."""
+    if r is None:
+        return failed("Sorry, the address %s needs SMTPUTF8, which %s does not offer. "
+                      "(#5.6.7)" % (given, ip), "5.6.7")
+    if r.code >= 500:
+        return failed("%s does not like recipient.\n%s" % (ip, r.said()), _status(r, "5.1.1"))
+    if r.code >= 400:
+        return deferred("%s does not like recipient.\n%s" % (ip, r.said()),
+                        _status(r, "4.0.0"))
+    return None
+
+
+def _pipelined(conn: Connection, ip: str, body: _Body, mail: str, lines, recipients,
+               reused: bool, passed: bool, chunk: Optional[bytes]) -> Tuple[List[Result], bool]:
+    """The transaction in one write (RFC 2920): MAIL, every RCPT, then DATA
+    (the last command of the group, section 3.1) or the message itself in
+    one BDAT LAST (RFC 3030 section 4.2); then the replies in order."""
+    enc = lambda t: t.encode("utf-8", "surrogateescape") + b"\r\n"  # noqa: E731
+    wire = [enc(mail)] + [enc(line) for line in lines if line is not None]
+    wire.append(b"DATA\r\n" if chunk is None else b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+    try:
+        conn.sock.sendall(b"".join(wire))
+        r = conn.reply()
+    except (OSError, ConnectionError):
+        if reused:
+            raise _Stale()
+        raise
+    _mail_reply(r, ip, reused)  # raising closes the connection: its replies go unread
+    results = [_rcpt_result(ip, given, None if line is None else conn.reply())
+               for line, given in zip(lines, recipients)]
+    try:
+        r = conn.reply()  # to DATA, or to the message after BDAT
+    except (OSError, ConnectionError):
+        if chunk is None:
+            raise
+        res = deferred("Connected to %s but connection died. Possible duplicate! (#4.4.2)"
+                       % ip, "4.4.2")
+        return [x if x is not None else res for x in results], False
+    if all(x is not None for x in results):  # nobody accepted: "Giving up"
+        if chunk is None and r.code == 354:  # a server that said yes anyway
+            conn.sock.sendall(b".\r\n")
+            conn.reply()
+        return results, conn.command("RSET").code == 250
+    if chunk is not None:
+        return _after_data(ip, r, results, passed)
     if r.code != 354:
         res = (failed if r.code >= 500 else deferred)(
             "Connected to %s but it refused DATA.\n%s" % (ip, r.said()), _status(r, "4.0.0"))

@@ -81,10 +81,12 @@ class ChunkingServer:
     """A small SMTP server (raw sockets, a thread) that offers CHUNKING and
     records every command and the BDAT data, to watch eqmail's client."""
 
-    def __init__(self, host="127.0.0.26", port=25):
+    def __init__(self, host="127.0.0.26", port=25, chunking=True, reject=()):
         import socket
         import threading
 
+        self.chunking = chunking
+        self.reject = set(reject)     # recipients refused with 550
         self.commands = []
         self.data = b""
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -111,10 +113,21 @@ class ChunkingServer:
                     self.commands.append(cmd)
                     verb = cmd.split()[0].upper() if cmd else ""
                     if verb == "EHLO":
-                        conn.sendall(b"250-chunky\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+                        conn.sendall(b"250-chunky\r\n250-PIPELINING\r\n250 %s\r\n"
+                                     % (b"CHUNKING" if self.chunking else b"8BITMIME"))
                     elif verb == "BDAT":
                         self.data += f.read(int(cmd.split()[1]))
                         conn.sendall(b"250 2.0.0 chunk taken\r\n")
+                    elif verb == "RCPT" and cmd[9:-1] in self.reject:
+                        conn.sendall(b"550 5.1.1 no such user\r\n")
+                    elif verb == "DATA":
+                        conn.sendall(b"354 go ahead\r\n")
+                        while True:
+                            line = f.readline()
+                            if not line or line == b".\r\n":
+                                break
+                            self.data += line
+                        conn.sendall(b"250 2.0.0 data taken\r\n")
                     elif verb == "QUIT":
                         conn.sendall(b"221 bye\r\n")
                         break
@@ -151,5 +164,31 @@ def test_remote_delivery_sends_a_small_message_with_bdat(home, daemon_factory):
         assert srv.data.endswith(b"Subject: bdat out\r\n\r\n.dot\r\nline\r\n"), srv.data
         assert int(bdat[0].split()[1]) == len(srv.data)
         assert "accepted message" in d.log()
+    finally:
+        srv.stop()
+
+
+def test_remote_delivery_pipelines_and_one_recipient_is_refused(home, daemon_factory):
+    """RFC 2920: MAIL, both RCPTs and DATA in one write to a server that
+    offers PIPELINING (no CHUNKING here); the refused recipient bounces,
+    the other gets the message."""
+    import time
+
+    from test_remote import inject, one_bounce, parse_dsn, start
+
+    srv = ChunkingServer(chunking=False, reject={"gone@chunky.test"})
+    try:
+        d = start(home, daemon_factory, routes="chunky.test:[127.0.0.26]\n")
+        inject(home, ["gone@chunky.test", "ok@chunky.test"],
+               b"From: a\nSubject: piped\n\n.dot\n", sender="postmaster@mx.example.org")
+        deadline = time.time() + 15
+        while "QUIT" not in srv.commands and time.time() < deadline:
+            time.sleep(0.05)
+        assert [c.split()[0] for c in srv.commands[1:5]] == ["MAIL", "RCPT", "RCPT", "DATA"], \
+            srv.commands
+        assert srv.data.endswith(b"Subject: piped\r\n\r\n..dot\r\n"), srv.data
+        _, _, (block,) = parse_dsn(one_bounce(home, d))
+        assert block["Final-Recipient"] == "rfc822; gone@chunky.test"
+        assert block["Status"] == "5.1.1"
     finally:
         srv.stop()
