@@ -857,10 +857,14 @@ class Store:
     def _keep_spare(self, msgid: str) -> bool:
         """Move the finished mess/ID to spare/N for reuse (blocking): N is the
         next of this process's names in turn; a file still there is replaced.
-        False when it was not kept: spare/ missing, the file too large, or
-        gone already, or spare/ not writable (then never again here).
+        False when it was not kept: spare/ missing or full (SPARES names
+        waiting), the file too large, or gone already, or spare/ not
+        writable (then never again here).
         Never raises."""
-        if not self.spares_on:
+        if not self.spares_on or len(self._spare_names) >= SPARES:
+            # spare/ is full and nobody is taking from it (a drain): a
+            # rename over a spare costs more than the unlink, and the list
+            # of names would grow with every message
             return False
         path = os.path.join(self.mess, msgid)
         name = str(next(self._spare_slots) % SPARES)

@@ -564,6 +564,8 @@ def test_spare_files_are_bounded_in_count_and_size(store, monkeypatch):
     assert len(os.listdir(store.spare)) == 2
     assert store.ids() == []
     assert sorted(os.listdir(store.spare)) == ["0", "1"]
+    # a drain (nothing taken from spare/) keeps no more names than slots
+    assert len(store._spare_names) == 2
     huge = commit(store, data=b"Received: x\n" + b"h" * (store_mod.SPARE_SIZE + 1))
     assert len(os.listdir(store.spare)) == 1  # the commit took one
     store.remove(huge)
