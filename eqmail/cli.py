@@ -614,6 +614,20 @@ def cmd_newaliases(argv: List[str]) -> int:
     return 0
 
 
+def _load_config(tool: str, home_arg: Optional[str]):
+    """The Config of the home `home_arg` names, or the exit code after one
+    fatal line (78 for a bad control file, 66 when they cannot be read)."""
+    from .control import ConfigError, load
+
+    try:
+        return load(resolve_home(home_arg))
+    except ConfigError as e:
+        return _fatal(tool, EX_CONFIG, "%s: %s" % (_home_text(home_arg), e))
+    except OSError as e:
+        return _fatal(tool, EX_NOINPUT, "%s: unable to read the control files: %s"
+                      % (_home_text(home_arg), e.strerror or e))
+
+
 @tool("verify", "print where addresses would go, sending nothing (sendmail -bv)")
 def cmd_verify(argv: List[str]) -> int:
     p = _parser("verify", "For each ADDRESS, print where eqmaild would deliver it: local "
@@ -625,17 +639,11 @@ def cmd_verify(argv: List[str]) -> int:
                 "when one would bounce, 111 for temporary trouble. Also `sendmail -bv`.")
     p.add_argument("addresses", nargs="+", metavar="ADDRESS")
     args = p.parse_args(argv)
-    from .control import ConfigError, load
     from .verify import explain
 
-    home = resolve_home(args.home)
-    try:
-        config = load(home)
-    except ConfigError as e:
-        return _fatal("verify", EX_CONFIG, "%s: %s" % (_home_text(args.home), e))
-    except OSError as e:
-        return _fatal("verify", EX_NOINPUT, "%s: unable to read the control files: %s"
-                      % (_home_text(args.home), e.strerror or e))
+    config = _load_config("verify", args.home)
+    if isinstance(config, int):
+        return config
     worst = 0
     for address in args.addresses:
         lines, code = explain(config, address)
@@ -663,17 +671,12 @@ def cmd_tlsrpt(argv: List[str]) -> int:
     import json
     import re
 
-    from .control import ConfigError, load
     from .delivery import tlsrpt
 
     home = resolve_home(args.home)
-    try:
-        config = load(home)
-    except ConfigError as e:
-        return _fatal("tlsrpt", EX_CONFIG, "%s: %s" % (_home_text(args.home), e))
-    except OSError as e:
-        return _fatal("tlsrpt", EX_NOINPUT, "%s: unable to read the control files: %s"
-                      % (_home_text(args.home), e.strerror or e))
+    config = _load_config("tlsrpt", args.home)
+    if isinstance(config, int):
+        return config
     day = args.date or time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
     if not re.match(r"^\d{4}-\d\d-\d\d$", day):
         return _fatal("tlsrpt", EX_USAGE, "--date wants YYYY-MM-DD, not %r" % day)

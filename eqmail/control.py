@@ -414,6 +414,7 @@ class Config:
     dane: bool = False
     _virtual_map: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _route_map: Dict[str, SmtpRoute] = field(default_factory=dict, compare=False, repr=False)
+    _tls_map: Dict[str, TlsPolicy] = field(default_factory=dict, compare=False, repr=False)
 
     def path(self, *parts: str) -> str:
         """Return a path under the home."""
@@ -447,30 +448,29 @@ class Config:
         return None
 
     def tls_policy(self, domain: str) -> TlsPolicy:
-        """The tlsdestinations entry for `domain` (exact, then ``.suffix``
-        entries longest first, then the empty key), else DEFAULT_TLS."""
-        if not self.tlsdestinations:
-            return DEFAULT_TLS
-        policies = {p.key: p for p in reversed(self.tlsdestinations)}  # the first wins
-        domain = domain_key(domain)
-        if domain in policies:
-            return policies[domain]
-        for key in dot_suffixes(domain):
-            if key in policies:
-                return policies[key]
-        return policies.get("", DEFAULT_TLS)
+        """The tlsdestinations entry for `domain` (as smtproute finds one),
+        else DEFAULT_TLS."""
+        return _by_domain(self._tls_map, domain) or DEFAULT_TLS
 
     def smtproute(self, domain: str) -> Optional[SmtpRoute]:
         """The smtproutes entry for `domain`: exact, then ``.suffix``
         entries longest first, then the empty key; None when none applies."""
-        routes = self._route_map
-        domain = domain_key(domain)
-        if domain in routes:
-            return routes[domain]
-        for key in dot_suffixes(domain):
-            if key in routes:
-                return routes[key]
-        return routes.get("")
+        return _by_domain(self._route_map, domain)
+
+
+def _by_domain(table: dict, domain: str):
+    """`table`'s entry for `domain` as qmail-remote looks smtproutes up:
+    the exact domain, then ``.suffix`` keys longest first, then the empty
+    key; None when none applies."""
+    if not table:
+        return None
+    domain = domain_key(domain)
+    if domain in table:
+        return table[domain]
+    for key in dot_suffixes(domain):
+        if key in table:
+            return table[key]
+    return table.get("")
 
 
 # -- reading ----------------------------------------------------------------------
@@ -750,6 +750,7 @@ def load(home: str) -> Config:
         dane=read_int(c("dane"), 0) != 0,
         _virtual_map=vmap,
         _route_map={r.key: r for r in reversed(routes)},  # the first line wins
+        _tls_map={t.key: t for t in reversed(tlsdest)},
     )
     return config
 

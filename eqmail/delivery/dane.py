@@ -22,8 +22,8 @@ SUMMARY
     unauthenticated (section 3.1.3).
 
 DNS
-    A resolver of its own: the same resolv.conf as the rest of eqmail,
-    with EDNS0, the DO and AD bits set, and a small cache.  It must point
+    remote.resolver(dnssec=True): the same resolv.conf as the rest of
+    eqmail, with EDNS0, the DO and AD bits set, and a small cache.  It must point
     at a validating resolver (unbound on localhost); eqmail trusts the AD
     bit from it.  Blocking: remote delivery calls it in the threadpool.
 
@@ -35,33 +35,10 @@ STANDARDS
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 #: A host whose TLSA look-up failed: skip it (RFC 7672 section 2.2).
 INDETERMINATE = "indeterminate"
-
-_resolvers: dict = {}
-
-
-def _resolver():
-    from .remote import _without_feature_probe
-
-    _without_feature_probe()
-    import dns.flags
-    import dns.resolver
-
-    conf = os.environ.get("EQMAIL_RESOLV_CONF") or "/etc/resolv.conf"
-    r = _resolvers.get(conf)
-    if r is None:
-        r = dns.resolver.Resolver(filename=conf)
-        r.lifetime = 30.0
-        r.use_edns(0, dns.flags.DO, 1232)
-        r.flags = dns.flags.RD | dns.flags.AD
-        r.cache = dns.resolver.LRUCache(256)
-        _resolvers[conf] = r
-    return r
-
 
 class Bogus(Exception):
     """The validating resolver could not answer (SERVFAIL: bogus data, or
@@ -71,7 +48,9 @@ class Bogus(Exception):
 def secure_query(name: str, rdtype: str) -> Tuple[list, bool]:
     """(answers, validated) for `name`/`rdtype`: [] for NODATA and
     NXDOMAIN; validated when the resolver set AD.  Raises Bogus."""
-    r = _resolver()
+    from .remote import resolver
+
+    r = resolver(dnssec=True)
     import dns.exception
     import dns.flags
     import dns.resolver

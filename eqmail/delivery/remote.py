@@ -150,19 +150,27 @@ def _without_feature_probe() -> None:
 DNS_CACHE_SIZE = 512
 
 
-def resolver():
+def resolver(dnssec: bool = False):
     """The dnspython resolver (system's, or EQMAIL_RESOLV_CONF's), with a
-    small LRU cache of DNS_CACHE_SIZE answers kept for their TTL."""
+    small LRU cache of DNS_CACHE_SIZE answers kept for their TTL.  With
+    `dnssec`, a second one that asks with EDNS0 and the DO and AD bits, so
+    that a validating resolver's answers say whether they were validated
+    (RFC 6840 section 5.7; delivery.dane)."""
     _without_feature_probe()
     import dns.resolver
 
     conf = os.environ.get("EQMAIL_RESOLV_CONF") or "/etc/resolv.conf"
-    r = _resolvers.get(conf)
+    r = _resolvers.get((conf, dnssec))
     if r is None:
         r = dns.resolver.Resolver(filename=conf)
         r.lifetime = 30.0
-        r.cache = dns.resolver.LRUCache(DNS_CACHE_SIZE)
-        _resolvers[conf] = r
+        r.cache = dns.resolver.LRUCache(DNS_CACHE_SIZE // 2 if dnssec else DNS_CACHE_SIZE)
+        if dnssec:
+            import dns.flags
+
+            r.use_edns(0, dns.flags.DO, 1232)
+            r.flags = dns.flags.RD | dns.flags.AD
+        _resolvers[(conf, dnssec)] = r
     return r
 
 
@@ -472,8 +480,9 @@ def _tls_report(config: Config, policy: TlsPolicy, host: str, ip: str,
     if policy.source in ("mta-sts", "dane"):
         from . import tlsrpt
 
-        tlsrpt.record(config, policy.key, "sts" if policy.source == "mta-sts" else "tlsa",
-                      policy.strings, host.strip("[]"), ip, result)
+        run(tlsrpt.record, config, policy.key,  # a file append: off the hub
+            "sts" if policy.source == "mta-sts" else "tlsa", policy.strings,
+            host.strip("[]"), ip, result)
 
 
 def _start_tls(config: Config, sock, host: str, ip: str, policy: TlsPolicy):
@@ -697,11 +706,21 @@ def _transaction(conn: Connection, ip: str, body: _Body, sender: str,
             conn.sock.sendall(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
             r = conn.reply()
         except (OSError, ConnectionError):
-            res = deferred("Connected to %s but connection died. Possible duplicate! (#4.4.2)"
-                           % ip, "4.4.2")
-            return [x if x is not None else res for x in results], False
+            return _died(ip, results)
         return _after_data(ip, r, results, passed)
-    r = conn.command("DATA")
+    return _data(conn, ip, body, conn.command("DATA"), results, passed)
+
+
+def _died(ip: str, results: list) -> Tuple[List[Result], bool]:
+    """The connection died once the message (or part of it) was sent."""
+    res = deferred("Connected to %s but connection died. Possible duplicate! (#4.4.2)"
+                   % ip, "4.4.2")
+    return [x if x is not None else res for x in results], False
+
+
+def _data(conn: Connection, ip: str, body: _Body, r: Reply, results: list,
+          passed: bool) -> Tuple[List[Result], bool]:
+    """After DATA's reply `r`: the message, then its reply."""
     if r.code != 354:
         res = (failed if r.code >= 500 else deferred)(
             "Connected to %s but it refused DATA.\n%s" % (ip, r.said()), _status(r, "4.0.0"))
@@ -710,9 +729,7 @@ def _transaction(conn: Connection, ip: str, body: _Body, sender: str,
         conn.send_body(body)
         r = conn.reply()
     except (OSError, ConnectionError):
-        res = deferred("Connected to %s but connection died. Possible duplicate! (#4.4.2)"
-                       % ip, "4.4.2")
-        return [x if x is not None else res for x in results], False
+        return _died(ip, results)
     return _after_data(ip, r, results, passed)
 
 
@@ -765,9 +782,7 @@ def _pipelined(conn: Connection, ip: str, body: _Body, mail: str, lines, recipie
     except (OSError, ConnectionError):
         if chunk is None:
             raise
-        res = deferred("Connected to %s but connection died. Possible duplicate! (#4.4.2)"
-                       % ip, "4.4.2")
-        return [x if x is not None else res for x in results], False
+        return _died(ip, results)
     if all(x is not None for x in results):  # nobody accepted: "Giving up"
         if chunk is None and r.code == 354:  # a server that said yes anyway
             conn.sock.sendall(b".\r\n")
@@ -775,18 +790,7 @@ def _pipelined(conn: Connection, ip: str, body: _Body, mail: str, lines, recipie
         return results, conn.command("RSET").code == 250
     if chunk is not None:
         return _after_data(ip, r, results, passed)
-    if r.code != 354:
-        res = (failed if r.code >= 500 else deferred)(
-            "Connected to %s but it refused DATA.\n%s" % (ip, r.said()), _status(r, "4.0.0"))
-        return [x if x is not None else res for x in results], False
-    try:
-        conn.send_body(body)
-        r = conn.reply()
-    except (OSError, ConnectionError):
-        res = deferred("Connected to %s but connection died. Possible duplicate! (#4.4.2)"
-                       % ip, "4.4.2")
-        return [x if x is not None else res for x in results], False
-    return _after_data(ip, r, results, passed)
+    return _data(conn, ip, body, r, results, passed)
 
 
 def _after_data(ip: str, r: Reply, results: list, passed: bool) -> Tuple[List[Result], bool]:

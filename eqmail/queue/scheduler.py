@@ -162,6 +162,12 @@ def dsn_report(item: Item, i: int, result: Result, channel: str) -> Optional[dic
         action = "delivered" if channel == LOCAL else "relayed"
     else:
         return None
+    return report_record(item, i, result, action)
+
+
+def report_record(item: Item, i: int, result: Result, action: str) -> dict:
+    """The bounce/ID record (queue.bounce.Failure's fields) telling the
+    sender `action` for recipient `i`."""
     record = {"recipient": item.recipients[i], "status": result.status,
               "text": result.text, "action": action}
     if result.remote_mta:
@@ -939,21 +945,8 @@ class Scheduler:
         """The delay notice (control/delaywarningtime, Postfix's
         delay_warning_time): once per message, for the recipients deferred
         now whose NOTIFY allows DELAY (no NOTIFY allows it)."""
-        records = []
-        for i, r in deferred_now:
-            notify = notify_of(item, i)
-            if notify is not None and "DELAY" not in notify:
-                continue
-            rec = {"recipient": item.recipients[i], "status": r.status, "text": r.text,
-                   "action": "delayed"}
-            if r.remote_mta:
-                rec["remote_mta"] = r.remote_mta
-            if r.diagnostic:
-                rec["diagnostic"] = r.diagnostic
-            orcpt = (item.params or {}).get("orcpt.%d" % i)
-            if orcpt:
-                rec["orcpt"] = orcpt
-            records.append(rec)
+        records = [report_record(item, i, r, "delayed") for i, r in deferred_now
+                   if notify_of(item, i) is None or "DELAY" in notify_of(item, i)]
         if not records or run(self.store.was_warned, item.id):
             return
         if self._report(item, records, item.birth + config.queuelifetime):

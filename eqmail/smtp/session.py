@@ -986,24 +986,9 @@ class Session:
     def smtp_DATA(self, arg: str) -> Optional[Reply]:
         if self._chunked is not None:
             return reply.DATA_IN_BDAT
-        if self.mailfrom is None:
-            return reply.MAIL_FIRST
-        if not self.rcpts:
-            return reply.RCPT_FIRST
-        if "data" in self.later:  # LD: every DATA until RSET; the transaction stays
-            return reply.raw(self.later["data"])
-        refusal = self._spp_refusal(self._spp("data"))
-        if refusal is not None:
-            return refusal
-        try:
-            draft = self._draft()
-        except QueueError as e:
-            log.alert("smtpd: unable to open a queue file: %s" % e.text)
-            return reply.QQT_FAILURE
-        except OSError as e:  # no pipes for the QMAILQUEUE program
-            log.alert("smtpd: unable to start QMAILQUEUE: %s" % e)
-            return reply.QQT_FAILURE
-        self._extra_drafts = []
+        draft = self._open_message()
+        if isinstance(draft, Reply):
+            return draft
         try:
             return self._data(draft)
         finally:
@@ -1078,16 +1063,15 @@ class Session:
             self._chunked = _Chunked(None, None)
         return refusal
 
-    def _bdat_open(self) -> Optional[Reply]:
-        """DATA's checks for a first chunk; on success `_chunked` holds
-        the new message with eqmail's own lines above it."""
-        if not self.esmtp:
-            return reply.UNRECOGNISED
+    def _open_message(self):
+        """The checks before a message (DATA, or BDAT's first chunk): MAIL
+        and RCPT done, no LD text, the [data] plugins; then its draft.
+        Returns the draft or the refusal."""
         if self.mailfrom is None:
             return reply.MAIL_FIRST
         if not self.rcpts:
             return reply.RCPT_FIRST
-        if "data" in self.later:
+        if "data" in self.later:  # LD: every DATA until RSET; the transaction stays
             return reply.raw(self.later["data"])
         refusal = self._spp_refusal(self._spp("data"))
         if refusal is not None:
@@ -1097,10 +1081,20 @@ class Session:
         except QueueError as e:
             log.alert("smtpd: unable to open a queue file: %s" % e.text)
             return reply.QQT_FAILURE
-        except OSError as e:
+        except OSError as e:  # no pipes for the QMAILQUEUE program
             log.alert("smtpd: unable to start QMAILQUEUE: %s" % e)
             return reply.QQT_FAILURE
         self._extra_drafts = []
+        return draft
+
+    def _bdat_open(self) -> Optional[Reply]:
+        """DATA's checks for a first chunk; on success `_chunked` holds
+        the new message with eqmail's own lines above it."""
+        if not self.esmtp:
+            return reply.UNRECOGNISED
+        draft = self._open_message()
+        if isinstance(draft, Reply):
+            return draft
         self._head(draft)
         self._chunked = _Chunked(draft, Chunks(draft.write, self.databytes,
                                                self._header_scan()))

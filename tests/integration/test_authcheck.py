@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from helpers import ROOT, wait_log
+from helpers import wait_log
 from test_local_delivery import head_lines
 
 pytest.importorskip("authheaders", reason="tests/run installs authheaders (pip .[test])")

@@ -20,28 +20,10 @@ import time
 import pytest
 
 from helpers import ROOT, wait_log
-from test_remote import deliveries, inject, simple, start
+from test_remote import deliveries, inject, simple
+from test_tls_out import server_der
 
 ADDRESS = "127.0.0.156"
-
-
-def server_der(host: str, port: int) -> bytes:
-    import socket
-    import ssl
-
-    with socket.create_connection((host, port), timeout=10) as s:
-        f = s.makefile("rb")
-        f.readline()
-        s.sendall(b"EHLO x\r\n")
-        while f.readline()[3:4] == b"-":
-            pass
-        s.sendall(b"STARTTLS\r\n")
-        f.readline()
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        with ctx.wrap_socket(s) as t:
-            return t.getpeercert(binary_form=True)
 
 
 def tlsa_data(der: bytes, selector: int, mtype: int) -> str:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from helpers import ROOT, wait_log
-from test_remote import deliveries, inject, simple, start
+from test_remote import deliveries, inject, simple
 
 ZONE = ["sts.test. 300 IN MX 10 mx1.sts.test.", "mx1.sts.test. 300 IN A 127.0.0.26",
         '_mta-sts.sts.test. 300 IN TXT "v=STSv1; id=20261206"',

@@ -19,9 +19,8 @@ from test_remote import deliveries, inject, simple, start
 MX = ["tls.test. 300 IN MX 10 mx1.tls.test.", "mx1.tls.test. 300 IN A 127.0.0.26"]
 
 
-def fingerprint(host: str, port: int) -> str:
-    """SHA-256 of the certificate a STARTTLS server shows, as tlsdestinations
-    writes it."""
+def server_der(host: str, port: int) -> bytes:
+    """The certificate (DER) a STARTTLS server shows."""
     with socket.create_connection((host, port), timeout=10) as s:
         f = s.makefile("rb")
         f.readline()
@@ -34,8 +33,12 @@ def fingerprint(host: str, port: int) -> str:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         with ctx.wrap_socket(s) as t:
-            der = t.getpeercert(binary_form=True)
-    h = hashlib.sha256(der).hexdigest().upper()
+            return t.getpeercert(binary_form=True)
+
+
+def fingerprint(host: str, port: int) -> str:
+    """The SHA-256 of that certificate, as tlsdestinations writes it."""
+    h = hashlib.sha256(server_der(host, port)).hexdigest().upper()
     return "sha256:" + ":".join(h[i:i + 2] for i in range(0, 64, 2))
 
 
