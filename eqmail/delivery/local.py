@@ -804,13 +804,22 @@ def _spool_instead(lines: List[str], target: Target, spooldir: str) -> Tuple[Lis
     return out, used
 
 
+def _now(func, *args):
+    return func(*args)
+
+
 def execute(p: Plan, msgfile: BinaryIO, confined: bool = False,
-            lock_wait: float = None, later: Optional[set] = None) -> LocalResult:
+            lock_wait: float = None, later: Optional[set] = None,
+            wait=_now) -> LocalResult:
     """Follow the lines of `p` for the message in `msgfile`: files and
     programs in order, forwards collected (qmail-local's main loop).
     `confined`: see outside_home(); `lock_wait`: seconds an mbox lock is
     waited for (default MBOX_LOCK_WAIT); `later`: see deliver_maildir().
-    Blocking; never raises for delivery problems."""
+    `wait(func, *args)` calls the writer of each file line (Maildir,
+    mbox) and returns its result: by default right here; on the gevent
+    hub eqmail.threads.run, so that the decisions stay on the hub and
+    the threadpool gets one job per file.  Blocking; never raises for
+    delivery problems."""
     target, local, domain, sender = p.target, p.local, p.domain, p.sender
     newsender, dtline, rpline = p.newsender, p.dtline, p.rpline
     ext = target.ext
@@ -839,13 +848,13 @@ def execute(p: Plan, msgfile: BinaryIO, confined: bool = False,
                 return LocalResult(deferred("Uh-oh: .qmail file line %s leads out of the "
                                             "home directory. (#4.7.0)" % line, "4.7.0"))
             if line.endswith("/"):
-                r = deliver_maildir(path, msgfile, rpline + dtline, later)
+                r = wait(deliver_maildir, path, msgfile, rpline + dtline, later)
             elif p.spool and line == p.spool:
-                r = deliver_spool(path, msgfile, sender, rpline + dtline,
-                                  MBOX_LOCK_WAIT if lock_wait is None else lock_wait)
+                r = wait(deliver_spool, path, msgfile, sender, rpline + dtline,
+                         MBOX_LOCK_WAIT if lock_wait is None else lock_wait)
             else:
-                r = deliver_mbox(path, msgfile, sender, rpline + dtline,
-                                 MBOX_LOCK_WAIT if lock_wait is None else lock_wait)
+                r = wait(deliver_mbox, path, msgfile, sender, rpline + dtline,
+                         MBOX_LOCK_WAIT if lock_wait is None else lock_wait)
             counts[0] += 1
             if r.kind != SUCCESS:
                 return LocalResult(r)

@@ -1141,7 +1141,7 @@ class Session:
         if data is None:
             return everyone
         try:
-            reports = run(direct.deliver, self.config, data, self.mailfrom, rcpts)
+            reports = direct.deliver(self.config, data, self.mailfrom, rcpts, wait=run)
         except Exception as e:  # a bug: the queue takes every recipient
             log.alert("smtpd: direct delivery failed: %s: %s" % (type(e).__name__, e))
             return everyone
