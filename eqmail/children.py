@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
+from .cpu import unpinned
+
 #: Bytes kept of a child's stdout and of its stderr.
 MAX_OUTPUT = 65536
 
@@ -71,8 +73,10 @@ def run(argv: Sequence[str], stdin: bytes = b"", timeout: float = 60.0,
     if cwd is not None:
         argv = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', cwd] + list(argv)
     try:
-        pid = os.posix_spawnp(argv[0], list(argv), dict(os.environ if env is None else env),
-                              file_actions=actions, setsid=True)
+        with unpinned():
+            pid = os.posix_spawnp(argv[0], list(argv),
+                                  dict(os.environ if env is None else env),
+                                  file_actions=actions, setsid=True)
     except OSError as e:
         for r, w in pipes:
             os.close(r)

@@ -98,6 +98,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import log
+from .cpu import unpinned
 
 #: Seconds after a worker failed to start or died before another is tried.
 RESPAWN_DELAY = 10
@@ -584,7 +585,9 @@ class Pool:
                 copies.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above))
             actions = [(os.POSIX_SPAWN_DUP2, copy, target)
                        for copy, (_, target) in zip(copies, wanted)]
-            pid = os.posix_spawn(sys.executable, argv, dict(os.environ), file_actions=actions)
+            with unpinned():  # a worker is there to use the other cores
+                pid = os.posix_spawn(sys.executable, argv, dict(os.environ),
+                                     file_actions=actions)
         except OSError as e:
             ours.close()
             self._no_spawn_until = time.monotonic() + RESPAWN_DELAY

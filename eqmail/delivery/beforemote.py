@@ -34,6 +34,8 @@ import os
 import subprocess
 from typing import Callable, List, Sequence, Tuple
 
+from ..cpu import unpinned
+
 _seq = itertools.count(1)
 
 
@@ -70,9 +72,10 @@ def _run(command: str, src: str, dst: str, home: str, env: dict, timeout: float)
     """Run one filter; None when it worked, else the reason it did not."""
     try:
         with open(src, "rb") as fin, open(dst, "wb") as fout:
-            proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=fin, stdout=fout,
-                                    stderr=subprocess.PIPE, cwd=home, env=env,
-                                    start_new_session=True)
+            with unpinned():
+                proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=fin, stdout=fout,
+                                        stderr=subprocess.PIPE, cwd=home, env=env,
+                                        start_new_session=True)
             try:
                 _, err = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -71,6 +71,7 @@ from . import Result, deferred, delivered, failed, FAILURE, DEFERRAL, SUCCESS
 from ..address import quote_address
 from ..control import Config
 from .users import Target
+from ..cpu import unpinned
 from ..durable import fsync_dir
 
 _seq = itertools.count(1)
@@ -365,9 +366,10 @@ def run_program(command: str, home: str, msgfile: BinaryIO, env: dict) -> Tuple[
     try:
         rewind(stdin)
         try:
-            proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=home, env=env,
-                                    stdin=stdin, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            with unpinned():
+                proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=home, env=env,
+                                        stdin=stdin, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as e:
             return deferred("Unable to run /bin/sh: %s. (#4.3.0)" % e.strerror), -1
     finally:

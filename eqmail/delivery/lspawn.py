@@ -325,6 +325,10 @@ def _spool_group(config, target: Target):
 def _child(config, msgfd: int, w: int, sender, local, domain, target: Target) -> None:
     import signal
 
+    from ..cpu import unpin
+
+    unpin()  # its programs may use every CPU (eqmail.cpu)
+
     for sig in (signal.SIGHUP, signal.SIGALRM, signal.SIGTERM, signal.SIGINT,
                 signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)  # the daemon's (or helper's) are not ours

@@ -51,6 +51,7 @@ import signal
 import time
 from typing import Dict, Optional, Sequence
 
+from ..cpu import unpinned
 from .store import QueueError
 
 #: Bytes kept of the program's stderr.
@@ -157,9 +158,10 @@ class ProgramDraft:
         # of subprocess run in C, safe beside eqmaild's threads.  The exit
         # status is collected by pid (eqmail.children.wait), never by Popen.
         try:
-            proc = subprocess.Popen([path], executable=path, stdin=msg_r, stdout=env_r,
-                                    stderr=err_w, cwd=home, env=dict(env), close_fds=True,
-                                    start_new_session=True)
+            with unpinned():
+                proc = subprocess.Popen([path], executable=path, stdin=msg_r, stdout=env_r,
+                                        stderr=err_w, cwd=home, env=dict(env),
+                                        close_fds=True, start_new_session=True)
             self.pid = proc.pid
             proc.returncode = 0  # so that Popen never waits for it itself
         except (OSError, ValueError, subprocess.SubprocessError):
