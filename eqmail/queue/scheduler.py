@@ -66,6 +66,7 @@ from ..control import ConfigHolder
 from ..delivery import DEFERRAL, FAILURE, SUCCESS, Result, deferred
 from ..delivery import lspawn
 from ..delivery.route import LOCAL, REMOTE, error_key, route
+from .parked import WIDTH, Parked
 from .store import Item, QueueError, Store, id_time
 from ..threads import run
 
@@ -80,9 +81,10 @@ TOO_LONG = " I'm not going to try again; this message has been in the queue too 
 
 #: Messages held in memory at most (Postfix's active queue): beyond it, and
 #: for every message whose next try is more than PARK_AFTER seconds away,
-#: only the next try and the ID stay in memory, packed in one int (about
-#: 100 bytes a message with the set that knows it); the envelope is read
-#: from disk again when the message is due.
+#: only the next try and the ID stay in memory, packed in one key
+#: (queue.parked: 17 bytes for those found at start, an int of about 56
+#: bytes for those parked since); the envelope is read from disk again when
+#: the message is due.
 ACTIVE_MAX = 2000
 #: Most local recipients of one message that one delivery job takes in a
 #: fan-out (see Scheduler._jobs).
@@ -224,7 +226,8 @@ class Scheduler:
         #: << 96 | packed ID`` (see _CLEAN), one int (about 52 bytes with its slot) a message.  Nothing
         #: else knows them: `scan` tells them by the next try in their
         #: file's mtime, and one read back twice is skipped (`_unpark_due`).
-        self._parked_heap: list = []
+        #: the parked messages' keys (queue.parked)
+        self._parked = Parked()
         #: The most messages known at once since the queue was last empty.
         self._busiest = 0
         #: Messages the admin held (queue/hold/): never started until released.
@@ -249,6 +252,7 @@ class Scheduler:
                 # whose mtime holds a next try ahead (`_remember_next`: a
                 # committed message, deferred) is parked unread, as its
                 # heap key, and read (and its mark checked) when due
+                # the parked keys as records for Parked's run (17 bytes each)
                 keep, parked, now = [], [], time.time()
                 for msgid in self.store.ids():
                     packed = pack_id(msgid)
@@ -259,24 +263,26 @@ class Scheduler:
                             continue
                         if mtime > now + PARK_AFTER:
                             when = min(mtime, next_retry(id_time(msgid), now, REMOTE))
-                            parked.append((math.ceil(when) << _DUE) | packed)
+                            parked.append(((math.ceil(when) << _DUE) | packed).to_bytes(
+                                WIDTH, "big"))
                             continue
                     item = self.store.load_committed(msgid, True, True)
                     if item is None:
                         continue
                     when = self._due(item)
                     if packed is not None and len(keep) >= ACTIVE_MAX:
-                        parked.append((max(0, math.ceil(when)) << _DUE) | packed)
+                        parked.append(((max(0, math.ceil(when)) << _DUE) | packed).to_bytes(
+                            WIDTH, "big"))
                     else:
                         keep.append((item, when))
-                heapq.heapify(parked)
-                return keep, parked
+                self._parked.load(parked)
+                return keep
 
-            keep, self._parked_heap = run(load)
+            keep = run(load)
             for item, when in keep:
                 self._add(item, when)
             del keep
-            if len(self._parked_heap) >= TRIM_AFTER:
+            if len(self._parked) >= TRIM_AFTER:
                 self._trim()  # what reading them all took goes back
         self.store.on_commit = self.add
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._watch_trigger)]
@@ -359,7 +365,7 @@ class Scheduler:
         entry = _Entry(item, channels)
         entry.next = [when] * len(item.recipients)
         self.entries[item.id] = entry
-        self._busiest = max(self._busiest, len(self.entries) + len(self._parked_heap))
+        self._busiest = max(self._busiest, len(self.entries) + len(self._parked))
         self._push(item.id, when)
 
     def _push(self, msgid: str, when: float) -> None:
@@ -368,12 +374,11 @@ class Scheduler:
     def _park(self, packed: int, when: float, clean: bool = False) -> None:
         """Keep only the next try (`when`) and the packed ID of a message;
         `clean`: it is known to have no failure record."""
-        heapq.heappush(self._parked_heap, (max(0, math.ceil(when)) << _DUE)
-                       | (_CLEAN if clean else 0) | packed)
+        self._parked.push((max(0, math.ceil(when)) << _DUE) | (_CLEAN if clean else 0) | packed)
 
     def parked(self) -> int:
         """How many messages wait on disk only."""
-        return len(self._parked_heap)
+        return len(self._parked)
 
     def _room_to_unpark(self) -> bool:
         """Room for a batch of parked messages (or none is held at all).
@@ -387,10 +392,10 @@ class Scheduler:
         there is room (ACTIVE_MAX).  The reading runs in the threadpool."""
         if not self._room_to_unpark():
             return  # read in batches: one trip to the threadpool for many
-        heap, due = self._parked_heap, []
+        parked, due = self._parked, []
         room = ACTIVE_MAX - len(self.entries)
-        while heap and (heap[0] >> _DUE) <= now and len(due) < room:
-            key = heapq.heappop(heap)
+        while parked and (parked.first() >> _DUE) <= now and len(due) < room:
+            key = parked.pop()
             due.append((unpack_id(key & _ID_MASK), bool(key & _CLEAN)))
         if not due:
             return
@@ -413,8 +418,7 @@ class Scheduler:
         for msgid, entry in self.entries.items():
             entry.next = [0.0] * len(entry.next)
             self._push(msgid, 0.0)
-        self._parked_heap = [key & _KEY_MASK for key in self._parked_heap]  # due at 0: now
-        heapq.heapify(self._parked_heap)
+        self._parked.replace([key & _KEY_MASK for key in self._parked])  # due at 0: now
         self._wake.set()
 
     def stop(self, grace: float) -> bool:
@@ -439,12 +443,12 @@ class Scheduler:
             log.alert("unable to scan the queue: %s" % e)
             return 0
         ids = [i for i in ids if i not in self.entries and i not in self.store.open_drafts]
-        if ids and self._parked_heap:
+        if ids and self._parked:
             ids = run(self._not_parked, ids)
         for msgid in ids:
             if msgid in self.entries or msgid in self.store.open_drafts:
                 continue
-            if self._parked_heap and len(self.entries) >= ACTIVE_MAX:
+            if self._parked and len(self.entries) >= ACTIVE_MAX:
                 break  # no room: a later scan, or the parked ones' turn
             item, when = run(self._load, msgid)
             if item is None or msgid in self.entries:
@@ -493,7 +497,7 @@ class Scheduler:
     def _step(self) -> None:
         """Start what is due, then sleep until the next due time or a wake-up."""
         now = time.time()
-        if self._parked_heap and (self._parked_heap[0] >> _DUE) <= now:
+        if self._parked and (self._parked.first() >> _DUE) <= now:
             self._unpark_due(now)
         heap = self._heap
         while heap and heap[0][0] <= now:
@@ -510,8 +514,8 @@ class Scheduler:
         timeout = SCAN_INTERVAL
         if heap:
             timeout = max(0.0, min(timeout, heap[0][0] - time.time()))
-        if self._parked_heap and self._room_to_unpark():
-            timeout = max(0.0, min(timeout, (self._parked_heap[0] >> _DUE) - time.time()))
+        if self._parked and self._room_to_unpark():
+            timeout = max(0.0, min(timeout, (self._parked.first() >> _DUE) - time.time()))
         self._wake.clear()
         self._wake.wait(timeout)
 
@@ -842,9 +846,9 @@ class Scheduler:
         from .store import id_time
 
         births = [e.item.birth for e in self.entries.values()]
-        births += [id_time(unpack_id(k & _ID_MASK)) for k in self._parked_heap]
-        return {"messages": len(self.entries) + len(self._parked_heap),
-                "in_memory": len(self.entries), "parked": len(self._parked_heap),
+        births += [id_time(unpack_id(k & _ID_MASK)) for k in self._parked]
+        return {"messages": len(self.entries) + len(self._parked),
+                "in_memory": len(self.entries), "parked": len(self._parked),
                 "held": len(self.held),
                 "bouncing": sum(1 for e in self.entries.values() if e.failures),
                 "oldest": min(births) if births else None,
