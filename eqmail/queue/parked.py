@@ -37,17 +37,24 @@ class Parked:
         self._at = 0          # the run's next record starts here
         self._heap: List[int] = []
 
-    def load(self, records: List[bytes]) -> None:
-        """Hold exactly the keys of `records` (each ``key.to_bytes(WIDTH,
-        "big")``, any order; the list is sorted in place), in the run."""
-        records.sort()
-        self._run = b"".join(records)
+    def load(self, records) -> None:
+        """Hold exactly the keys in `records`, bytes-like: ``key.to_bytes(
+        WIDTH, "big")`` one after the other, in any order; all go into the
+        run.  Raises ValueError when its length is not a multiple of
+        WIDTH."""
+        if len(records) % WIDTH:
+            raise ValueError("records of %d bytes expected" % WIDTH)
+        view = memoryview(records)
+        keys = [bytes(view[i:i + WIDTH]) for i in range(0, len(view), WIDTH)]
+        view.release()
+        keys.sort()
+        self._run = b"".join(keys)
         self._at = 0
         self._heap = []
 
     def replace(self, keys: Iterable[int]) -> None:
         """Hold exactly `keys` (any order), all of them in the run."""
-        self.load([k.to_bytes(WIDTH, "big") for k in keys])
+        self.load(b"".join(k.to_bytes(WIDTH, "big") for k in keys))
 
     def __len__(self) -> int:
         return (len(self._run) - self._at) // WIDTH + len(self._heap)

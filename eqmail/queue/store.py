@@ -231,6 +231,16 @@ def split_mark(env: bytes):
     return env, None
 
 
+def id_order(msgid: str) -> Tuple[int, int, int]:
+    """The sort key of a queue ID ``time.pid.seq``: oldest first; a name
+    of another form sorts first."""
+    try:
+        t, p, s = msgid.split(".")
+        return (int(t), int(p), int(s))
+    except ValueError:
+        return (0, 0, 0)
+
+
 def id_time(msgid: str) -> int:
     """The unix time in a queue ID (its first field), or -1."""
     head = msgid.split(".", 1)[0]
@@ -895,18 +905,16 @@ class Store:
 
     # -- reading and progress -----------------------------------------------
 
+    def any_ids(self) -> bool:
+        """Whether any committed message exists (reads one directory entry,
+        not the whole list).  Raises OSError."""
+        with os.scandir(self.mess) as it:
+            return any(not e.name.startswith(".") for e in it)
+
     def ids(self) -> List[str]:
         """IDs of all committed messages, oldest first."""
-        names = [n for n in os.listdir(self.mess) if not n.startswith(".")]
-
-        def key(n):
-            try:
-                t, p, s = n.split(".")
-                return (int(t), int(p), int(s))
-            except ValueError:
-                return (0, 0, 0)
-
-        return sorted(names, key=key)
+        return sorted((n for n in os.listdir(self.mess) if not n.startswith(".")),
+                      key=id_order)
 
     def load(self, msgid: str) -> Item:
         """Read one committed message's envelope from disk, checking its
@@ -1360,7 +1368,6 @@ class Store:
         whose mess/ID exists is the same file, left by a crash after the
         link: always junk.
         """
-        committed = set(os.listdir(self.mess))
         now = time.time()
         removed = 0
         for d in (self.tmp, self.bounce, self.hold, self.warned):
@@ -1369,7 +1376,7 @@ class Store:
             for name in os.listdir(d):
                 if name in self.open_drafts:
                     continue
-                linked = name in committed
+                linked = os.path.exists(os.path.join(self.mess, name))
                 if d != self.tmp and linked:
                     continue
                 path = os.path.join(d, name)

@@ -16,7 +16,7 @@ OPS = st.lists(st.one_of(st.tuples(st.just("push"), KEY), st.tuples(st.just("pop
 
 
 def records(keys):
-    return [k.to_bytes(WIDTH, "big") for k in keys]
+    return bytearray(b"".join(k.to_bytes(WIDTH, "big") for k in keys))
 
 
 @settings(max_examples=300, deadline=None)
