@@ -98,3 +98,33 @@ def test_deferred_messages_are_parked_and_come_back_when_due(home, monkeypatch):
         assert s2.inflight["remote"] == 0 and s2.parked() == 30
     finally:
         s2.stop(5)
+
+
+def test_a_restart_keeps_the_oldest_due_messages_and_parks_the_rest(home, monkeypatch):
+    """At start the queue directory is walked unsorted: the messages due
+    now are still taken oldest first up to ACTIVE_MAX, the others due now
+    are parked due at once, and those whose next try is ahead stay parked
+    with it."""
+    monkeypatch.setattr(sched_mod, "ACTIVE_MAX", 10)
+    store = Store.open(home)
+    ids = commit(store, 40)
+    now = time.time()
+    due, ahead = ids[:25], ids[25:]
+    for msgid in due:  # never tried: due now
+        os.utime(store.message_path(msgid), (now - 60, now - 60))
+    for msgid in ahead:  # deferred: the next try (qmail's schedule) in an hour
+        os.utime(store.message_path(msgid), (now + 3600, now + 3600))
+    s = Scheduler(ConfigHolder(home), Store.open(home))
+    s.start()  # its loop has not run yet: nothing started
+    try:
+        assert sorted(s.entries) == sorted(due[:10])
+        assert s.parked() == 30
+        keys = sorted(s._parked)
+        assert [k >> sched_mod._DUE for k in keys[:15]] == [0] * 15  # due now
+        # ahead: the earlier of the file's mtime and qmail's schedule from
+        # the message's age (a new remote message: about 400 s)
+        assert all(now + 300 < k >> sched_mod._DUE <= now + 3601 for k in keys[15:])
+        parked_ids = sorted(sched_mod.unpack_id(k & sched_mod._ID_MASK) for k in keys)
+        assert parked_ids == sorted(due[10:] + ahead)
+    finally:
+        s.stop(5)
