@@ -11,9 +11,12 @@ SUMMARY
     of 2 CPUs at 20 % each is where it shows).  So eqmaild keeps its
     threads on one CPU (`pin`), and gives the processes it starts -- local
     delivery programs, qmail-spp plugins, checkpassword, QMAILQUEUE,
-    beforemote filters, session workers -- every CPU it was allowed
+    beforemote filters -- every CPU it was allowed
     (`unpinned` around each spawn, `unpin` in a forked child), so that a
-    spam filter run from a dot-qmail file still uses the other cores.
+    spam filter run from a dot-qmail file still uses the other cores.  A
+    session or local-delivery worker (``--workers``) is a Python process
+    of its own with the same hand-overs: it keeps its threads on one of
+    the other CPUs (`spare`).
 
 CHOICE
     ``auto`` (eqmaild's default): the highest-numbered CPU the process may
@@ -77,6 +80,16 @@ def pin(choice: Optional[int]) -> Optional[int]:
             pass  # a thread that ended meanwhile
     _allowed, _mine = allowed, {choice}
     return choice
+
+
+def spare(n: int) -> Optional[int]:
+    """The CPU for the `n`-th (from 0) worker process of a pinned process:
+    one it may use other than its own, the highest first, in turn; None
+    when this process is not pinned or has no other CPU."""
+    if _allowed is None:
+        return None
+    others = sorted(_allowed - _mine, reverse=True)
+    return others[n % len(others)] if others else None
 
 
 def unpin() -> None:

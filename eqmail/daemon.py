@@ -31,7 +31,8 @@ DESCRIPTION
     Its threads stay on one CPU (``--cpu``, default ``auto``: the
     highest-numbered one it may use), where the GIL hands over between
     them for a fifth less CPU than across cores; the programs it starts
-    and the workers may use every CPU (eqmail.cpu).
+    may use every CPU, and each worker keeps its threads on one of the
+    other CPUs (eqmail.cpu).
 
 SIGNALS
     SIGHUP   re-read the control files (the last good ones stay on error);

@@ -98,7 +98,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import log
-from .cpu import unpinned
+from .cpu import spare, unpinned
 
 #: Seconds after a worker failed to start or died before another is tried.
 RESPAWN_DELAY = 10
@@ -575,7 +575,7 @@ class Pool:
         conf = {"home": self.home, "checkpassword": self.checkpassword, "role": role,
                 "log": dest, "ident": what if dest == "syslog" else None,
                 "owner": owner, "listen": listen, "load": self.load,
-                "direct": self.direct}
+                "direct": self.direct, "cpu": spare(max(0, owner - 1))}
         argv = [sys.executable, "-c", "import sys; from eqmail.workers import main; "
                 "sys.exit(main(sys.argv[1:]))", json.dumps(conf)]
         copies: List[int] = []
@@ -847,6 +847,13 @@ def main(argv: List[str]) -> int:
         sys.stderr.write("eqmail worker: started by eqmaild only\n")
         return 64
     dest = conf.get("log")
+    if isinstance(conf.get("cpu"), int):
+        from .cpu import pin
+
+        try:
+            pin(conf["cpu"])  # before any thread starts (eqmail.cpu)
+        except (OSError, ValueError):
+            pass  # eqmaild's mask changed meanwhile: the kernel chooses
     if dest == "fd":
         log.to_fd(LOG_FD)
     elif dest == "syslog":

@@ -94,6 +94,19 @@ def test_cpu_by_number(home, daemon_factory):
     assert set(map(frozenset, thread_cpus(d.proc.pid).values())) == {frozenset({want})}
 
 
+@needs_two
+def test_a_session_worker_keeps_its_threads_on_another_cpu(home, daemon_factory):
+    from test_workers import started_worker
+
+    d, pid = started_worker(home, daemon_factory)
+    mine = max(ALLOWED)
+    assert set(map(frozenset, thread_cpus(d.proc.pid).values())) == {frozenset({mine})}
+    theirs = max(ALLOWED - {mine})
+    worker = thread_cpus(pid)
+    assert len(worker) >= 2, worker
+    assert set(map(frozenset, worker.values())) == {frozenset({theirs})}, worker
+
+
 def test_a_cpu_it_may_not_use_is_a_warning(home, daemon_factory):
     d = started(home, daemon_factory, ["--cpu", "4095"])
     assert wait_log(d, "unable to keep the threads on one CPU: CPU 4095 is not one"), d.log()
