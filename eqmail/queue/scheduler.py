@@ -222,11 +222,12 @@ class Scheduler:
         self._numbers = itertools.count(1)
         self.stopping = False
         self._greenlets: list = []
-        #: Parked messages (see ACTIVE_MAX): a heap of ``due << 97 | clean
-        #: << 96 | packed ID`` (see _CLEAN), one int (about 52 bytes with its slot) a message.  Nothing
-        #: else knows them: `scan` tells them by the next try in their
-        #: file's mtime, and one read back twice is skipped (`_unpark_due`).
-        #: the parked messages' keys (queue.parked)
+        #: Parked messages (see ACTIVE_MAX): a queue.parked.Parked of keys
+        #: ``due << 97 | clean << 96 | packed ID`` (see _CLEAN), 17 bytes a
+        #: message found at start, an int (about 56 bytes with its slot) a
+        #: message parked since.  Nothing else knows them: `scan` tells them
+        #: by the next try in their file's mtime, and one read back twice is
+        #: skipped (`_unpark_due`).
         self._parked = Parked()
         #: The most messages known at once since the queue was last empty.
         self._busiest = 0
@@ -289,10 +290,14 @@ class Scheduler:
                     else:
                         keep.append((item, when))
                 del due
-                self._parked.load(parked)
-                return keep
+                found = Parked()
+                found.load(parked)
+                return keep, found
 
-            keep = run(load)
+            keep, found = run(load)
+            for key in self._parked:  # parked meanwhile, if anything was
+                found.push(key)
+            self._parked = found
             for item, when in keep:
                 self._add(item, when)
             del keep
