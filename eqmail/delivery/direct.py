@@ -61,7 +61,7 @@ from typing import List, Optional, Sequence
 from . import SUCCESS
 from .. import address
 from ..control import Config
-from .local import Plan, execute, header_has_line, plan
+from .local import Plan, call_here, execute, header_has_line, plan
 from .route import LOCAL, route
 from .users import UsersError, resolve
 
@@ -81,16 +81,17 @@ def candidates(config: Config, recipients: Sequence[str]) -> bool:
 
 
 def deliver(config: Config, data: bytes, sender: str,
-            recipients: Sequence[str], wait=None) -> List[Optional[str]]:
+            recipients: Sequence[str], wait=call_here) -> List[Optional[str]]:
     """Deliver `data` (the whole message as it would be queued: LF line
     ends, the Received line first) from `sender` to every recipient of
     `recipients` that may be delivered directly (see the module
     docstring).  Returns, per recipient, the delivery report
     (``did 1+0+0/``, as qmail-local's) when it is done, else None: the
-    queue must take that recipient.  `wait(func, *args)` runs each
-    file's fsyncs (eqmail.threads.run when called on the gevent hub, as
-    the SMTP session does; see local.deliver_maildir); without it the
-    call blocks on them.  Never raises for delivery problems."""
+    queue must take that recipient.  `wait(func, *args)` runs the writer
+    of each file line (tmp/, write, fsync, link, fsync of new/; see
+    local.execute): eqmail.threads.run when called on the gevent hub, as
+    the SMTP session does; by default the call blocks on them itself.
+    Never raises for delivery problems."""
     me = os.geteuid()
     out: List[Optional[str]] = [None] * len(recipients)
     if me == 0:
@@ -114,7 +115,7 @@ def deliver(config: Config, data: bytes, sender: str,
                 continue  # looping: the queue bounces it, with qmail's text
         except OSError:
             continue
-        lr = execute(p, msg, confined=True, lock_wait=0, **({"wait": wait} if wait else {}))
+        lr = execute(p, msg, confined=True, lock_wait=0, wait=wait)
         if lr.result.kind == SUCCESS and not lr.forwards:
             out[i] = lr.result.text
     return out

@@ -806,13 +806,14 @@ def _spool_instead(lines: List[str], target: Target, spooldir: str) -> Tuple[Lis
     return out, used
 
 
-def _now(func, *args):
+def call_here(func, *args):
+    """``func(*args)`` in the caller's thread: execute()'s default `wait`."""
     return func(*args)
 
 
 def execute(p: Plan, msgfile: BinaryIO, confined: bool = False,
             lock_wait: float = None, later: Optional[set] = None,
-            wait=_now) -> LocalResult:
+            wait=call_here) -> LocalResult:
     """Follow the lines of `p` for the message in `msgfile`: files and
     programs in order, forwards collected (qmail-local's main loop).
     `confined`: see outside_home(); `lock_wait`: seconds an mbox lock is
