@@ -82,9 +82,9 @@ TOO_LONG = " I'm not going to try again; this message has been in the queue too 
 #: Messages held in memory at most (Postfix's active queue): beyond it, and
 #: for every message whose next try is more than PARK_AFTER seconds away,
 #: only the next try and the ID stay in memory, packed in one key
-#: (queue.parked: 17 bytes for those found at start, an int of about 56
-#: bytes for those parked since); the envelope is read from disk again when
-#: the message is due.
+#: (queue.parked: 17 bytes in a sorted run, an int of about 56 bytes for
+#: the few parked since the last merge); the envelope is read from disk
+#: again when the message is due.
 ACTIVE_MAX = 2000
 #: Most local recipients of one message that one delivery job takes in a
 #: fan-out (see Scheduler._jobs).
@@ -224,8 +224,8 @@ class Scheduler:
         self._greenlets: list = []
         #: Parked messages (see ACTIVE_MAX): a queue.parked.Parked of keys
         #: ``due << 97 | clean << 96 | packed ID`` (see _CLEAN), 17 bytes a
-        #: message found at start, an int (about 56 bytes with its slot) a
-        #: message parked since.  Nothing else knows them: `scan` tells them
+        #: message in its sorted run, an int (about 56 bytes with its slot)
+        #: for one parked since its last merge.  Nothing else knows them: `scan` tells them
         #: by the next try in their file's mtime, and one read back twice is
         #: skipped (`_unpark_due`).
         self._parked = Parked()
