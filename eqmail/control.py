@@ -432,13 +432,7 @@ class Config:
         addr = address_key(address)
         if addr in vmap:
             return vmap[addr]
-        domain = addr.rpartition("@")[2]
-        if domain in vmap:
-            return vmap[domain]
-        for key in dot_suffixes(domain):
-            if key in vmap:
-                return vmap[key]
-        return vmap.get("")
+        return _by_domain(vmap, addr.rpartition("@")[2])
 
     def client_rule(self, ip: str) -> Optional[ClientRule]:
         """The first smtprules line matching `ip` (None: no rule, allowed)."""
